@@ -1,0 +1,75 @@
+"""PNG figures: image grids and curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _atomic_savefig(fig, path: str) -> None:
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def tile(images: np.ndarray, columns: int) -> np.ndarray:
+    """Tiles images [N,H,W,C] in [0,1] into one [rows*H, columns*W, C] array (1px gaps)."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    out = np.ones((rows * (h + 1) - 1, columns * (w + 1) - 1, c), np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        out[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = image
+    return out
+
+
+def save_image_rows(rows: Sequence[np.ndarray], labels: Sequence[str], path: str,
+                    title: str = "") -> str:
+    """One labelled row of images per entry of `rows` (each [N,H,W,C] in [0,1]); writes a PNG."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4, len(rows[0]) * 0.6), 0.75 * len(rows) + 0.6),
+                             squeeze=False)
+    for ax, images, label in zip(axes[:, 0], rows, labels):
+        grid = tile(np.clip(images, 0, 1), len(images))
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def save_curves(curves: Dict[str, Dict[float, float]], path: str, xlabel: str, ylabel: str,
+                title: str = "", logy: bool = False) -> str:
+    """Line plot of {name: {x: y}}; writes a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, points in curves.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+    return path

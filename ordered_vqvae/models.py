@@ -1,0 +1,389 @@
+"""Ordered autoencoders: continuous (recovers PCA when linear) and the ordered VQ-VAE.
+
+Both share one training step: encode to K tokens, (quantize,) keep a prefix of k tokens
+drawn by `NestedTruncation`, decode, and minimise the reconstruction error averaged over
+prefixes (Xu et al., ICLR 2021, Eq. for the ordered autoencoder).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ordered_vqvae.configs import AutoencoderConfig
+from ordered_vqvae.quantizer import VectorQuantizer
+from ordered_vqvae.truncation import NestedTruncation, check_num_codes
+
+MSE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+NONFINITE_LOSS = "non-finite training loss"
+
+
+def fraction_lengths(code_length: int, fractions=MSE_FRACTIONS):
+    """Code lengths k = round(f * K), at least 1, for each fraction f."""
+    return [max(1, int(round(f * code_length))) for f in fractions]
+
+
+class _Ordered(keras.Model):
+    """Shared nested-truncation training of an encoder -> tokens -> decoder model.
+
+    Subclasses define `_tokens` (images -> tokens [N, K, D] plus quantizer outputs) and
+    `_untokens` (tokens -> decoder input), and the scale the reconstruction loss uses.
+    """
+
+    def __init__(self, encoder, decoder, truncation: NestedTruncation, prefix_chunk: int = 16,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.truncation = truncation
+        self.prefix_chunk = int(prefix_chunk)
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in
+                         ("loss", "recon", "perplexity", "usage", "restarted")}
+
+    @property
+    def code_length(self) -> int:
+        return self.truncation.code_length
+
+    # Hooks for subclasses.
+    def _preprocess(self, x):
+        return x
+
+    def _postprocess(self, y):
+        return y
+
+    def _tokens(self, x, mask, training):
+        raise NotImplementedError
+
+    def _untokens(self, tokens):
+        raise NotImplementedError
+
+    def _check_inputs(self, x):
+        return tf.convert_to_tensor(x, tf.float32)
+
+    def _decode_tokens(self, tokens, training=False):
+        return self.decoder(self._untokens(tokens), training=training)
+
+    def _per_example_error(self, target, recon):
+        axes = list(range(1, len(target.shape)))
+        return tf.reduce_mean(tf.square(target - recon), axis=axes)
+
+    def _nested_loss(self, x, training):
+        """Returns (total loss, reconstruction loss, quantizer outputs or {})."""
+        target = self._preprocess(x)
+        batch = tf.shape(x)[0]
+        trunc = self.truncation
+        if training and trunc.distribution == "all":
+            keep = tf.constant(trunc.keep_probabilities(), tf.float32)
+            tokens, aux = self._tokens(target, tf.tile(keep[None], [batch, 1]), training)
+            ks = trunc.prefix_lengths()
+            total = 0.0
+            for start in range(0, len(ks), self.prefix_chunk):
+                chunk = ks[start:start + self.prefix_chunk]
+                lengths = tf.repeat(tf.constant(chunk, tf.int32), batch)
+                reps = [len(chunk)] + [1] * (len(tokens.shape) - 1)
+                cut, _ = trunc.apply(tf.tile(tokens, reps), lengths)
+                recon = self._decode_tokens(cut, training=training)
+                rep_target = tf.tile(target, [len(chunk)] + [1] * (len(target.shape) - 1))
+                total += tf.reduce_sum(self._per_example_error(rep_target, recon))
+            recon_loss = total / tf.cast(batch * len(ks), tf.float32)
+        else:
+            lengths = (trunc.sample_lengths(batch) if training
+                       else tf.fill([batch], self.code_length))
+            tokens, aux = self._tokens(target, trunc.keep_mask(lengths), training)
+            cut, _ = trunc.apply(tokens, lengths)
+            recon = self._decode_tokens(cut, training=training)
+            recon_loss = tf.reduce_mean(self._per_example_error(target, recon))
+        loss = recon_loss + (aux["loss"] if aux else 0.0)
+        return loss, recon_loss, aux
+
+    def _update_metrics(self, loss, recon, aux):
+        """Running means over the epoch; the quantizer's statistics where there is one."""
+        values = {"loss": loss, "recon": recon, **{k: aux[k] for k in self.trackers if k in aux}}
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        return {name: self.trackers[name].result() for name in values}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def train_step(self, data):
+        x = data["image"] if isinstance(data, dict) else data
+        x = self._check_inputs(x)
+        with tf.GradientTape() as tape:
+            loss, recon, aux = self._nested_loss(x, training=True)
+            # Stops before the update; Keras' Mean metrics would silently skip a NaN.
+            loss = tf.debugging.check_numerics(loss, NONFINITE_LOSS)
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        with tf.control_dependencies([loss]):  # No update from a non-finite step.
+            self.optimizer.apply_gradients(zip(grads, variables))
+        return self._update_metrics(loss, recon, aux)
+
+    def test_step(self, data):
+        x = data["image"] if isinstance(data, dict) else data
+        loss, recon, aux = self._nested_loss(self._check_inputs(x), training=False)
+        return self._update_metrics(loss, recon, aux)
+
+    def reconstruct(self, x, num_codes: Optional[int] = None):
+        """Reconstructions from the first `num_codes` tokens (all K by default)."""
+        x = self._check_inputs(x)
+        tokens, _ = self._tokens(self._preprocess(x), None, False)
+        cut, _ = self.truncation(tokens, num_codes=num_codes or self.code_length)
+        return self._postprocess(self._decode_tokens(cut))
+
+    def call(self, x, training=False):
+        return self.reconstruct(x)
+
+
+@keras.saving.register_keras_serializable(package="ordered_vqvae")
+class OrderedAutoencoder(_Ordered):
+    """Continuous ordered autoencoder: encoder -> K scalars -> prefix -> decoder.
+
+    With linear maps and the `all` objective its decoder directions are the principal
+    components in order of variance.
+    """
+
+    def __init__(self, input_dim: int, code_length: int, linear: bool = True,
+                 hidden_units: int = 64, truncation: str = "all", min_codes: int = 1,
+                 seed: int = 0, **kwargs):
+        self.input_dim, self.linear, self.hidden_units = int(input_dim), bool(linear), hidden_units
+        init = keras.initializers.GlorotUniform(seed=seed)
+        if linear:
+            encoder = keras.Sequential([keras.Input((input_dim,)),
+                                        keras.layers.Dense(code_length, use_bias=False,
+                                                           kernel_initializer=init)], name="encoder")
+            decoder = keras.Sequential([keras.Input((code_length,)),
+                                        keras.layers.Dense(input_dim, use_bias=False,
+                                                           kernel_initializer=init)], name="decoder")
+        else:
+            encoder = keras.Sequential([keras.Input((input_dim,)),
+                                        keras.layers.Dense(hidden_units, "relu", kernel_initializer=init),
+                                        keras.layers.Dense(code_length, kernel_initializer=init)],
+                                       name="encoder")
+            decoder = keras.Sequential([keras.Input((code_length,)),
+                                        keras.layers.Dense(hidden_units, "relu", kernel_initializer=init),
+                                        keras.layers.Dense(input_dim, kernel_initializer=init)],
+                                       name="decoder")
+        truncation_layer = NestedTruncation(code_length, distribution=truncation,
+                                            min_codes=min_codes, seed=seed, name="truncation")
+        truncation_layer.build((None, code_length, 1))
+        super().__init__(encoder, decoder, truncation_layer, prefix_chunk=code_length, **kwargs)
+        self._seed = seed
+
+    def _tokens(self, x, mask, training):
+        return self.encoder(x, training=training)[:, :, None], {}
+
+    def _untokens(self, tokens):
+        return tokens[:, :, 0]
+
+    def encode(self, x):
+        """Continuous codes float32 [N, K]."""
+        return self.encoder(self._check_inputs(x))
+
+    def decode(self, codes, num_codes: Optional[int] = None):
+        cut, _ = self.truncation(tf.convert_to_tensor(codes, tf.float32)[:, :, None],
+                                 num_codes=num_codes or self.code_length)
+        return self._decode_tokens(cut)
+
+    def decoder_directions(self) -> np.ndarray:
+        """[K, input_dim] rows of the linear decoder (linear models only)."""
+        if not self.linear:
+            raise ValueError("decoder_directions needs linear=True")
+        return keras.ops.convert_to_numpy(self.decoder.layers[-1].kernel)
+
+    def get_config(self):
+        return {"input_dim": self.input_dim, "code_length": self.code_length,
+                "linear": self.linear, "hidden_units": self.hidden_units,
+                "truncation": self.truncation.distribution,
+                "min_codes": self.truncation.min_codes, "seed": self._seed,
+                "name": self.name}
+
+
+def build_encoder(config: AutoencoderConfig) -> keras.Model:
+    """Images in [-1,1] [N,H,W,C] -> latent [N, H/2^L, W/2^L, latent_channels]."""
+    init = keras.initializers.GlorotUniform(seed=config.seed)
+    layers = [keras.Input(config.image_shape)]
+    for width in config.hidden:
+        layers += [keras.layers.Conv2D(width, 4, 2, "same", use_bias=False, kernel_initializer=init),
+                   keras.layers.BatchNormalization(), keras.layers.ReLU()]
+    layers.append(keras.layers.Conv2D(config.latent_channels, 3, 1, "same", kernel_initializer=init))
+    return keras.Sequential(layers, name="encoder")
+
+
+def build_decoder(config: AutoencoderConfig) -> keras.Model:
+    """Latent [N, h, w, latent_channels] -> images in [-1,1] [N,H,W,C] (tanh)."""
+    init = keras.initializers.GlorotUniform(seed=config.seed + 1)
+    h, w = config.latent_hw
+    layers = [keras.Input((h, w, config.latent_channels)),
+              keras.layers.Conv2D(config.hidden[-1], 3, 1, "same", use_bias=False,
+                                  kernel_initializer=init),
+              keras.layers.BatchNormalization(), keras.layers.ReLU()]
+    for width in reversed(config.hidden[:-1]):
+        layers += [keras.layers.Conv2DTranspose(width, 4, 2, "same", use_bias=False,
+                                                kernel_initializer=init),
+                   keras.layers.BatchNormalization(), keras.layers.ReLU()]
+    layers += [keras.layers.Conv2DTranspose(config.image_shape[-1], 4, 2, "same",
+                                            kernel_initializer=init),
+               keras.layers.Activation("tanh")]
+    return keras.Sequential(layers, name="decoder")
+
+
+@keras.saving.register_keras_serializable(package="ordered_vqvae")
+class OrderedVQVAE(_Ordered):
+    """Encoder -> vector quantizer -> nested truncation -> decoder.
+
+    Images are float32 [N,H,W,C] in [0,1]; codes are int32 [N,K]. Internally images are
+    scaled to [-1,1] (the decoder ends in tanh) and the training reconstruction term is
+    the MSE on that scale, as in the reference; reported MSEs are on the [0,1] scale.
+    """
+
+    def __init__(self, config: AutoencoderConfig, **kwargs):
+        if isinstance(config, dict):
+            config = AutoencoderConfig.from_dict(config)
+        self.config = config
+        truncation = NestedTruncation(config.code_length, distribution=config.truncation,
+                                      min_codes=config.min_codes, geometric_p=config.geometric_p,
+                                      fill=config.fill, seed=config.seed, name="truncation")
+        super().__init__(build_encoder(config), build_decoder(config), truncation,
+                         prefix_chunk=config.prefix_chunk, **kwargs)
+        self.quantizer = VectorQuantizer(config.num_embeddings, config.embedding_dim,
+                                         beta=config.beta, use_ema=config.use_ema,
+                                         ema_decay=config.ema_decay,
+                                         dead_code_steps=config.dead_code_steps,
+                                         seed=config.seed, name="quantizer")
+        h, w = config.latent_hw
+        self.quantizer.build((None, config.code_length, config.embedding_dim))
+        self.truncation.build((None, config.code_length, config.embedding_dim))
+        self._latent_shape = (h, w, config.latent_channels)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.num_embeddings
+
+    @property
+    def image_shape(self):
+        return tuple(self.config.image_shape)
+
+    def _preprocess(self, x):
+        return x * 2.0 - 1.0
+
+    def _postprocess(self, y):
+        return tf.clip_by_value((y + 1.0) * 0.5, 0.0, 1.0)
+
+    def _check_inputs(self, x):
+        x = tf.convert_to_tensor(x, tf.float32)
+        if x.shape.rank != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"images have shape {tuple(x.shape)}, expected [N, "
+                             f"{', '.join(map(str, self.image_shape))}] for this model")
+        tf.debugging.assert_all_finite(x, "images contain NaN or Inf")
+        tf.debugging.assert_greater_equal(x, 0.0, message="image values must be in [0, 1]")
+        tf.debugging.assert_less_equal(x, 1.0, message="image values must be in [0, 1]")
+        return x
+
+    def _to_tokens(self, z):
+        """Latent [N,h,w,C] -> tokens [N,K,D] (channel-wise: K=C, D=h*w)."""
+        h, w, c = self._latent_shape
+        if self.config.quantization == "channel":
+            return tf.transpose(tf.reshape(z, [-1, h * w, c]), [0, 2, 1])
+        return tf.reshape(z, [-1, h * w, c])
+
+    def _untokens(self, tokens):
+        h, w, c = self._latent_shape
+        if self.config.quantization == "channel":
+            tokens = tf.transpose(tokens, [0, 2, 1])
+        return tf.reshape(tokens, [-1, h, w, c])
+
+    def _tokens(self, x, mask, training):
+        tokens = self._to_tokens(self.encoder(x, training=training))
+        out = self.quantizer(tokens, loss_mask=mask, training=training)
+        return out["quantized"], out
+
+    def encode(self, images):
+        """images float32 [N,H,W,C] in [0,1] -> codes int32 [N,K]."""
+        x = self._preprocess(self._check_inputs(images))
+        tokens = self._to_tokens(self.encoder(x, training=False))
+        return self.quantizer(tokens, training=False)["indices"]
+
+    def decode(self, codes, num_codes: Optional[int] = None):
+        """codes int32 [N,K] -> images float32 [N,H,W,C] in [0,1] from the first `num_codes`."""
+        codes = tf.convert_to_tensor(codes)
+        if codes.shape.rank != 2 or codes.shape[1] != self.code_length:
+            raise ValueError(f"codes have shape {tuple(codes.shape)}, expected [N, {self.code_length}]")
+        if not codes.dtype.is_integer:
+            raise ValueError(f"codes have dtype {codes.dtype.name}, expected an integer type")
+        codes = tf.cast(codes, tf.int32)
+        tf.debugging.assert_non_negative(codes, message="codes must be >= 0")
+        tf.debugging.assert_less(codes, self.codebook_size,
+                                 message=f"codes must be < codebook size {self.codebook_size}")
+        num_codes = check_num_codes(self.code_length if num_codes is None else num_codes,
+                                    self.code_length)
+        cut, _ = self.truncation(self.quantizer.lookup(codes), num_codes=num_codes)
+        return self._postprocess(self._decode_tokens(cut))
+
+    def mse_by_length(self, images, lengths, batch_size: int = 500) -> dict:
+        """Mean squared error on the [0,1] scale of reconstructions from k codes, per k."""
+        totals = {k: 0.0 for k in lengths}
+        n = 0
+        for start in range(0, len(images), batch_size):
+            x = tf.convert_to_tensor(images[start:start + batch_size], tf.float32)
+            codes = self.encode(x)
+            for k in lengths:
+                err = tf.reduce_sum(tf.reduce_mean(tf.square(self.decode(codes, k) - x), [1, 2, 3]))
+                totals[k] += float(err)
+            n += len(x)
+        return {k: v / n for k, v in totals.items()}
+
+    def get_config(self):
+        return {"config": self.config.to_dict(), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+AUTOENCODER_CONFIG = "autoencoder.json"
+AUTOENCODER_WEIGHTS = "autoencoder.weights.h5"
+
+
+def save_autoencoder(model: OrderedVQVAE, directory: str) -> str:
+    """Writes config JSON + weights into `directory` atomically (temp dir, then rename)."""
+    import json
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, AUTOENCODER_CONFIG), "w") as f:
+            json.dump(model.config.to_dict(), f, indent=1)
+        model.save_weights(os.path.join(tmp, AUTOENCODER_WEIGHTS))
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_autoencoder(directory: str) -> OrderedVQVAE:
+    """Reads a model written by `save_autoencoder`."""
+    import json
+
+    config_path = os.path.join(directory, AUTOENCODER_CONFIG)
+    weights_path = os.path.join(directory, AUTOENCODER_WEIGHTS)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"autoencoder artifact {directory!r} is missing {os.path.basename(path)}")
+    with open(config_path) as f:
+        config = AutoencoderConfig.from_dict(json.load(f))
+    model = OrderedVQVAE(config)
+    model(tf.zeros((1,) + tuple(config.image_shape)))
+    model.load_weights(weights_path)
+    return model

@@ -1,0 +1,171 @@
+"""Ordered autoencoders: PCA recovery, the nested loss by hand, the VQ-VAE's API and errors."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ordered_vqvae import configs, models
+
+TINY = configs.preset("digits", hidden=(8,), latent_channels=6, num_embeddings=16)
+
+
+def _pca_data(n=4000, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    stds = np.array([4.0, 3.0, 2.0, 1.2, 0.4, 0.3, 0.2, 0.1])[:dim]
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    x = (rng.normal(size=(n, dim)) * stds) @ basis.T
+    return (x - x.mean(0)).astype(np.float32)
+
+
+def _fit_linear(x, K, truncation):
+    model = models.OrderedAutoencoder(input_dim=x.shape[1], code_length=K, linear=True,
+                                      truncation=truncation)
+    model.compile(keras.optimizers.Adam(0.02))
+    ds = tf.data.Dataset.from_tensor_slices(x).batch(500).repeat()
+    model.fit(ds, steps_per_epoch=400, epochs=3, verbose=0, shuffle=False)
+    model.optimizer.learning_rate.assign(0.002)
+    model.fit(ds, steps_per_epoch=400, epochs=1, verbose=0, shuffle=False)
+    return model
+
+
+def _cosines(model, pcs):
+    dirs = model.decoder_directions()
+    return [abs(d @ pc) / np.linalg.norm(d) for d, pc in zip(dirs, pcs)]
+
+
+def test_linear_ordered_autoencoder_recovers_pca_in_order():
+    x = _pca_data()
+    K = 4
+    cov = x.T @ x / len(x)
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    pcs = eigvecs[:, ::-1].T  # Rows: principal directions by decreasing variance.
+
+    model = _fit_linear(x, K, "all")
+    for j, cos in enumerate(_cosines(model, pcs)):
+        assert cos >= 0.98, f"decoder direction {j} has |cos| {cos:.3f} with PC {j}"
+    for k in range(1, K + 1):
+        recon = model.decode(model.encode(x), num_codes=k).numpy()
+        err = np.mean(np.sum((x - recon) ** 2, axis=1))
+        pca_err = eigvals[::-1][k:].sum()  # Variance left out by the best rank-k projection.
+        assert err <= 1.05 * pca_err, f"k={k}: error {err:.4f} vs PCA {pca_err:.4f}"
+
+    # Control: without nested truncation the subspace is right but the order is not.
+    unordered = _fit_linear(x, K, "none")
+    assert min(_cosines(unordered, pcs)) < 0.9
+    full = unordered.decode(unordered.encode(x), num_codes=K).numpy()
+    assert np.mean(np.sum((x - full) ** 2, axis=1)) <= 1.05 * eigvals[::-1][K:].sum()
+
+
+def test_nested_loss_matches_hand_computation_for_every_objective():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    enc = rng.normal(size=(4, 3)).astype(np.float32)
+    dec = rng.normal(size=(3, 4)).astype(np.float32)
+    z = x @ enc
+
+    def err(k):
+        zk = z.copy()
+        zk[:, k:] = 0.0
+        return np.mean((x - zk @ dec) ** 2, axis=1)  # Per example.
+
+    for chunk in (3, 2, 1):
+        model = models.OrderedAutoencoder(input_dim=4, code_length=3, truncation="all", min_codes=1)
+        model.encoder.layers[-1].kernel.assign(enc)
+        model.decoder.layers[-1].kernel.assign(dec)
+        model.prefix_chunk = chunk
+        loss, recon, _ = model._nested_loss(tf.constant(x), training=True)
+        expected = np.mean([err(k).mean() for k in (1, 2, 3)])
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+        np.testing.assert_allclose(float(recon), expected, rtol=1e-5)
+    # Per-example uniform: each example's error at its own drawn k.
+    model.truncation.distribution = "uniform_per_example"
+    lengths = model.truncation.sample_lengths(5)
+    model.truncation.sample_lengths = lambda batch: lengths
+    loss, _, _ = model._nested_loss(tf.constant(x), training=True)
+    expected = np.mean([err(int(k))[i] for i, k in enumerate(lengths.numpy())])
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    # Evaluation: the full code.
+    loss, _, _ = model._nested_loss(tf.constant(x), training=False)
+    np.testing.assert_allclose(float(loss), err(3).mean(), rtol=1e-5)
+
+
+def test_vqvae_loss_is_reconstruction_plus_masked_vq_terms():
+    model = models.OrderedVQVAE(TINY.replace(truncation="uniform"))
+    x = tf.random.stateless_uniform((4, 8, 8, 1), seed=(1, 2))
+    lengths = tf.constant([3, 3, 3, 3])
+    model.truncation.sample_lengths = lambda batch: lengths
+    loss, recon, aux = model._nested_loss(x, training=True)
+    tokens = model._to_tokens(model.encoder(x * 2 - 1, training=True))
+    vq = model.quantizer(tokens, loss_mask=model.truncation.keep_mask(lengths))
+    cut, _ = model.truncation.apply(vq["quantized"], lengths)
+    target = x * 2 - 1
+    expected_recon = tf.reduce_mean(tf.square(target - model._decode_tokens(cut, training=True)))
+    np.testing.assert_allclose(float(recon), float(expected_recon), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(expected_recon + vq["loss"]), rtol=1e-4)
+    # Only the 3 kept tokens of each example count in the VQ terms.
+    sq = tf.reduce_mean(tf.square(tokens - vq["quantized"]), -1)[:, :3]
+    np.testing.assert_allclose(float(aux["codebook_loss"]), float(tf.reduce_mean(sq)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization,K,D", [("channel", 6, 16), ("spatial", 16, 6)])
+def test_vqvae_encode_decode_shapes_and_truncation(quantization, K, D):
+    config = TINY.replace(quantization=quantization)
+    assert (config.code_length, config.embedding_dim) == (K, D)
+    model = models.OrderedVQVAE(config)
+    x = tf.random.stateless_uniform((3, 8, 8, 1), seed=(0, 1))
+    codes = model.encode(x)
+    assert codes.shape == (3, K) and codes.dtype == tf.int32
+    assert int(tf.reduce_min(codes)) >= 0 and int(tf.reduce_max(codes)) < 16
+    images = model.decode(codes, num_codes=2)
+    assert images.shape == (3, 8, 8, 1)
+    assert float(tf.reduce_min(images)) >= 0.0 and float(tf.reduce_max(images)) <= 1.0
+    # Codes beyond num_codes are ignored.
+    other = tf.concat([codes[:, :2], (codes[:, 2:] + 5) % 16], axis=1)
+    np.testing.assert_array_equal(model.decode(other, 2).numpy(), images.numpy())
+    assert not np.array_equal(model.decode(other, K).numpy(), model.decode(codes, K).numpy())
+    np.testing.assert_allclose(model.reconstruct(x).numpy(), model.decode(codes).numpy(), atol=1e-6)
+
+
+def test_config_round_trip_and_weights_save_load(tmp_path):
+    model = models.OrderedVQVAE(TINY.replace(fill="learned", truncation="geometric"))
+    x = tf.random.stateless_uniform((2, 8, 8, 1), seed=(3, 4))
+    model(x)
+    clone = models.OrderedVQVAE.from_config(model.get_config())
+    assert clone.config == model.config
+    path = models.save_autoencoder(model, str(tmp_path / "ae"))
+    loaded = models.load_autoencoder(path)
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(loaded.encode(x).numpy(), model.encode(x).numpy())
+    np.testing.assert_allclose(loaded.decode(model.encode(x), 3).numpy(),
+                               model.decode(model.encode(x), 3).numpy(), atol=1e-6)
+    (tmp_path / "ae" / models.AUTOENCODER_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="missing autoencoder.weights.h5"):
+        models.load_autoencoder(path)
+
+
+def test_bad_inputs_name_the_value():
+    model = models.OrderedVQVAE(TINY)
+    good = np.full((2, 8, 8, 1), 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"shape \(2, 8, 8, 3\), expected \[N, 8, 8, 1\]"):
+        model.encode(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[0, 1\]"):
+        model.encode(good + 1.0)
+    bad = good.copy()
+    bad[1, 2, 3, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
+        model.encode(bad)
+    codes = model.encode(good)
+    for k in (0, 7):
+        with pytest.raises(ValueError, match=f"num_codes={k}, expected 1 <= num_codes <= 6"):
+            model.decode(codes, k)
+    with pytest.raises(ValueError, match=r"codes have shape \(2, 5\), expected \[N, 6\]"):
+        model.decode(codes[:, :5])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="codebook size 16"):
+        model.decode(codes + 16)
+    with pytest.raises(ValueError, match="num_embeddings=1, expected a codebook size >= 2"):
+        TINY.replace(num_embeddings=1)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        TINY.replace(hidden=(8, 8), image_shape=(6, 6, 1))
+    with pytest.raises(ValueError, match="quantization='pixel'"):
+        TINY.replace(quantization="pixel")

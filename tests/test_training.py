@@ -1,0 +1,121 @@
+"""Training: checkpoints and resume, two-stage recipe, NaN guard, logs; ordering on real MNIST."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ordered_vqvae import configs, data, models, training
+
+SMALL = configs.preset("digits", hidden=(16,), latent_channels=8, num_embeddings=32,
+                       batch_size=64, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train = data.to_numpy(data.load("digits", "train", shuffle=True)[0])[0]
+    test = data.to_numpy(data.load("digits", "test")[0])[0]
+    return train, test
+
+
+def _weights(model):
+    return [w.numpy() for w in model.weights]
+
+
+def test_checkpoints_resume_and_logs(tmp_path, digits):
+    train, test = digits
+    workdir = str(tmp_path)
+    model = training.train_autoencoder(SMALL.replace(epochs=1), train, test[:100], workdir,
+                                       verbose=0)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-1")
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        training.train_autoencoder(SMALL, train, None, workdir, verbose=0)
+
+    resumed = training.train_autoencoder(SMALL.replace(epochs=3), train, test[:100], workdir,
+                                         resume=True, verbose=0)
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-3")
+    history = json.load(open(os.path.join(workdir, "history.json")))
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for h in history:
+        assert {"loss", "recon", "perplexity", "usage", "val_mse_25pct", "val_mse_100pct"} <= set(h)
+        assert 1.0 <= h["perplexity"] <= 32 and 0 < h["usage"] <= 1
+    # The optimizer state was restored: its step counter went on from epoch 1 (else 2 epochs).
+    steps_per_epoch = len(train) // SMALL.batch_size
+    assert int(resumed.optimizer.iterations) == 3 * steps_per_epoch
+    events = [f for _, _, files in os.walk(os.path.join(workdir, "tensorboard")) for f in files]
+    assert any(f.startswith("events.out.tfevents") for f in events)
+
+    # Resuming a finished run changes nothing.
+    before = _weights(resumed)
+    again = training.train_autoencoder(SMALL.replace(epochs=3), train, None, workdir,
+                                       resume=True, verbose=0)
+    for a, b in zip(before, _weights(again)):
+        np.testing.assert_array_equal(a, b)
+    assert model.code_length == 8
+
+
+def test_two_stage_recipe_runs_pretrain_then_ordered_finetune(tmp_path, digits):
+    train, _ = digits
+    config = SMALL.replace(pretrain_epochs=1, epochs=1, truncation="uniform")
+    model = training.train_autoencoder(config, train, None, str(tmp_path), verbose=0)
+    history = json.load(open(os.path.join(str(tmp_path), "history.json")))
+    assert [h["stage"] for h in history] == ["pretrain", "ordered finetune"]
+    assert model.truncation.distribution == "uniform"
+    np.testing.assert_allclose(float(model.optimizer.learning_rate), config.finetune_learning_rate)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, digits, monkeypatch):
+    train, _ = digits
+    workdir = str(tmp_path)
+    training.train_autoencoder(SMALL.replace(epochs=1), train, None, workdir, verbose=0)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    original = models.OrderedVQVAE._nested_loss
+
+    def poisoned(self, x, training):  # The loss turns NaN from optimizer step 30 on.
+        loss, recon, aux = original(self, x, training)
+        poison = tf.where(self.optimizer.iterations >= 30, np.nan, 0.0)
+        return loss + poison, recon, aux
+
+    monkeypatch.setattr(models.OrderedVQVAE, "_nested_loss", poisoned)
+    with pytest.raises(training.TrainingDiverged,
+                       match=r"loss became NaN or Inf at step 31 \(epoch 2, batch 9\).*ckpt-1"):
+        training.train_autoencoder(SMALL.replace(epochs=2), train, None, workdir, resume=True,
+                                   verbose=0)
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-1")
+
+
+def test_bad_training_images_are_rejected(tmp_path, digits):
+    train, _ = digits
+    bad = train.copy()
+    bad[7, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf at image index 7"):
+        training.train_autoencoder(SMALL, bad, None, str(tmp_path), verbose=0)
+    with pytest.raises(ValueError, match=r"values in \[0, 2\], expected \[0, 1\]"):
+        training.train_autoencoder(SMALL, train * 2, None, str(tmp_path), verbose=0)
+    with pytest.raises(ValueError, match=r"shape \(10, 8, 8\), expected \[N, 8, 8, 1\]"):
+        training.train_autoencoder(SMALL, train[:10, ..., 0], None, str(tmp_path), verbose=0)
+    with pytest.raises(ValueError, match="at least batch_size=64"):
+        training.train_autoencoder(SMALL, train[:10], None, str(tmp_path), verbose=0)
+
+
+@pytest.mark.slow
+def test_ordered_beats_unordered_at_short_codes_on_real_mnist(tmp_path, mnist_dir):
+    """About 2 CPU minutes: the paper's central claim at small scale."""
+    train = data.to_numpy(data.load("mnist", "train", path=mnist_dir, shuffle=True)[0],
+                          limit=30000)[0]
+    test = data.to_numpy(data.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
+    lengths = models.fraction_lengths(64)
+    results = {}
+    for truncation in ("uniform_per_example", "none"):
+        config = configs.preset("mnist", truncation=truncation, epochs=3)
+        model = training.train_autoencoder(config, train, None, str(tmp_path / truncation),
+                                           verbose=0)
+        results[truncation] = model.mse_by_length(test, lengths)
+    ordered, unordered = results["uniform_per_example"], results["none"]
+    print("test MSE at k =", lengths, "ordered", ordered, "unordered", unordered)
+    values = [ordered[k] for k in lengths]
+    assert all(b <= a * 1.02 for a, b in zip(values, values[1:])), values
+    assert ordered[16] < 0.6 * unordered[16]
