@@ -236,9 +236,38 @@ def _resize_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.image.resize_with_crop_or_pad(image, size, size)
 
 
+def _decode_tensor(data, channels: int, image_size: Optional[int]):
+    """Encoded PNG/JPEG bytes -> float32 [H,W,channels] in [0,1], resized when asked."""
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+    image = tf.cast(image, tf.float32) / 255.0
+    if image_size:
+        image = tf.clip_by_value(_resize_center_crop(image, image_size), 0.0, 1.0)
+    return image
+
+
+def decode_encoded(data: bytes, record_id: str, image_shape, resize: bool = False) -> np.ndarray:
+    """Eagerly decodes one encoded image to `image_shape` (the SourceInfo's of a
+    `decode=False` load; `resize` as its image_size was given). Raises DataError naming
+    the record when the bytes are not an image or the size is wrong."""
+    height, width, channels = image_shape
+    try:
+        image = _decode_tensor(tf.constant(data), channels, height if resize else None).numpy()
+    except tf.errors.OpError as e:
+        raise DataError(f"cannot decode image {record_id!r}: {e.message}") from None
+    if image.shape != tuple(image_shape):
+        raise DataError(f"image {record_id!r} has shape {image.shape}, expected "
+                        f"{tuple(image_shape)} (resize to make sizes agree)")
+    return image
+
+
 def load_image_folder(root: str, split: str, image_size: Optional[int] = None,
-                      shuffle: bool = False, seed: int = 0):
-    """A dataset over `<split>/<class>/<file>` images in a directory or tarball."""
+                      shuffle: bool = False, seed: int = 0, decode: bool = True):
+    """A dataset over `<split>/<class>/<file>` images in a directory or tarball.
+
+    With `decode=False` elements carry the encoded file bytes as "encoded" instead of
+    "image" (decode each with `decode_encoded`), so that one corrupt file can be set aside
+    rather than stopping the whole dataset.
+    """
     _check_split(split)
     if image_size is not None and (int(image_size) != image_size or image_size < 1):
         raise DataError(f"image_size={image_size!r}, expected a positive integer")
@@ -248,6 +277,8 @@ def load_image_folder(root: str, split: str, image_size: Optional[int] = None,
     first = entries[0][2] if in_memory else tf.io.gfile.GFile(entries[0][2], "rb").read()
     height, width, channels = _probe_image(first, os.path.join(root, entries[0][0]))
     shape = (image_size, image_size, channels) if image_size else (height, width, channels)
+    info = SourceInfo(name="image_folder", image_shape=shape, num_examples=len(entries),
+                      class_names=tuple(classes))
 
     order = _permutation(len(entries), shuffle, seed)
     rels = np.array([e[0] for e in entries], dtype=object)[order].astype(bytes)
@@ -257,14 +288,13 @@ def load_image_folder(root: str, split: str, image_size: Optional[int] = None,
         payload = payload.astype(str)
     ds = tf.data.Dataset.from_tensor_slices({"id": rels, "label": labels, "payload": payload})
 
-    def decode(ex):
+    def read(ex):
         data = ex["payload"] if in_memory else tf.io.read_file(ex["payload"])
-        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-        image = tf.cast(image, tf.float32) / 255.0
-        if image_size:
-            image = _resize_center_crop(image, image_size)
-            image = tf.clip_by_value(image, 0.0, 1.0)
-        else:
+        return {"encoded": data, "label": ex["label"], "id": ex["id"]}
+
+    def decode_one(ex):
+        image = _decode_tensor(ex["encoded"], channels, image_size)
+        if not image_size:
             got = tf.shape(image)[:2]
             same = tf.reduce_all(tf.equal(got, [height, width]))
             check = tf.debugging.Assert(same, [
@@ -272,12 +302,11 @@ def load_image_folder(root: str, split: str, image_size: Optional[int] = None,
                 f"to resize); file under {root!r}:", ex["id"], "has size", got], summarize=4)
             with tf.control_dependencies([check]):
                 image = tf.identity(image)
-        image = tf.ensure_shape(image, shape)
-        return {"image": image, "label": ex["label"], "id": ex["id"]}
+        return {"image": tf.ensure_shape(image, shape), "label": ex["label"], "id": ex["id"]}
 
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    info = SourceInfo(name="image_folder", image_shape=shape, num_examples=len(entries),
-                      class_names=tuple(classes))
+    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if decode:
+        ds = ds.map(decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds, info
 
 
@@ -334,7 +363,7 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool = F
 
 def load(source: str, split: str, *, path: Optional[str] = None, data_dir: Optional[str] = None,
          image_size: Optional[int] = None, shuffle: bool = False, seed: int = 0,
-         download: bool = False):
+         download: bool = False, decode: bool = True):
     """Loads a split of a source.
 
     Args:
@@ -345,6 +374,8 @@ def load(source: str, split: str, *, path: Optional[str] = None, data_dir: Optio
       image_size: resize (short side) and center-crop to this square size.
       shuffle, seed: a deterministic, seeded permutation of the whole split.
       download: let TFDS download and prepare a missing dataset.
+      decode: False gives image_folder elements "encoded" bytes instead of "image"
+        (other sources always decode).
 
     Returns:
       (dataset, SourceInfo). Elements: {"image": float32 [H,W,C] in [0,1],
@@ -364,7 +395,7 @@ def load(source: str, split: str, *, path: Optional[str] = None, data_dir: Optio
     if source == "image_folder":
         if not path:
             raise DataError("source 'image_folder' needs a path (directory or .tar.gz)")
-        return load_image_folder(path, split, image_size, shuffle, seed)
+        return load_image_folder(path, split, image_size, shuffle, seed, decode)
     if source.startswith("tfds:"):
         return load_tfds(source[len("tfds:"):], split, data_dir, download, image_size, shuffle, seed)
     raise DataError(f"unknown data source {source!r}, expected one of 'digits', 'mnist', "

@@ -1,0 +1,133 @@
+"""The code-index TFRecords: the single source of truth for feature keys, parsing and reading.
+
+A code directory holds, per split, shards `<split>-NNNNN-of-NNNNN.tfrecord` of
+`tf.train.Example`s with features
+
+  id     bytes        the source record id
+  label  int64        the class label (-1 when unlabelled)
+  codes  int64 [K]    the code indices, in order
+  split  bytes        "train" or "test"
+
+and `metadata.json` (see `write_metadata`) with K, the codebook size, the image shape,
+the dataset, record counts per split and the fingerprint of the encoder that wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import tensorflow as tf
+
+ID, LABEL, CODES, SPLIT = "id", "label", "codes", "split"
+METADATA = "metadata.json"
+SHARD_SUFFIX = ".tfrecord"
+FORMAT_VERSION = 1
+
+
+class SchemaError(ValueError):
+    """Code records or their metadata do not match what the reader expects."""
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
+
+
+def serialize_example(record_id: str, label: int, codes, split: str) -> bytes:
+    """One serialized `tf.train.Example` for an encoded image."""
+    feature = {
+        ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[record_id.encode("utf-8")])),
+        LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        CODES: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(c) for c in codes])),
+        SPLIT: tf.train.Feature(bytes_list=tf.train.BytesList(value=[split.encode("utf-8")])),
+    }
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)  # Map order fixed across processes.
+
+
+def feature_spec(code_length: int) -> dict:
+    """The parse spec for `tf.io.parse_example`."""
+    return {
+        ID: tf.io.FixedLenFeature([], tf.string),
+        LABEL: tf.io.FixedLenFeature([], tf.int64),
+        CODES: tf.io.FixedLenFeature([code_length], tf.int64),
+        SPLIT: tf.io.FixedLenFeature([], tf.string),
+    }
+
+
+def parse_example(serialized: bytes, code_length: int) -> dict:
+    """Parses one serialized example into Python values (for tests and tools)."""
+    parsed = tf.io.parse_single_example(serialized, feature_spec(code_length))
+    return {ID: parsed[ID].numpy().decode(), LABEL: int(parsed[LABEL]),
+            CODES: parsed[CODES].numpy().tolist(), SPLIT: parsed[SPLIT].numpy().decode()}
+
+
+def write_metadata(directory: str, metadata: dict) -> None:
+    path = os.path.join(directory, METADATA)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, **metadata}, f, indent=1, sort_keys=True)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def read_metadata(directory: str) -> dict:
+    path = os.path.join(directory, METADATA)
+    if not tf.io.gfile.exists(path):
+        raise SchemaError(f"{directory!r} is not a code directory: {METADATA} is missing")
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            metadata = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{path!r} is not valid JSON: {e}") from None
+    for key in ("code_length", "codebook_size", "num_shards", "counts"):
+        if key not in metadata:
+            raise SchemaError(f"{path!r} lacks the field {key!r}")
+    return metadata
+
+
+def shard_paths(directory: str, split: str, metadata: Optional[dict] = None) -> list:
+    """The shard files of a split, checked against the metadata's shard count."""
+    metadata = metadata or read_metadata(directory)
+    n = metadata["num_shards"]
+    paths = [os.path.join(directory, shard_name(split, i, n)) for i in range(n)]
+    missing = [p for p in paths if not tf.io.gfile.exists(p)]
+    if missing:
+        raise SchemaError(f"code directory {directory!r} is missing {len(missing)} shard(s) of "
+                          f"split {split!r}, e.g. {missing[0]!r}")
+    return paths
+
+
+def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
+                 code_length: Optional[int] = None, codebook_size: Optional[int] = None,
+                 shuffle: bool = False, seed: int = 0, with_labels: bool = False,
+                 drop_remainder: bool = False) -> tf.data.Dataset:
+    """Reads code records as int32 [B, K] batches (or [K] without batch_size).
+
+    `code_length` / `codebook_size`, when given, must match the metadata: a prior trained for
+    one autoencoder cannot silently read another's codes. With `with_labels` the elements
+    are (codes, labels).
+    """
+    metadata = read_metadata(directory)
+    for name, expected in (("code_length", code_length), ("codebook_size", codebook_size)):
+        if expected is not None and metadata[name] != expected:
+            raise SchemaError(f"code directory {directory!r} has {name}={metadata[name]}, "
+                              f"expected {expected}")
+    K, size = metadata["code_length"], metadata["codebook_size"]
+    ds = tf.data.TFRecordDataset(shard_paths(directory, split, metadata))
+    if shuffle:
+        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
+    if batch_size:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        parse = lambda x: tf.io.parse_example(x, feature_spec(K))  # noqa: E731
+    else:
+        parse = lambda x: tf.io.parse_single_example(x, feature_spec(K))  # noqa: E731
+
+    def convert(serialized):
+        parsed = parse(serialized)
+        codes = tf.cast(parsed[CODES], tf.int32)
+        tf.debugging.assert_less(codes, size, message=f"codes in {directory} exceed the "
+                                 f"codebook size {size}")
+        tf.debugging.assert_non_negative(codes, message=f"negative codes in {directory}")
+        return (codes, parsed[LABEL]) if with_labels else codes
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)

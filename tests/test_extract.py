@@ -1,0 +1,168 @@
+"""The Beam extraction job and the code-record reader."""
+
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from ordered_vqvae import configs, data, models
+from pipeline import extract, schema
+
+CONFIG = configs.preset("digits", hidden=(16,), latent_channels=8, num_embeddings=32)
+
+
+@pytest.fixture(scope="module")
+def autoencoder_dir(tmp_path_factory):
+    """An (untrained, deterministic) digits-shaped autoencoder saved to disk."""
+    model = models.OrderedVQVAE(CONFIG)
+    model(tf.zeros((1, 8, 8, 1)))
+    rng = np.random.default_rng(0)
+    model.quantizer.codebook.assign(rng.normal(size=(32, 16)).astype(np.float32))
+    return models.save_autoencoder(model, str(tmp_path_factory.mktemp("ae") / "autoencoder"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """test/<class>/*.png: 24 good 8x8 grayscale images, one corrupt file, one 10x10 image."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b", "c"):
+        os.makedirs(root / "test" / cls)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
+                root / "test" / cls / f"{i}.png")
+    (root / "test" / "b" / "corrupt.png").write_bytes(b"\x89PNG but not really")
+    Image.fromarray(np.zeros((10, 10), np.uint8), "L").save(root / "test" / "c" / "big.png")
+    return str(root)
+
+
+def _read_records(code_dir, split, K):
+    paths = sorted(tf.io.gfile.glob(os.path.join(code_dir, f"{split}-*.tfrecord")))
+    return [schema.parse_example(r.numpy(), K) for r in tf.data.TFRecordDataset(paths)]
+
+
+def test_every_id_once_across_records_and_dead_letters(autoencoder_dir, folder):
+    spec = extract.SourceSpec("image_folder", path=folder)
+    all_ids = [f"test/{c}/{i}.png" for c in "abc" for i in range(8)]
+    all_ids += ["test/b/corrupt.png", "test/c/big.png"]
+    with TestPipeline() as p:
+        encoded, dead = p | extract.ReadAndEncode(spec, "test", (8, 8, 1), autoencoder_dir,
+                                                  num_shards=3, num_read_shards=2, batch_size=5)
+        written_ids = (encoded
+                       | beam.FlatMap(lambda kv: [record_id for record_id, _ in kv[1]]))
+        dead_ids = dead | "DeadIds" >> beam.Map(lambda d: d["id"])
+        everything = (written_ids, dead_ids) | beam.Flatten()
+        assert_that(everything, equal_to(all_ids))
+        reasons = dead | "Reasons" >> beam.Map(lambda d: (d["id"], d["reason"].split(":")[0]))
+        assert_that(reasons, equal_to([
+            ("test/b/corrupt.png", "cannot decode image 'test/b/corrupt.png'"),
+            ("test/c/big.png", "image 'test/c/big.png' has shape (10, 10, 1), expected (8, 8, 1) "
+                               "(resize to make sizes agree)")]), label="CheckReasons")
+        shards = encoded | "Shards" >> beam.FlatMap(
+            lambda kv: [kv[0] == extract.shard_of(i, 3) for i, _ in kv[1]])
+        assert_that(shards | beam.Distinct(), equal_to([True]), label="CheckShards")
+
+
+def test_run_writes_codes_equal_to_in_process_encode(autoencoder_dir, folder, tmp_path):
+    out = str(tmp_path / "codes")
+    meta = extract.run(autoencoder_dir, out, extract.SourceSpec("image_folder", path=folder),
+                       splits=["test"], num_shards=3)
+    assert meta["counts"] == {"test": 24} and meta["dead_letters"] == {"test": 2}
+    assert meta["beam_counters"] == {"records_read": 26, "records_encoded": 24,
+                                     "records_written": 24, "records_rejected": 2}
+    assert meta["code_length"] == 8 and meta["codebook_size"] == 32
+    assert meta["encoder_fingerprint"] == extract.encoder_fingerprint(autoencoder_dir)
+    on_disk = json.load(open(os.path.join(out, schema.METADATA)))
+    assert on_disk["counts"] == meta["counts"]
+    dead = [json.loads(line) for line in open(os.path.join(out, "dead_letter-test.jsonl"))]
+    assert sorted(d["id"] for d in dead) == ["test/b/corrupt.png", "test/c/big.png"]
+
+    records = _read_records(out, "test", 8)
+    model = models.load_autoencoder(autoencoder_dir)
+    good = os.path.join(str(tmp_path), "good")
+    x, y, ids = _good_images(folder)
+    expected = dict(zip(ids, model.encode(x).numpy().tolist()))
+    assert sorted(r["id"] for r in records) == sorted(ids)
+    for r in records:
+        assert r["codes"] == expected[r["id"]] and r["split"] == "test"
+    assert not os.path.exists(good)
+    leftovers = [n for n in os.listdir(str(tmp_path)) if ".tmp-" in n]
+    assert leftovers == []
+
+
+def _good_images(folder):
+    images, labels, ids = [], [], []
+    for ci, c in enumerate("abc"):
+        for i in range(8):
+            path = os.path.join(folder, "test", c, f"{i}.png")
+            images.append(np.asarray(Image.open(path), np.float32)[..., None] / 255.0)
+            labels.append(ci)
+            ids.append(f"test/{c}/{i}.png")
+    return np.stack(images), np.array(labels), ids
+
+
+def test_two_runs_are_byte_identical_and_reader_round_trips(autoencoder_dir, tmp_path):
+    spec = extract.SourceSpec("digits")
+    a = extract.run(autoencoder_dir, str(tmp_path / "a"), spec, num_shards=2)
+    extract.run(autoencoder_dir, str(tmp_path / "b"), spec, num_shards=2, num_read_shards=3)
+    names = sorted(n for n in os.listdir(tmp_path / "a") if n.endswith(".tfrecord"))
+    assert len(names) == 4
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+    ds = schema.code_dataset(str(tmp_path / "a"), "test", batch_size=50, code_length=8,
+                             codebook_size=32)
+    batches = list(ds)
+    assert batches[0].shape == (50, 8) and batches[0].dtype == tf.int32
+    assert sum(len(b) for b in batches) == a["counts"]["test"] == 352
+    codes, labels = next(iter(schema.code_dataset(str(tmp_path / "a"), "train", batch_size=8,
+                                                  with_labels=True)))
+    assert codes.shape == (8, 8) and labels.dtype == tf.int64
+
+
+def test_refuses_existing_output_missing_encoder_and_mismatches(autoencoder_dir, tmp_path):
+    spec = extract.SourceSpec("digits", limit=40)
+    out = str(tmp_path / "codes")
+    extract.run(autoencoder_dir, out, spec, splits=["test"], num_shards=1)
+    before = sorted(os.listdir(out))
+    with pytest.raises(extract.ExtractError, match="already exists and holds another run's code shards"):
+        extract.run(autoencoder_dir, out, spec, splits=["test"])
+    assert sorted(os.listdir(out)) == before
+    with pytest.raises(extract.ExtractError, match="is missing autoencoder.json"):
+        extract.run(str(tmp_path / "nowhere"), str(tmp_path / "c2"), spec)
+    with pytest.raises(schema.SchemaError, match="code_length=8, expected 16"):
+        schema.code_dataset(out, "test", code_length=16)
+    with pytest.raises(schema.SchemaError, match="codebook_size=32, expected 64"):
+        schema.code_dataset(out, "test", codebook_size=64)
+    with pytest.raises(schema.SchemaError, match="metadata.json is missing"):
+        schema.code_dataset(str(tmp_path), "test")
+    os.remove(os.path.join(out, schema.shard_name("test", 0, 1)))
+    with pytest.raises(schema.SchemaError, match="missing 1 shard"):
+        schema.code_dataset(out, "test")
+
+
+def test_wrong_image_shape_for_the_encoder_and_failed_runs_leave_nothing(autoencoder_dir, tmp_path,
+                                                                         mnist_dir):
+    with pytest.raises(extract.ExtractError, match=r"\(28, 28, 1\), but the encoder expects \(8, 8, 1\)"):
+        extract.run(autoencoder_dir, str(tmp_path / "c"), extract.SourceSpec("mnist", path=mnist_dir))
+    with pytest.raises(data.DataError, match="does not exist"):
+        extract.run(autoencoder_dir, str(tmp_path / "c"),
+                    extract.SourceSpec("mnist", path=str(tmp_path / "none")))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_multiprocessing_direct_runner_gives_the_same_records(autoencoder_dir, tmp_path):
+    spec = extract.SourceSpec("digits")
+    extract.run(autoencoder_dir, str(tmp_path / "one"), spec, num_shards=2)
+    extract.run(autoencoder_dir, str(tmp_path / "two"), spec, num_shards=2,
+                beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    for name in sorted(os.listdir(tmp_path / "one")):
+        if name.endswith(".tfrecord"):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
