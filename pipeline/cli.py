@@ -4,6 +4,9 @@
       Trains the ordered VQ-VAE on the embedded digits data and writes a report.
   ovqvae train_autoencoder --dataset=mnist --data_path=DIR --workdir=DIR [--epochs=N ...]
       Trains an ordered VQ-VAE; any preset field can be overridden by its flag.
+  ovqvae extract --dataset=mnist --data_path=DIR --workdir=DIR [Beam options]
+      Encodes the dataset with WORKDIR/autoencoder into WORKDIR/codes (Beam). Flags this
+      program does not know are Beam pipeline options, e.g. --runner=DataflowRunner.
 
 Datasets: digits (embedded), mnist (--data_path: IDX directory), cifar10 (--data_path: the
 JPEG tarball or folder), image_folder (--data_path, --preset), tfds:<name> (--data_dir).
@@ -19,7 +22,8 @@ import typing
 
 from absl import app, flags
 
-COMMANDS = ("demo", "train_autoencoder")
+COMMANDS = ("demo", "train_autoencoder", "extract")
+BEAM_COMMANDS = ("demo", "extract")
 DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10",
                    "tfds:mnist": "mnist", "tfds:fashion_mnist": "mnist",
                    "tfds:cifar10": "cifar10", "tfds:celeb_a": "celeb_a"}
@@ -36,6 +40,8 @@ flags.DEFINE_integer("max_test_images", None, "Use at most this many test images
 flags.DEFINE_string("preset", None, "Architecture preset (default: from --dataset).")
 flags.DEFINE_bool("resume", False, "Continue training from the latest checkpoint in --workdir.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_integer("num_shards", 4, "Output TFRecord shards per split (extract).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing code directory (extract).")
 
 
 def _define_config_flags():
@@ -115,28 +121,48 @@ def _demo(workdir):
     print(f"[demo] done: report at {path}", flush=True)
 
 
+def _extract(workdir, beam_args):
+    from pipeline import extract
+
+    spec = _data_spec()
+    source = extract.SourceSpec(source=spec.source, path=spec.path, data_dir=spec.data_dir,
+                                image_size=spec.image_size, limit=spec.max_test)
+    meta = extract.run(os.path.join(workdir, "autoencoder"), os.path.join(workdir, "codes"),
+                       source, num_shards=FLAGS.num_shards, beam_args=beam_args,
+                       overwrite=FLAGS.overwrite)
+    print(f"[extract] wrote {meta['counts']} records ({meta['dead_letters']} dead letters) to "
+          f"{os.path.join(workdir, 'codes')}", flush=True)
+    return meta
+
+
 def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        got = argv[1] if len(argv) > 1 else "nothing"
+    positional = [a for a in argv[1:] if not a.startswith("-")]
+    unknown = [a for a in argv[1:] if a.startswith("-")]
+    if not positional or positional[0] not in COMMANDS:
+        got = positional[0] if positional else "nothing"
         raise UsageError(f"expected a command, one of {', '.join(COMMANDS)}; got {got}")
-    if len(argv) > 2:
-        raise UsageError(f"unexpected arguments {argv[2:]}")
-    command = argv[1]
+    if len(positional) > 1:
+        raise UsageError(f"unexpected arguments {positional[1:]}")
+    command = positional[0]
+    if unknown and command not in BEAM_COMMANDS:
+        raise UsageError(f"unknown flag(s) {unknown} for command {command}")
     workdir = FLAGS.workdir or ("workdir/digits" if command == "demo" else None)
     if not workdir:
         raise UsageError("--workdir is required")
     if command == "demo":
         _demo(workdir)
+    elif command == "extract":
+        _extract(workdir, unknown)
     else:
         _train_autoencoder(workdir)
 
 
 def _parse(argv):
     try:
-        return FLAGS(argv)
+        return FLAGS(argv, known_only=True)  # Unknown flags may be Beam options.
     except flags.Error as e:
         print(f"ovqvae: usage error: {e}\nTry 'ovqvae --help'.", file=sys.stderr)
         sys.exit(2)
@@ -151,7 +177,7 @@ def _main_with_exit_codes(argv):
     except UsageError as e:
         print(f"ovqvae: usage error: {e}\nTry 'ovqvae --help'.", file=sys.stderr)
         sys.exit(2)
-    except (DataError, TrainingDiverged, ValueError, OSError) as e:
+    except (DataError, TrainingDiverged, ValueError, OSError, RuntimeError) as e:
         print(f"ovqvae: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -83,6 +83,16 @@ def _load_encoder(autoencoder_dir: str):
         shutil.rmtree(local, ignore_errors=True)
 
 
+def _encoder_config(autoencoder_dir: str):
+    import tensorflow as tf
+
+    from ordered_vqvae import models
+    from ordered_vqvae.configs import AutoencoderConfig
+
+    with tf.io.gfile.GFile(os.path.join(autoencoder_dir, models.AUTOENCODER_CONFIG)) as f:
+        return AutoencoderConfig.from_dict(json.load(f))
+
+
 def shard_of(record_id: str, num_shards: int) -> int:
     return zlib.crc32(record_id.encode("utf-8")) % num_shards
 
@@ -104,29 +114,28 @@ class _ReadShard(beam.DoFn):
                           decode=False)
         if self.spec.limit:
             ds = ds.take(self.spec.limit)
-        batch = []
-        for ex in ds.shard(self.num_read_shards, index).as_numpy_iterator():
-            record = {"id": ex["id"].decode("utf-8"), "label": int(ex["label"])}
-            record["encoded" if "encoded" in ex else "image"] = ex.get("encoded", ex.get("image"))
-            batch.append(record)
-            if len(batch) == self.batch_size:
-                self.read.inc(len(batch))
-                yield batch
-                batch = []
-        if batch:
-            self.read.inc(len(batch))
-            yield batch
+        for arrays in ds.shard(self.num_read_shards, index).batch(self.batch_size).as_numpy_iterator():
+            self.read.inc(len(arrays["id"]))
+            yield {"ids": [i.decode("utf-8") for i in arrays["id"]], "labels": arrays["label"],
+                   **{k: arrays[k] for k in ("image", "encoded") if k in arrays}}
 
 
-def validate_image(image, expected_shape) -> Optional[str]:
-    """Why an image cannot be encoded, or None when it can."""
-    if image.shape != tuple(expected_shape):
-        return f"shape {image.shape}, expected {tuple(expected_shape)}"
-    if not np.isfinite(image).all():
-        return "NaN or Inf pixels"
-    if image.min() < 0.0 or image.max() > 1.0:
-        return f"values in [{image.min():g}, {image.max():g}], expected [0, 1]"
-    return None
+def invalid_images(images: np.ndarray, expected_shape) -> list:
+    """Per image of [N, H, W, C], why it cannot be encoded, or None when it can."""
+    if images.shape[1:] != tuple(expected_shape):
+        return [f"shape {images.shape[1:]}, expected {tuple(expected_shape)}"] * len(images)
+    axes = tuple(range(1, images.ndim))
+    finite = np.isfinite(images).all(axis=axes)
+    lo, hi = np.nanmin(images, axis=axes), np.nanmax(images, axis=axes)
+    reasons = []
+    for ok, a, b in zip(finite, lo, hi):
+        if not ok:
+            reasons.append("NaN or Inf pixels")
+        elif a < 0.0 or b > 1.0:
+            reasons.append(f"values in [{a:g}, {b:g}], expected [0, 1]")
+        else:
+            reasons.append(None)
+    return reasons
 
 
 class _DecodeAndValidate(beam.DoFn):
@@ -137,29 +146,34 @@ class _DecodeAndValidate(beam.DoFn):
         self.image_shape, self.resize = tuple(image_shape), resize
         self.rejected = Metrics.counter(NAMESPACE, "records_rejected")
 
-    def process(self, batch: List[dict]):
+    def _decode(self, batch: dict):
         from ordered_vqvae import data
 
-        ids, labels, images = [], [], []
-        for ex in batch:
+        images, reasons = [], []
+        for record_id, encoded in zip(batch["ids"], batch["encoded"]):
             try:
-                image = ex.get("image")
-                if image is None:
-                    image = data.decode_encoded(ex["encoded"], ex["id"], self.image_shape,
-                                                self.resize)
-                image = np.asarray(image, np.float32)
-                reason = validate_image(image, self.image_shape)
+                images.append(data.decode_encoded(encoded, record_id, self.image_shape, self.resize))
+                reasons.append(None)
             except data.DataError as e:
-                reason = str(e)
+                images.append(np.zeros(self.image_shape, np.float32))
+                reasons.append(str(e))
+        return np.stack(images), reasons
+
+    def process(self, batch: dict):
+        if "encoded" in batch:
+            images, reasons = self._decode(batch)
+        else:
+            images, reasons = np.asarray(batch["image"], np.float32), [None] * len(batch["ids"])
+        checks = invalid_images(images, self.image_shape)
+        reasons = [r or c for r, c in zip(reasons, checks)]
+        for record_id, reason in zip(batch["ids"], reasons):
             if reason:
                 self.rejected.inc()
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": ex["id"], "reason": reason})
-                continue
-            ids.append(ex["id"])
-            labels.append(ex["label"])
-            images.append(image)
-        if ids:
-            yield {"ids": ids, "labels": labels, "images": np.stack(images)}
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": record_id, "reason": reason})
+        keep = [i for i, r in enumerate(reasons) if r is None]
+        if keep:
+            yield {"ids": [batch["ids"][i] for i in keep], "labels": batch["labels"][keep],
+                   "images": images[keep]}
 
 
 class _EncodeBatch(beam.DoFn):
@@ -279,12 +293,12 @@ def run(autoencoder_dir: str, output_dir: str, spec: SourceSpec,
             what = ("another run's code shards" if tf.io.gfile.exists(
                 os.path.join(output_dir, schema.METADATA)) else "files")
             raise ExtractError(f"output directory {output_dir!r} already exists and holds {what}; "
-                               "choose a new directory or pass overwrite")
+                               "choose a new directory or pass overwrite=True (--overwrite)")
     if num_shards < 1 or num_read_shards < 1:
         raise ExtractError(f"num_shards={num_shards}, num_read_shards={num_read_shards}, "
                            "expected >= 1")
     fingerprint = encoder_fingerprint(autoencoder_dir)
-    model_config = _load_encoder(autoencoder_dir).config
+    model_config = _encoder_config(autoencoder_dir)
     splits = list(splits)
 
     options = PipelineOptions(beam_args or [])
@@ -324,7 +338,7 @@ def run(autoencoder_dir: str, output_dir: str, spec: SourceSpec,
                 if not tf.io.gfile.exists(path):  # A shard that no id hashed to.
                     with tf.io.TFRecordWriter(path):
                         pass
-                n += sum(1 for _ in tf.data.TFRecordDataset(path))
+                n += int(tf.data.TFRecordDataset(path).reduce(0, lambda count, _: count + 1))
             counts[split] = n
             with tf.io.gfile.GFile(os.path.join(staging, f"{DEAD_LETTER}-{split}.jsonl")) as f:
                 dead_counts[split] = sum(1 for line in f if line.strip())
