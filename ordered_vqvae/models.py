@@ -100,11 +100,14 @@ class _Ordered(keras.Model):
         loss = recon_loss + (aux["loss"] if aux else 0.0)
         return loss, recon_loss, aux
 
-    def _update_metrics(self, loss, recon, aux):
-        """Running means over the epoch; the quantizer's statistics where there is one."""
+    def _update_metrics(self, x, loss, recon, aux):
+        """Running means over the epoch, weighted by batch size (Keras may run a last, empty
+        batch: weight 0); the quantizer's statistics where there is one."""
         values = {"loss": loss, "recon": recon, **{k: aux[k] for k in self.trackers if k in aux}}
+        n = tf.shape(x)[0]
         for name, value in values.items():
-            self.trackers[name].update_state(value)
+            self.trackers[name].update_state(tf.where(n > 0, value, 0.0),
+                                             sample_weight=tf.cast(n, tf.float32))
         return {name: self.trackers[name].result() for name in values}
 
     @property
@@ -122,12 +125,12 @@ class _Ordered(keras.Model):
         grads = tape.gradient(loss, variables)
         with tf.control_dependencies([loss]):  # No update from a non-finite step.
             self.optimizer.apply_gradients(zip(grads, variables))
-        return self._update_metrics(loss, recon, aux)
+        return self._update_metrics(x, loss, recon, aux)
 
     def test_step(self, data):
-        x = data["image"] if isinstance(data, dict) else data
-        loss, recon, aux = self._nested_loss(self._check_inputs(x), training=False)
-        return self._update_metrics(loss, recon, aux)
+        x = self._check_inputs(data["image"] if isinstance(data, dict) else data)
+        loss, recon, aux = self._nested_loss(x, training=False)
+        return self._update_metrics(x, loss, recon, aux)
 
     def reconstruct(self, x, num_codes: Optional[int] = None):
         """Reconstructions from the first `num_codes` tokens (all K by default)."""

@@ -9,9 +9,10 @@ after every epoch, from which `resume=True` continues.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import keras
 import numpy as np
@@ -104,18 +105,106 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         self.manager.save(checkpoint_number=epoch + 1)
 
 
-def _stage_plan(config: AutoencoderConfig):
-    """[(stage name, first epoch, end epoch, truncation, learning rate)] for the recipe."""
-    plan = []
+@dataclasses.dataclass
+class Stage:
+    """A run of epochs with one fresh optimizer: epochs up to `end` (counted from the
+    start of training); `prepare(model, optimizer)` sets the model up and compiles it."""
+
+    name: str
+    end: int
+    make_optimizer: Callable[[], keras.optimizers.Optimizer]
+    prepare: Callable[[keras.Model, keras.optimizers.Optimizer], None]
+    description: str = ""
+
+
+def check_fresh_or_resume(workdir: str, resume: bool) -> None:
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not resume and tf.io.gfile.exists(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir):
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass resume=True "
+                              "(--resume) to continue, or use a fresh workdir")
+
+
+def fit_stages(model: keras.Model, stages: Sequence[Stage], train_ds, workdir: str, what: str,
+               resume: bool = False, verbose: int = 1, callbacks: Sequence = (),
+               steps_per_epoch: Optional[int] = None, validation_data=None) -> list:
+    """Runs `stages` with `model.fit`, checkpointing model, optimizer and epoch after every
+    epoch under `workdir/checkpoints`; with `resume` continues from the latest checkpoint.
+
+    A NaN or Inf loss (models raise NONFINITE_LOSS) becomes TrainingDiverged naming the
+    step; the last good checkpoint stays. Returns the history, also in workdir/history.json.
+    """
+    check_fresh_or_resume(workdir, resume)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    history = []
+    history_path = os.path.join(workdir, "history.json")
+    if resume and tf.io.gfile.exists(history_path):
+        with tf.io.gfile.GFile(history_path) as f:
+            history = json.load(f)
+    first = 0
+    for stage in stages:
+        optimizer = stage.make_optimizer()
+        optimizer.build(model.trainable_variables)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+        manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=3)
+        latest = manager.latest_checkpoint if resume else None
+        if latest:
+            # Weights always; the optimizer only when resuming inside this stage, since a
+            # new stage starts with a fresh optimizer, as an uninterrupted run does.
+            tf.train.Checkpoint(model=model, epoch=epoch_var).restore(latest).expect_partial()
+            if int(epoch_var.numpy()) > first:
+                checkpoint.restore(latest).expect_partial()
+        done = int(epoch_var.numpy())
+        stage_first, first = first, stage.end
+        if done >= stage.end:
+            continue
+        initial = max(stage_first, done)
+        if verbose:
+            print(f"[{what}] stage '{stage.name}': epochs {initial + 1}..{stage.end} of "
+                  f"{stages[-1].end}{', ' + stage.description if stage.description else ''}",
+                  flush=True)
+        stage.prepare(model, optimizer)
+        position = _Position()
+        all_callbacks = [position, *callbacks, _EpochCheckpoint(manager, epoch_var),
+                         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"),
+                                                     write_graph=False)]
+        try:
+            result = model.fit(train_ds, epochs=stage.end, initial_epoch=initial,
+                               callbacks=all_callbacks, verbose=verbose,
+                               steps_per_epoch=steps_per_epoch, shuffle=False,
+                               validation_data=validation_data)
+        except tf.errors.InvalidArgumentError as e:
+            if NONFINITE_LOSS not in str(e):
+                raise
+            raise TrainingDiverged(
+                f"the training loss became NaN or Inf at step {position.step} (epoch "
+                f"{position.epoch + 1}, batch {position.batch + 1}); the last good checkpoint "
+                f"is {manager.latest_checkpoint or 'none (no epoch finished)'}") from None
+        for i in range(len(result.epoch)):
+            history.append({"epoch": result.epoch[i] + 1, "stage": stage.name,
+                            **{k: float(v[i]) for k, v in result.history.items()}})
+        tmp = history_path + ".tmp"
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            json.dump(history, f, indent=1)
+        tf.io.gfile.rename(tmp, history_path, overwrite=True)
+    return history
+
+
+def _autoencoder_stages(config: AutoencoderConfig):
+    def stage(name, end, truncation, lr):
+        def prepare(model, optimizer):
+            model.truncation.distribution = truncation
+            model.compile(optimizer=optimizer)
+
+        return Stage(name, end, lambda: keras.optimizers.Adam(lr), prepare,
+                     f"truncation={truncation}, lr={lr:g}")
+
     if config.pretrain_epochs:
-        plan.append(("pretrain", 0, config.pretrain_epochs, "none", config.learning_rate))
-        plan.append(("ordered finetune", config.pretrain_epochs,
-                     config.pretrain_epochs + config.epochs, config.truncation,
-                     config.finetune_learning_rate))
-    else:
-        plan.append(("ordered" if config.truncation != "none" else "unordered", 0, config.epochs,
-                     config.truncation, config.learning_rate))
-    return plan
+        return [stage("pretrain", config.pretrain_epochs, "none", config.learning_rate),
+                stage("ordered finetune", config.pretrain_epochs + config.epochs,
+                      config.truncation, config.finetune_learning_rate)]
+    name = "ordered" if config.truncation != "none" else "unordered"
+    return [stage(name, config.epochs, config.truncation, config.learning_rate)]
 
 
 def train_autoencoder(config: AutoencoderConfig, train_images: np.ndarray,
@@ -137,67 +226,43 @@ def train_autoencoder(config: AutoencoderConfig, train_images: np.ndarray,
     if len(train_images) < config.batch_size:
         raise ValueError(f"{len(train_images)} training images, expected at least "
                          f"batch_size={config.batch_size}")
+    check_fresh_or_resume(workdir, resume)
     keras.utils.set_random_seed(config.seed)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not resume and tf.io.gfile.exists(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir):
-        raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass resume=True "
-                              "(--resume) to continue, or use a fresh workdir")
-
     model = OrderedVQVAE(config)
     model(tf.zeros((1,) + tuple(config.image_shape)))
-    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     train_ds = image_batches(train_images, config.batch_size, shuffle=True, seed=config.seed)
-    history = []
-    history_path = os.path.join(workdir, "history.json")
-    if resume and tf.io.gfile.exists(history_path):
-        with tf.io.gfile.GFile(history_path) as f:
-            history = json.load(f)
-
-    for name, first, end, truncation, lr in _stage_plan(config):
-        optimizer = keras.optimizers.Adam(lr)
-        optimizer.build(model.trainable_variables)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
-        manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=3)
-        latest = manager.latest_checkpoint if resume else None
-        if latest:
-            # Weights always; the optimizer only when resuming inside this stage, since a
-            # new stage starts with a fresh optimizer, as an uninterrupted run does.
-            tf.train.Checkpoint(model=model, epoch=epoch_var).restore(latest).expect_partial()
-            if int(epoch_var.numpy()) > first:
-                checkpoint.restore(latest).expect_partial()
-        done = int(epoch_var.numpy())
-        if done >= end:
-            continue
-        initial = max(first, done)
-        if verbose:
-            print(f"[train autoencoder] stage '{name}': epochs {initial + 1}..{end} of "
-                  f"{config.pretrain_epochs + config.epochs}, truncation={truncation}, lr={lr:g}",
-                  flush=True)
-        model.truncation.distribution = truncation
-        model.compile(optimizer=optimizer)
-        position = _Position()
-        callbacks = [
-            position,
-            _CodeLengthMSE(val_images),
-            _EpochCheckpoint(manager, epoch_var),
-            keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False),
-        ]
-        try:
-            result = model.fit(train_ds, epochs=end, initial_epoch=initial, callbacks=callbacks,
-                               verbose=verbose, steps_per_epoch=steps_per_epoch, shuffle=False)
-        except tf.errors.InvalidArgumentError as e:
-            if NONFINITE_LOSS not in str(e):
-                raise
-            raise TrainingDiverged(
-                f"the training loss became NaN or Inf at step {position.step} (epoch {position.epoch + 1}, "
-                f"batch {position.batch + 1}); the last good checkpoint is "
-                f"{manager.latest_checkpoint or 'none (no epoch finished)'}") from None
-        for i in range(len(result.epoch)):
-            history.append({"epoch": result.epoch[i] + 1, "stage": name,
-                            **{k: float(v[i]) for k, v in result.history.items()}})
-        tmp = history_path + ".tmp"
-        with tf.io.gfile.GFile(tmp, "w") as f:
-            json.dump(history, f, indent=1)
-        tf.io.gfile.rename(tmp, history_path, overwrite=True)
+    fit_stages(model, _autoencoder_stages(config), train_ds, workdir, "train autoencoder",
+               resume=resume, verbose=verbose, callbacks=[_CodeLengthMSE(val_images)],
+               steps_per_epoch=steps_per_epoch)
     model.truncation.distribution = config.truncation
+    return model
+
+
+def train_prior(config, code_length: int, codebook_size: int, train_codes: tf.data.Dataset,
+                val_codes: Optional[tf.data.Dataset], workdir: str, resume: bool = False,
+                verbose: int = 1, steps_per_epoch: Optional[int] = None):
+    """Trains a CodePrior (a `prior.PriorConfig`) on batches of codes int32 [B, K].
+
+    AdamW (0.9, 0.98) with an inverse-square-root warm-up, as in the reference; validation
+    negative log-likelihood is logged as `val_bits_per_code`. Checkpoints and `resume` as
+    for the autoencoder.
+    """
+    from ordered_vqvae.prior import CodePrior, InverseSqrtSchedule
+
+    check_fresh_or_resume(workdir, resume)
+    keras.utils.set_random_seed(config.seed)
+    model = CodePrior.from_config_for(config, code_length, codebook_size)
+
+    def make_optimizer():
+        return keras.optimizers.AdamW(InverseSqrtSchedule(config.learning_rate, config.warmup_steps),
+                                      weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.98,
+                                      clipnorm=1.0)
+
+    def prepare(m, optimizer):
+        m.compile(optimizer=optimizer)
+
+    stage = Stage("prior", config.epochs, make_optimizer, prepare,
+                  f"lr={config.learning_rate:g} (warm-up {config.warmup_steps} steps)")
+    fit_stages(model, [stage], train_codes, workdir, "train prior", resume=resume,
+               verbose=verbose, steps_per_epoch=steps_per_epoch, validation_data=val_codes)
     return model

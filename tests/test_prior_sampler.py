@@ -1,0 +1,174 @@
+"""CodePrior and AnytimeSampler: cache equals full pass, fill beyond k, seeds, errors."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ordered_vqvae import configs, data, models, training
+from ordered_vqvae.prior import CodePrior, PriorConfig, prior_preset
+from ordered_vqvae.sampler import FILL_CODE, AnytimeSampler, filter_logits
+
+K, V = 8, 32
+AE_CONFIG = configs.preset("digits", hidden=(16,), latent_channels=K, num_embeddings=V)
+
+
+def _prior(seed=0, **kw):
+    tf.random.set_seed(seed)
+    prior = CodePrior(K, V, num_layers=2, num_heads=4, width=32, ffn_width=64, dropout=0.0, **kw)
+    # Larger-than-init weights so that the logits depend clearly on the context.
+    for w in prior.trainable_weights:
+        w.assign(tf.random.normal(w.shape, stddev=0.3, seed=seed))
+    return prior
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    ae = models.OrderedVQVAE(AE_CONFIG.replace(fill="learned"))
+    ae(tf.zeros((1, 8, 8, 1)))
+    ae.truncation.fill_value.assign(tf.random.normal(ae.truncation.fill_value.shape, seed=1))
+    return AnytimeSampler(_prior(), ae)
+
+
+def test_cached_steps_equal_the_full_causal_pass():
+    prior = _prior()
+    codes = tf.random.stateless_uniform((3, K), (1, 2), 0, V, tf.int32)
+    tokens = prior.shift_right(codes)
+    full = prior(tokens).numpy()
+    cache = prior.init_cache(3)
+    for i in range(K):
+        logits, cache = prior.step(tokens[:, i], cache, tf.constant(i))
+        np.testing.assert_allclose(logits.numpy(), full[:, i], atol=1e-4)
+    # Causality: changing token j changes no logits before position j.
+    changed = tokens.numpy().copy()
+    changed[:, 5] = (changed[:, 5] + 1) % V
+    other = prior(tf.constant(changed)).numpy()
+    np.testing.assert_allclose(other[:, :5], full[:, :5], atol=1e-5)
+    assert np.abs(other[:, 5:] - full[:, 5:]).max() > 1e-3
+
+
+def test_short_samples_carry_the_fill_beyond_k_and_decode_like_the_autoencoder(sampler):
+    for k in (1, 3, K):
+        images, codes = sampler.sample(5, k, seed=4)
+        codes = codes.numpy()
+        assert codes.shape == (5, K) and codes.dtype == np.int32
+        assert (codes[:, k:] == FILL_CODE).all()
+        assert ((codes[:, :k] >= 0) & (codes[:, :k] < V)).all()
+        assert images.shape == (5, 8, 8, 1)
+        assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+        np.testing.assert_allclose(images.numpy(), sampler.autoencoder.decode(codes, k).numpy(),
+                                   atol=1e-5)
+
+
+def test_seeds_reproduce_and_one_program_serves_every_k(sampler):
+    a = sampler.sample_codes(6, K, seed=11).numpy()
+    b = sampler.sample_codes(6, K, seed=11).numpy()
+    c = sampler.sample_codes(6, K, seed=12).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    # A shorter code with the same seed is a prefix of the longer one.
+    np.testing.assert_array_equal(sampler.sample_codes(6, 3, seed=11).numpy()[:, :3], a[:, :3])
+    traces = sampler._generate.experimental_get_tracing_count()
+    for k in (1, 2, 5, 7, K):
+        sampler.sample_codes(6, k, seed=k)
+    assert sampler._generate.experimental_get_tracing_count() == traces
+
+
+def test_progressive_and_priority_code_completion(sampler):
+    images, codes = sampler.sample_progressive(4, [2, 6, K], seed=3)
+    assert sorted(images) == [2, 6, K]
+    for k in (2, 6):
+        single, _ = sampler.sample(4, k, seed=3)
+        np.testing.assert_allclose(images[k].numpy(), single.numpy(), atol=1e-6)
+    fixed = np.repeat(codes.numpy()[:1], 4, axis=0)
+    done_images, done = sampler.complete(fixed, num_fixed=3, seed=9)
+    done = done.numpy()
+    np.testing.assert_array_equal(done[:, :3], fixed[:, :3])
+    assert len({tuple(row) for row in done[:, 3:]}) > 1  # The rest is resampled per row.
+    assert done_images.shape == (4, 8, 8, 1)
+
+
+def test_greedy_top_k_1_matches_a_full_pass_argmax(sampler):
+    codes = sampler.sample_codes(2, K, seed=0, top_k=1).numpy()
+    prior = sampler.prior
+    for i in range(K):
+        logits = prior(prior.shift_right(tf.constant(codes)))[:, i].numpy()
+        np.testing.assert_array_equal(codes[:, i], logits.argmax(-1))
+
+
+def test_filter_logits_matches_numpy():
+    logits = tf.constant([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
+    out = filter_logits(logits, tf.constant(1.0), tf.constant(2), tf.constant(1.0)).numpy()
+    assert (out[0] > -1e29).tolist() == [False, True, True, False]
+    assert (out[1] > -1e29).tolist() == [False, False, True, True]
+    # top_p = 0.7: the first row keeps {3.0} (p=.67) and {2.0}; the second keeps only 5.0.
+    out = filter_logits(logits, tf.constant(1.0), tf.constant(0), tf.constant(0.7)).numpy()
+    assert (out[0] > -1e29).tolist() == [False, True, True, False]
+    assert (out[1] > -1e29).tolist() == [False, False, True, False]
+    np.testing.assert_allclose(
+        filter_logits(logits, tf.constant(2.0), tf.constant(0), tf.constant(1.0)).numpy(),
+        logits.numpy() / 2)
+
+
+def test_budgeted_sampling_picks_the_largest_k_that_fits(sampler):
+    sampler._calibration[3] = (0.1, 0.01)  # seconds(k) = 0.1 + 0.01 k
+    assert sampler.codes_within(0.15, 3) == 5
+    assert sampler.codes_within(0.01, 3) == 1
+    assert sampler.codes_within(10.0, 3) == K
+    images, codes, k = sampler.sample_within(0.13, 3, seed=2)
+    assert k == 3 and (codes.numpy()[:, 3:] == FILL_CODE).all()
+    fixed, per_code = sampler.calibrate(2, repeats=1)
+    assert per_code >= 0.0 and np.isfinite(fixed)
+    with pytest.raises(ValueError, match="seconds=0"):
+        sampler.codes_within(0, 3)
+
+
+def test_bad_arguments_name_the_value(sampler):
+    for k in (0, K + 1):
+        with pytest.raises(ValueError, match=f"num_codes={k}, expected 1 <= num_codes <= {K}"):
+            sampler.sample(2, k)
+    with pytest.raises(ValueError, match="temperature=0"):
+        sampler.sample(2, 3, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k=33"):
+        sampler.sample(2, 3, top_k=33)
+    with pytest.raises(ValueError, match="top_p=0"):
+        sampler.sample(2, 3, top_p=0.0)
+    with pytest.raises(ValueError, match="num_samples=0"):
+        sampler.sample(0, 3)
+    ae = sampler.autoencoder
+    with pytest.raises(ValueError, match="prior models K=6 codes but the autoencoder has K=8"):
+        AnytimeSampler(CodePrior(6, V, num_layers=1, width=16, num_heads=2, ffn_width=16), ae)
+    with pytest.raises(ValueError, match="vocabulary is 64 codes but the autoencoder's codebook has 32"):
+        AnytimeSampler(CodePrior(K, 64, num_layers=1, width=16, num_heads=2, ffn_width=16), ae)
+    broken = _prior()
+    broken.head.kernel.assign(tf.fill(broken.head.kernel.shape, np.nan))
+    with pytest.raises(FloatingPointError, match="NaN or Inf logits"):
+        AnytimeSampler(broken, ae).sample(2, 3)
+    with pytest.raises(ValueError, match="width=30 is not divisible by num_heads=4"):
+        PriorConfig(width=30, num_heads=4)
+
+
+def test_prior_config_round_trip():
+    prior = _prior()
+    clone = CodePrior.from_config(prior.get_config())
+    assert clone.get_config() == prior.get_config()
+    assert prior_preset("reference").width == 512
+
+
+@pytest.mark.slow
+def test_prior_learns_real_mnist_codes_below_uniform(tmp_path, mnist_dir):
+    train = data.to_numpy(data.load("mnist", "train", path=mnist_dir, shuffle=True)[0],
+                          limit=8000)[0]
+    test = data.to_numpy(data.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
+    ae = training.train_autoencoder(configs.preset("mnist", epochs=1), train, None,
+                                    str(tmp_path / "ae"), verbose=0)
+
+    def codes(x):
+        return tf.data.Dataset.from_tensor_slices(ae.encode(x).numpy()).batch(128)
+
+    config = prior_preset("mnist", num_layers=2, width=128, ffn_width=256, epochs=2,
+                          warmup_steps=50)
+    prior = training.train_prior(config, 64, 256, codes(train), codes(test), str(tmp_path / "p"),
+                                 verbose=0)
+    bits = prior.bits_per_code(codes(test))
+    print(f"validation bits per code {bits:.3f} vs uniform {np.log2(256):.1f}")
+    assert bits < 0.8 * np.log2(256)
