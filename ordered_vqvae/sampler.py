@@ -22,8 +22,14 @@ FILL_CODE = 0  # The code value written beyond k; never read by the decoder.
 
 def filter_logits(logits, temperature, top_k, top_p):
     """Scales by 1/temperature and masks all but the top_k (0: off) logits and the smallest
-    set whose probability reaches top_p (1.0: off). logits [B, V]; the rest are scalars."""
+    set whose probability reaches top_p (1.0: off). logits [B, V]; the rest are scalars.
+    The sorts run only when a filter is on."""
     logits = logits / temperature
+    active = tf.logical_or(top_k > 0, top_p < 1.0)
+    return tf.cond(active, lambda: _top_k_top_p(logits, top_k, top_p), lambda: logits)
+
+
+def _top_k_top_p(logits, top_k, top_p):
     neg_inf = tf.constant(-1e30, logits.dtype)
     descending = tf.sort(logits, axis=-1, direction="DESCENDING")
     vocab = tf.shape(logits)[-1]

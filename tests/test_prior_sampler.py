@@ -172,3 +172,17 @@ def test_prior_learns_real_mnist_codes_below_uniform(tmp_path, mnist_dir):
     bits = prior.bits_per_code(codes(test))
     print(f"validation bits per code {bits:.3f} vs uniform {np.log2(256):.1f}")
     assert bits < 0.8 * np.log2(256)
+
+
+def test_cache_write_matches_its_fallback(monkeypatch):
+    from ordered_vqvae import prior as prior_module
+
+    cache = tf.random.normal((2, 3, 5, 4), seed=1)
+    update = tf.random.normal((2, 3, 1, 4), seed=2)
+    fast = prior_module.write_position(cache, update, tf.constant(3)).numpy()
+    expected = cache.numpy().copy()
+    expected[:, :, 3:4] = update.numpy()
+    np.testing.assert_array_equal(fast, expected)
+    monkeypatch.setattr(prior_module, "_update_slice", None)
+    np.testing.assert_allclose(prior_module.write_position(cache, update, tf.constant(3)).numpy(),
+                               expected, atol=1e-6)
