@@ -1,0 +1,135 @@
+"""One SavedModel with `encode`, `decode` and `sample` signatures.
+
+Loadable with plain `tf.saved_model.load(path)` in a process that never imports this
+project. The contract (names and dtypes exactly):
+
+  encode(images: float32 [N,H,W,C] in [0,1]) -> {"codes": int32 [N,K]}
+  decode(codes: int32 [N,K], num_codes: int32 scalar) -> {"images": float32 [N,H,W,C]}
+      codes beyond num_codes are ignored, exactly as in training's truncation
+  sample(num_samples: int32, num_codes: int32, seed: int32, temperature: float32)
+      -> {"images": float32 [N,H,W,C] in [0,1], "codes": int32 [N,K]}
+      the XLA anytime sampler; codes beyond num_codes are FILL_CODE (0)
+
+and attributes `code_length`, `codebook_size` and `image_shape` (int32 variables).
+Out-of-range arguments fail inside the signature with a message naming the value.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+from ordered_vqvae.sampler import AnytimeSampler
+
+SIGNATURES = ("encode", "decode", "sample")
+
+
+class AnytimeModel(tf.Module):
+    """The exported module: an OrderedVQVAE and its CodePrior."""
+
+    def __init__(self, autoencoder, prior):
+        super().__init__(name="ordered_vqvae")
+        self.autoencoder = autoencoder
+        self.prior = prior
+        self.sampler = AnytimeSampler(prior, autoencoder, jit_compile=True)
+        K = autoencoder.code_length
+        h, w, c = autoencoder.image_shape
+        self.code_length = tf.Variable(K, dtype=tf.int32, trainable=False, name="code_length")
+        self.codebook_size = tf.Variable(autoencoder.codebook_size, dtype=tf.int32,
+                                         trainable=False, name="codebook_size")
+        self.image_shape = tf.Variable([h, w, c], dtype=tf.int32, trainable=False,
+                                       name="image_shape")
+        self._K = K
+
+        self.encode = tf.function(self._encode, input_signature=[
+            tf.TensorSpec([None, h, w, c], tf.float32, name="images")])
+        self.decode = tf.function(self._decode, input_signature=[
+            tf.TensorSpec([None, K], tf.int32, name="codes"),
+            tf.TensorSpec([], tf.int32, name="num_codes")])
+        self.sample = tf.function(self._sample, input_signature=[
+            tf.TensorSpec([], tf.int32, name="num_samples"),
+            tf.TensorSpec([], tf.int32, name="num_codes"),
+            tf.TensorSpec([], tf.int32, name="seed"),
+            tf.TensorSpec([], tf.float32, name="temperature")])
+
+    def _check_num_codes(self, num_codes):
+        ok = tf.logical_and(num_codes >= 1, num_codes <= self._K)
+        return tf.debugging.Assert(ok, ["num_codes=", num_codes,
+                                        f"is out of range, expected 1 <= num_codes <= {self._K}"])
+
+    def _encode(self, images):
+        checks = [
+            tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(images)),
+                                ["images contain NaN or Inf"]),
+            tf.debugging.Assert(tf.logical_and(tf.reduce_min(images) >= 0.0,
+                                               tf.reduce_max(images) <= 1.0),
+                                ["image values must be in [0, 1], got min", tf.reduce_min(images),
+                                 "max", tf.reduce_max(images)]),
+        ]
+        with tf.control_dependencies(checks):
+            images = tf.identity(images)
+        ae = self.autoencoder
+        tokens = ae._to_tokens(ae.encoder(ae._preprocess(images), training=False))
+        return {"codes": ae.quantizer(tokens, training=False)["indices"]}
+
+    def _decode(self, codes, num_codes):
+        size = self.autoencoder.codebook_size
+        checks = [
+            self._check_num_codes(num_codes),
+            tf.debugging.Assert(tf.logical_and(tf.reduce_min(codes) >= 0,
+                                               tf.reduce_max(codes) < size),
+                                ["codes must be in [0, codebook_size=", size, "), got min",
+                                 tf.reduce_min(codes), "max", tf.reduce_max(codes)]),
+        ]
+        with tf.control_dependencies(checks):
+            codes = tf.identity(codes)
+        return {"images": self.sampler._decode_codes(codes, num_codes)}
+
+    def _sample(self, num_samples, num_codes, seed, temperature):
+        checks = [
+            self._check_num_codes(num_codes),
+            tf.debugging.Assert(temperature > 0.0, ["temperature=", temperature,
+                                                    "must be > 0"]),
+            tf.debugging.Assert(num_samples >= 1, ["num_samples=", num_samples, "must be >= 1"]),
+        ]
+        with tf.control_dependencies(checks):
+            prefix = tf.zeros([num_samples, self._K], tf.int32)
+        codes, finite = self.sampler._generate(prefix, tf.constant(0), num_codes, seed,
+                                               temperature, tf.constant(0), tf.constant(1.0))
+        with tf.control_dependencies([tf.debugging.Assert(finite, ["the prior produced NaN or "
+                                                                   "Inf logits"])]):
+            images = self.sampler._decode_codes(codes, num_codes)
+        return {"images": images, "codes": codes}
+
+
+def export(autoencoder, prior, path: str) -> str:
+    """Writes the SavedModel to `path` atomically (temp dir beside it, then rename)."""
+    module = AnytimeModel(autoencoder, prior)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-saved-model-", dir=parent)
+    try:
+        signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
+        tf.saved_model.save(module, tmp, signatures=signatures)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+REQUIRED_FILES = ("saved_model.pb", os.path.join("variables", "variables.index"))
+
+
+def check_saved_model_dir(path: str) -> None:
+    """Raises FileNotFoundError naming what a SavedModel directory lacks."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"SavedModel directory {path!r} does not exist")
+    missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise FileNotFoundError(f"SavedModel directory {path!r} is missing {', '.join(missing)}")
