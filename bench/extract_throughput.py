@@ -53,7 +53,7 @@ def main():
         beam_args = [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
     start = time.perf_counter()
     meta = extract.run(ae, os.path.join(tmp, "beam"), extract.SourceSpec("mnist", path=args.mnist,
-                                                                         limit=args.limit),
+                                                                         max_test=args.limit),
                        splits=["test"], beam_args=beam_args)
     beam_rate = args.limit / (time.perf_counter() - start)
     assert meta["counts"]["test"] == args.limit, meta["counts"]

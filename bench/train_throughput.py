@@ -23,7 +23,10 @@ from ordered_vqvae import configs, models, training
 def images_per_second(config, images, steps, jit_compile=False):
     keras.utils.set_random_seed(0)
     model = models.OrderedVQVAE(config)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=jit_compile)
+    model(tf.zeros((1,) + config.image_shape))
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    optimizer.build(model.trainable_variables)
+    model.compile(optimizer=optimizer, jit_compile=jit_compile)
     ds = training.image_batches(images, config.batch_size, shuffle=True, seed=0).repeat()
     model.fit(ds, steps_per_epoch=20, epochs=1, verbose=0, shuffle=False)  # Trace and warm up.
     start = time.perf_counter()

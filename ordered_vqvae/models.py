@@ -353,8 +353,9 @@ AUTOENCODER_CONFIG = "autoencoder.json"
 AUTOENCODER_WEIGHTS = "autoencoder.weights.h5"
 
 
-def save_autoencoder(model: OrderedVQVAE, directory: str) -> str:
-    """Writes config JSON + weights into `directory` atomically (temp dir, then rename)."""
+def save_model_dir(model: keras.Model, config: dict, directory: str, config_name: str,
+                   weights_name: str) -> str:
+    """Writes a config JSON and the weights into `directory` atomically (temp dir, rename)."""
     import json
     import shutil
     import tempfile
@@ -363,9 +364,9 @@ def save_autoencoder(model: OrderedVQVAE, directory: str) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        with open(os.path.join(tmp, AUTOENCODER_CONFIG), "w") as f:
-            json.dump(model.config.to_dict(), f, indent=1)
-        model.save_weights(os.path.join(tmp, AUTOENCODER_WEIGHTS))
+        with open(os.path.join(tmp, config_name), "w") as f:
+            json.dump(config, f, indent=1)
+        model.save_weights(os.path.join(tmp, weights_name))
         if os.path.exists(directory):
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -375,18 +376,27 @@ def save_autoencoder(model: OrderedVQVAE, directory: str) -> str:
     return directory
 
 
-def load_autoencoder(directory: str) -> OrderedVQVAE:
-    """Reads a model written by `save_autoencoder`."""
+def read_model_dir(directory: str, config_name: str, weights_name: str):
+    """(config dict, weights path) of a directory written by `save_model_dir`."""
     import json
 
-    config_path = os.path.join(directory, AUTOENCODER_CONFIG)
-    weights_path = os.path.join(directory, AUTOENCODER_WEIGHTS)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"autoencoder artifact {directory!r} is missing {os.path.basename(path)}")
-    with open(config_path) as f:
-        config = AutoencoderConfig.from_dict(json.load(f))
+    for name in (config_name, weights_name):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise FileNotFoundError(f"model artifact {directory!r} is missing {name}")
+    with open(os.path.join(directory, config_name)) as f:
+        return json.load(f), os.path.join(directory, weights_name)
+
+
+def save_autoencoder(model: OrderedVQVAE, directory: str) -> str:
+    return save_model_dir(model, model.config.to_dict(), directory, AUTOENCODER_CONFIG,
+                          AUTOENCODER_WEIGHTS)
+
+
+def load_autoencoder(directory: str) -> OrderedVQVAE:
+    """Reads a model written by `save_autoencoder`."""
+    config, weights = read_model_dir(directory, AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS)
+    config = AutoencoderConfig.from_dict(config)
     model = OrderedVQVAE(config)
     model(tf.zeros((1,) + tuple(config.image_shape)))
-    model.load_weights(weights_path)
+    model.load_weights(weights)
     return model

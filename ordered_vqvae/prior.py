@@ -298,3 +298,23 @@ class InverseSqrtSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+
+
+PRIOR_CONFIG = "prior.json"
+PRIOR_WEIGHTS = "prior.weights.h5"
+
+
+def save_prior(prior: CodePrior, directory: str) -> str:
+    from ordered_vqvae.models import save_model_dir
+
+    return save_model_dir(prior, prior.get_config(), directory, PRIOR_CONFIG, PRIOR_WEIGHTS)
+
+
+def load_prior(directory: str) -> CodePrior:
+    from ordered_vqvae.models import read_model_dir
+
+    config, weights = read_model_dir(directory, PRIOR_CONFIG, PRIOR_WEIGHTS)
+    prior = CodePrior.from_config(config)
+    prior(tf.zeros((1, 1), tf.int32))
+    prior.load_weights(weights)
+    return prior

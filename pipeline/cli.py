@@ -1,16 +1,19 @@
 """`ovqvae`: the command line of the ordered VQ-VAE pipeline.
 
-  ovqvae demo [--workdir=workdir/digits]
-      Trains the ordered VQ-VAE on the embedded digits data and writes a report.
-  ovqvae train_autoencoder --dataset=mnist --data_path=DIR --workdir=DIR [--epochs=N ...]
-      Trains an ordered VQ-VAE; any preset field can be overridden by its flag.
-  ovqvae extract --dataset=mnist --data_path=DIR --workdir=DIR [Beam options]
-      Encodes the dataset with WORKDIR/autoencoder into WORKDIR/codes (Beam). Flags this
-      program does not know are Beam pipeline options, e.g. --runner=DataflowRunner.
+  ovqvae demo                       the whole pipeline on the embedded digits (workdir/digits)
+  ovqvae run --dataset=D --workdir=W      all stages: train_autoencoder, extract,
+                                          train_prior, export, report
+  ovqvae train_autoencoder | extract | train_prior | export | report --workdir=W ...
+                                    one stage (finished stages whose inputs did not change
+                                    are skipped; --force redoes them)
+  ovqvae sample --saved_model=DIR --num_codes=k --num_samples=N --seed=S --output=grid.png
 
-Datasets: digits (embedded), mnist (--data_path: IDX directory), cifar10 (--data_path: the
-JPEG tarball or folder), image_folder (--data_path, --preset), tfds:<name> (--data_dir).
-Exit codes: 0 success, 1 runtime error, 2 usage error.
+Datasets: digits (embedded), mnist (--data_path: IDX directory), cifar10 (--data_path:
+the JPEG tarball or folder), image_folder (--data_path and --preset), tfds:<name>
+(--data_dir). Every field of the dataset's autoencoder preset is a flag (--latent_channels,
+--truncation, ...); prior fields take a prior_ prefix (--prior_num_layers, ...). Flags
+this program does not know are Beam pipeline options for the extract stage
+(--runner=DataflowRunner --project=...). Exit codes: 0 success, 1 runtime error, 2 usage.
 """
 
 from __future__ import annotations
@@ -22,14 +25,13 @@ import typing
 
 from absl import app, flags
 
-COMMANDS = ("demo", "train_autoencoder", "extract")
-BEAM_COMMANDS = ("demo", "extract")
-DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10",
-                   "tfds:mnist": "mnist", "tfds:fashion_mnist": "mnist",
-                   "tfds:cifar10": "cifar10", "tfds:celeb_a": "celeb_a"}
+STAGE_COMMANDS = {"train_autoencoder": "autoencoder", "extract": "extract",
+                  "train_prior": "prior", "export": "export", "report": "report"}
+COMMANDS = ("demo", "run", "sample", *STAGE_COMMANDS)
+BEAM_COMMANDS = ("demo", "run", "extract")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for the run's artifacts.")
+flags.DEFINE_string("workdir", None, "Directory for the run's artifacts (demo: workdir/digits).")
 flags.DEFINE_string("dataset", "digits", "digits | mnist | cifar10 | image_folder | tfds:<name>.")
 flags.DEFINE_string("data_path", None, "MNIST IDX directory, or image folder / .tar.gz.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds:<name> datasets).")
@@ -37,31 +39,45 @@ flags.DEFINE_bool("download", False, "Allow TFDS to download a missing dataset."
 flags.DEFINE_integer("image_size", None, "Resize and center-crop folder/TFDS images to this size.")
 flags.DEFINE_integer("max_train_images", None, "Use at most this many training images.")
 flags.DEFINE_integer("max_test_images", None, "Use at most this many test images.")
-flags.DEFINE_string("preset", None, "Architecture preset (default: from --dataset).")
-flags.DEFINE_bool("resume", False, "Continue training from the latest checkpoint in --workdir.")
-flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_string("preset", None, "Architecture preset: digits, mnist, cifar10, celeb_a "
+                    "(default: from --dataset).")
 flags.DEFINE_integer("num_shards", 4, "Output TFRecord shards per split (extract).")
-flags.DEFINE_bool("overwrite", False, "Replace an existing code directory (extract).")
+flags.DEFINE_integer("report_samples", 16, "Samples per row of the report's grids.")
+flags.DEFINE_bool("force", False, "Redo stages even when their manifest matches.")
+flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_string("saved_model", None, "SavedModel directory (sample; default WORKDIR/saved_model).")
+flags.DEFINE_integer("num_codes", None, "Codes to generate, 1..K (sample; default K).")
+flags.DEFINE_integer("num_samples", 16, "Samples to draw (sample).")
+flags.DEFINE_integer("seed", None, "Seed of training and report sampling (run, stages) or of "
+                     "the samples (sample; default 0).")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature > 0 (sample).")
+flags.DEFINE_string("output", None, "PNG grid to write (sample); codes and images go beside "
+                    "it as .npz.")
 
 
 def _define_config_flags():
-    """One flag per AutoencoderConfig field, default None meaning 'the preset's value'."""
+    """One flag per AutoencoderConfig field and per PriorConfig field (prior_ prefix),
+    default None meaning 'the preset's value'."""
     from ordered_vqvae.configs import AutoencoderConfig
+    from ordered_vqvae.prior import PriorConfig
 
-    hints = typing.get_type_hints(AutoencoderConfig)
-    for f in dataclasses.fields(AutoencoderConfig):
-        hint = hints[f.name]
-        help_text = f"Override the preset's {f.name} (base value {f.default}; presets differ)."
-        if hint is bool:
-            flags.DEFINE_bool(f.name, None, help_text)
-        elif hint is int:
-            flags.DEFINE_integer(f.name, None, help_text)
-        elif hint is float:
-            flags.DEFINE_float(f.name, None, help_text)
-        elif hint is str:
-            flags.DEFINE_string(f.name, None, help_text)
-        else:  # Tuples of ints.
-            flags.DEFINE_list(f.name, None, help_text + " Comma-separated.")
+    for cls, prefix in ((AutoencoderConfig, ""), (PriorConfig, "prior_")):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "seed":  # One --seed for everything.
+                continue
+            name, hint = prefix + f.name, hints[f.name]
+            text = f"Override the preset's {cls.__name__}.{f.name} (base value {f.default})."
+            if hint is bool:
+                flags.DEFINE_bool(name, None, text)
+            elif hint is int:
+                flags.DEFINE_integer(name, None, text)
+            elif hint is float:
+                flags.DEFINE_float(name, None, text)
+            elif hint is str:
+                flags.DEFINE_string(name, None, text)
+            else:  # Tuples of ints.
+                flags.DEFINE_list(name, None, text + " Comma-separated.")
 
 
 _define_config_flags()
@@ -71,68 +87,78 @@ class UsageError(Exception):
     """A bad command line: exit code 2."""
 
 
-def _config():
-    from ordered_vqvae.configs import AutoencoderConfig, preset
-
-    name = FLAGS.preset or DATASET_PRESETS.get(FLAGS.dataset)
-    if name is None:
-        raise UsageError(f"--dataset={FLAGS.dataset} has no default preset; pass --preset "
-                         "(digits, mnist, cifar10 or celeb_a)")
-    overrides = {}
-    for f in dataclasses.fields(AutoencoderConfig):
-        value = FLAGS[f.name].value
+def _overrides(cls, prefix):
+    out = {} if FLAGS.seed is None else {"seed": FLAGS.seed}
+    for f in dataclasses.fields(cls):
+        if f.name == "seed":
+            continue
+        value = FLAGS[prefix + f.name].value
         if value is not None:
-            overrides[f.name] = tuple(int(v) for v in value) if isinstance(value, list) else value
+            out[f.name] = tuple(int(v) for v in value) if isinstance(value, list) else value
+    return out
+
+
+def pipeline_config():
+    """The PipelineConfig the flags describe."""
+    from ordered_vqvae.configs import AutoencoderConfig
+    from ordered_vqvae.prior import PriorConfig
+    from pipeline.config import DataConfig, pipeline_preset
+
+    dataset = FLAGS.dataset
+    source = "image_folder" if dataset == "cifar10" else dataset
+    if source in ("mnist", "image_folder") and not FLAGS.data_path:
+        raise UsageError(f"--dataset={dataset} needs --data_path")
+    if not (source in ("digits", "mnist", "image_folder") or source.startswith("tfds:")):
+        raise UsageError(f"--dataset={dataset} is not supported, expected digits, mnist, "
+                         "cifar10, image_folder or tfds:<name>")
+    data = DataConfig(source=source, path=FLAGS.data_path, data_dir=FLAGS.data_dir,
+                      image_size=FLAGS.image_size, download=FLAGS.download,
+                      max_train=FLAGS.max_train_images, max_test=FLAGS.max_test_images)
     try:
-        return preset(name, **overrides)
+        return pipeline_preset(dataset, FLAGS.preset, data,
+                               autoencoder_overrides=_overrides(AutoencoderConfig, ""),
+                               prior_overrides=_overrides(PriorConfig, "prior_"),
+                               num_shards=FLAGS.num_shards, report_samples=FLAGS.report_samples,
+                               seed=FLAGS.seed or 0)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 
 
-def _data_spec():
-    from pipeline.autoencoder import DataSpec
+def _sample():
+    import numpy as np
+    import tensorflow as tf
 
-    source, path = FLAGS.dataset, FLAGS.data_path
-    if source == "cifar10":
-        source = "image_folder"
-    if source in ("mnist", "image_folder") and not path:
-        raise UsageError(f"--dataset={FLAGS.dataset} needs --data_path")
-    if not (source in ("digits", "mnist", "image_folder") or source.startswith("tfds:")):
-        raise UsageError(f"--dataset={FLAGS.dataset} is not supported, expected digits, mnist, "
-                         "cifar10, image_folder or tfds:<name>")
-    return DataSpec(source=source, path=path, data_dir=FLAGS.data_dir,
-                    image_size=FLAGS.image_size, download=FLAGS.download,
-                    max_train=FLAGS.max_train_images, max_test=FLAGS.max_test_images)
+    from ordered_vqvae import export, figures
 
-
-def _train_autoencoder(workdir):
-    from pipeline import autoencoder
-
-    stage = autoencoder.AutoencoderStage(_config(), _data_spec(), resume=FLAGS.resume,
-                                         verbose=FLAGS.verbose)
-    return autoencoder.run(stage, workdir)
-
-
-def _demo(workdir):
-    from pipeline import report
-
-    result = _train_autoencoder(workdir)
-    path = report.write(workdir, result)
-    print(f"[demo] done: report at {path}", flush=True)
-
-
-def _extract(workdir, beam_args):
-    from pipeline import extract
-
-    spec = _data_spec()
-    source = extract.SourceSpec(source=spec.source, path=spec.path, data_dir=spec.data_dir,
-                                image_size=spec.image_size, limit=spec.max_test)
-    meta = extract.run(os.path.join(workdir, "autoencoder"), os.path.join(workdir, "codes"),
-                       source, num_shards=FLAGS.num_shards, beam_args=beam_args,
-                       overwrite=FLAGS.overwrite)
-    print(f"[extract] wrote {meta['counts']} records ({meta['dead_letters']} dead letters) to "
-          f"{os.path.join(workdir, 'codes')}", flush=True)
-    return meta
+    path = FLAGS.saved_model or (os.path.join(FLAGS.workdir, "saved_model") if FLAGS.workdir else None)
+    if not path:
+        raise UsageError("sample needs --saved_model (or --workdir)")
+    if not FLAGS.output:
+        raise UsageError("sample needs --output=PATH.png")
+    export.check_saved_model_dir(path)
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise OSError(f"cannot write --output={FLAGS.output}: {out_dir!r} is not a writable directory")
+    model = tf.saved_model.load(path)
+    K = int(model.code_length)
+    k = K if FLAGS.num_codes is None else FLAGS.num_codes
+    if not 1 <= k <= K:
+        raise UsageError(f"--num_codes={k}, expected 1 <= num_codes <= {K}")
+    if FLAGS.temperature <= 0 or FLAGS.num_samples < 1:
+        raise UsageError(f"--temperature={FLAGS.temperature} must be > 0 and --num_samples="
+                         f"{FLAGS.num_samples} >= 1")
+    out = model.signatures["sample"](num_samples=tf.constant(FLAGS.num_samples),
+                                     num_codes=tf.constant(k), seed=tf.constant(FLAGS.seed or 0),
+                                     temperature=tf.constant(FLAGS.temperature, tf.float32))
+    images, codes = out["images"].numpy(), out["codes"].numpy()
+    base = os.path.splitext(FLAGS.output)[0]
+    tmp = base + ".tmp.npz"
+    np.savez(tmp, images=images, codes=codes)
+    os.replace(tmp, base + ".npz")
+    figures.save_image_rows([images], [f"k={k}/{K}"], FLAGS.output,
+                            f"{FLAGS.num_samples} samples from the first {k} of {K} codes")
+    print(f"[sample] wrote {FLAGS.output} and {base}.npz ({FLAGS.num_samples} samples, "
+          f"k={k} of K={K})", flush=True)
 
 
 def main(argv):
@@ -149,15 +175,23 @@ def main(argv):
     command = positional[0]
     if unknown and command not in BEAM_COMMANDS:
         raise UsageError(f"unknown flag(s) {unknown} for command {command}")
+    if command == "sample":
+        return _sample()
+    from pipeline import stages
+
     workdir = FLAGS.workdir or ("workdir/digits" if command == "demo" else None)
     if not workdir:
         raise UsageError("--workdir is required")
-    if command == "demo":
-        _demo(workdir)
-    elif command == "extract":
-        _extract(workdir, unknown)
+    config = pipeline_config()
+    if unknown:
+        config = dataclasses.replace(config, beam_args=tuple(unknown))
+    if command in ("demo", "run"):
+        stages.run_pipeline(config, workdir, force=FLAGS.force, verbose=FLAGS.verbose)
+        report = os.path.join(workdir, "report", "report.md")
+        print(f"[{command}] done: the report is {report}", flush=True)
     else:
-        _train_autoencoder(workdir)
+        stages.run_stage(config, workdir, STAGE_COMMANDS[command], force=FLAGS.force,
+                         verbose=FLAGS.verbose)
 
 
 def _parse(argv):
@@ -169,15 +203,17 @@ def _parse(argv):
 
 
 def _main_with_exit_codes(argv):
-    from ordered_vqvae.data import DataError
-    from ordered_vqvae.training import TrainingDiverged
+    import tensorflow as tf
 
     try:
         main(argv)
     except UsageError as e:
         print(f"ovqvae: usage error: {e}\nTry 'ovqvae --help'.", file=sys.stderr)
         sys.exit(2)
-    except (DataError, TrainingDiverged, ValueError, OSError, RuntimeError) as e:
+    except tf.errors.OpError as e:
+        print(f"ovqvae: error: {e.message.strip().splitlines()[-1]}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, OSError, RuntimeError) as e:  # DataError, TrainingDiverged, ...
         print(f"ovqvae: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -49,7 +49,11 @@ class SourceSpec:
     path: Optional[str] = None
     data_dir: Optional[str] = None
     image_size: Optional[int] = None
-    limit: Optional[int] = None
+    max_train: Optional[int] = None
+    max_test: Optional[int] = None
+
+    def limit(self, split: str) -> Optional[int]:
+        return self.max_train if split == "train" else self.max_test
 
 
 def encoder_fingerprint(autoencoder_dir: str) -> str:
@@ -112,8 +116,8 @@ class _ReadShard(beam.DoFn):
         ds, _ = data.load(self.spec.source, self.split, path=self.spec.path,
                           data_dir=self.spec.data_dir, image_size=self.spec.image_size,
                           decode=False)
-        if self.spec.limit:
-            ds = ds.take(self.spec.limit)
+        if self.spec.limit(self.split):
+            ds = ds.take(self.spec.limit(self.split))
         for arrays in ds.shard(self.num_read_shards, index).batch(self.batch_size).as_numpy_iterator():
             self.read.inc(len(arrays["id"]))
             yield {"ids": [i.decode("utf-8") for i in arrays["id"]], "labels": arrays["label"],

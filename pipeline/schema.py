@@ -114,6 +114,8 @@ def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
                               f"expected {expected}")
     K, size = metadata["code_length"], metadata["codebook_size"]
     ds = tf.data.TFRecordDataset(shard_paths(directory, split, metadata))
+    if split in metadata.get("counts", {}):  # Known sizes let Keras plan its epochs.
+        ds = ds.apply(tf.data.experimental.assert_cardinality(metadata["counts"][split]))
     if shuffle:
         ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
     if batch_size:

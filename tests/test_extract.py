@@ -127,7 +127,7 @@ def test_two_runs_are_byte_identical_and_reader_round_trips(autoencoder_dir, tmp
 
 
 def test_refuses_existing_output_missing_encoder_and_mismatches(autoencoder_dir, tmp_path):
-    spec = extract.SourceSpec("digits", limit=40)
+    spec = extract.SourceSpec("digits", max_test=40)
     out = str(tmp_path / "codes")
     extract.run(autoencoder_dir, out, spec, splits=["test"], num_shards=1)
     before = sorted(os.listdir(out))

@@ -140,7 +140,7 @@ def test_config_round_trip_and_weights_save_load(tmp_path):
     np.testing.assert_allclose(loaded.decode(model.encode(x), 3).numpy(),
                                model.decode(model.encode(x), 3).numpy(), atol=1e-6)
     (tmp_path / "ae" / models.AUTOENCODER_WEIGHTS).unlink()
-    with pytest.raises(FileNotFoundError, match="missing autoencoder.weights.h5"):
+    with pytest.raises(FileNotFoundError, match="is missing autoencoder.weights.h5"):
         models.load_autoencoder(path)
 
 

@@ -1,0 +1,164 @@
+"""The end-to-end pipeline, its caching, the SavedModel contract and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ordered_vqvae import models
+from pipeline import stages
+from pipeline.config import pipeline_preset
+
+REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+TINY_AE = dict(hidden=(16,), latent_channels=8, num_embeddings=32, epochs=2)
+TINY_PRIOR = dict(num_layers=1, num_heads=2, width=32, ffn_width=64, epochs=2, warmup_steps=20)
+
+
+def tiny_config(**prior):
+    return pipeline_preset("digits", autoencoder_overrides=TINY_AE,
+                           prior_overrides={**TINY_PRIOR, **prior}, report_samples=4)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The whole pipeline, run once on the embedded digits with a shrunk config."""
+    path = str(tmp_path_factory.mktemp("run") / "wd")
+    stages.run_pipeline(tiny_config(), path, verbose=0)
+    return path
+
+
+def _ovqvae(*args, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def test_pipeline_writes_every_artifact(workdir):
+    for stage in stages.STAGES:
+        manifest = stages.read_manifest(workdir, stage)
+        assert manifest["stage"] == stage and len(manifest["input_hash"]) == 64
+        assert manifest["versions"]["tensorflow"] == tf.__version__
+    report = os.path.join(workdir, "report")
+    for name in ("report.md", "metrics.json", "samples.png", "reconstructions.png",
+                 "mse_vs_codes.png", "time_vs_codes.png"):
+        assert os.path.getsize(os.path.join(report, name)) > 100, name
+    metrics = json.load(open(os.path.join(report, "metrics.json")))
+    assert metrics["records"] == {"train": 1445, "test": 352}
+    assert metrics["code_length"] == 8 and set(metrics["mse_by_codes"]) == {"1", "2", "4", "6", "8"}
+    assert metrics["prior_val_bits_per_code"] < metrics["uniform_bits_per_code"]
+    text = open(os.path.join(report, "report.md")).read()
+    assert "![samples](samples.png)" in text and "| 8 | 100% |" in text
+    assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
+    assert not os.listdir(os.path.join(workdir, "work"))  # Checkpoints dropped when done.
+
+
+def test_rerun_skips_finished_stages_and_redoes_changed_ones(workdir, capsys):
+    before = {s: stages.read_manifest(workdir, s)["finished"] for s in stages.STAGES}
+    stages.run_pipeline(tiny_config(), workdir, verbose=0)
+    out = capsys.readouterr().out
+    assert out.count("up to date (manifest matches), skipped") == 5
+    assert {s: stages.read_manifest(workdir, s)["finished"] for s in stages.STAGES} == before
+    # A changed prior redoes the prior and what depends on it, not the autoencoder.
+    stages.run_pipeline(tiny_config(epochs=1), workdir, stages=["autoencoder", "extract", "prior"],
+                        verbose=0)
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2 and "[prior] validation" in out
+    # A damaged artifact is not taken as finished.
+    os.remove(os.path.join(workdir, "prior", "prior.weights.h5"))
+    assert not stages._is_current(workdir, "prior", stages.read_manifest(workdir, "prior")["input_hash"])
+
+
+def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
+    ae = models.load_autoencoder(os.path.join(workdir, "autoencoder"))
+    x = np.random.default_rng(0).uniform(size=(5, 8, 8, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "recon.npy", ae.reconstruct(x).numpy())
+    np.save(tmp_path / "codes.npy", ae.encode(x).numpy())
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, tensorflow as tf
+        m = tf.saved_model.load({os.path.join(workdir, "saved_model")!r})
+        assert sorted(m.signatures) == ["decode", "encode", "sample"], list(m.signatures)
+        K = int(m.code_length)
+        assert (K, int(m.codebook_size), m.image_shape.numpy().tolist()) == (8, 32, [8, 8, 1])
+        x = np.load({str(tmp_path / "x.npy")!r})
+        codes = m.signatures["encode"](images=tf.constant(x))["codes"]
+        assert codes.dtype == tf.int32 and codes.shape == (5, K)
+        np.testing.assert_array_equal(codes.numpy(), np.load({str(tmp_path / "codes.npy")!r}))
+        images = m.signatures["decode"](codes=codes, num_codes=tf.constant(K))["images"]
+        assert images.dtype == tf.float32 and images.shape == (5, 8, 8, 1)
+        np.testing.assert_allclose(images.numpy(), np.load({str(tmp_path / "recon.npy")!r}), atol=1e-5)
+        changed = tf.concat([codes[:, :3], (codes[:, 3:] + 1) % 32], axis=1)
+        short = m.signatures["decode"](codes=changed, num_codes=tf.constant(3))["images"]
+        same = m.signatures["decode"](codes=codes, num_codes=tf.constant(3))["images"]
+        np.testing.assert_array_equal(short.numpy(), same.numpy())
+        out = m.signatures["sample"](num_samples=tf.constant(6), num_codes=tf.constant(2),
+                                     seed=tf.constant(3), temperature=tf.constant(1.0))
+        assert out["images"].shape == (6, 8, 8, 1) and out["codes"].dtype == tf.int32
+        assert (out["codes"].numpy()[:, 2:] == 0).all()
+        assert 0.0 <= out["images"].numpy().min() and out["images"].numpy().max() <= 1.0
+        for call, text in ((lambda: m.signatures["decode"](codes=codes, num_codes=tf.constant(9)),
+                            "num_codes="),
+                           (lambda: m.signatures["sample"](num_samples=tf.constant(2),
+                                num_codes=tf.constant(0), seed=tf.constant(0),
+                                temperature=tf.constant(1.0)), "num_codes="),
+                           (lambda: m.signatures["sample"](num_samples=tf.constant(2),
+                                num_codes=tf.constant(2), seed=tf.constant(0),
+                                temperature=tf.constant(0.0)), "temperature=")):
+            try:
+                call()
+            except tf.errors.InvalidArgumentError as e:
+                assert text in e.message, e.message
+            else:
+                raise AssertionError("no error for " + text)
+        assert not any(name.startswith(("ordered_vqvae", "pipeline")) for name in sys.modules)
+        print("CONTRACT OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=str(tmp_path))
+    assert "CONTRACT OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_cli_sample_and_errors(workdir, tmp_path):
+    out = str(tmp_path / "grid.png")
+    _ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}", "--num_codes=4",
+            "--num_samples=6", "--seed=2", f"--output={out}", check_rc=0)
+    assert os.path.getsize(out) > 100
+    saved = np.load(str(tmp_path / "grid.npz"))
+    assert saved["images"].shape == (6, 8, 8, 1) and (saved["codes"][:, 4:] == 0).all()
+
+    proc = _ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}",
+                   "--num_codes=9", f"--output={out}", check_rc=2)
+    assert "--num_codes=9, expected 1 <= num_codes <= 8" in proc.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    proc = _ovqvae("sample", f"--saved_model={broken}", f"--output={out}", check_rc=1)
+    assert "is missing saved_model.pb" in proc.stderr
+    proc = _ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}",
+                   f"--output={tmp_path / 'nowhere' / 'x.png'}", check_rc=1)
+    assert "not a writable directory" in proc.stderr
+
+
+def test_cli_usage_and_workdir_errors(tmp_path):
+    proc = _ovqvae("frobnicate", check_rc=2)
+    assert "expected a command" in proc.stderr
+    proc = _ovqvae("run", "--workdir=x", "--truncation=sometimes", check_rc=2)
+    assert "truncation='sometimes'" in proc.stderr
+    proc = _ovqvae("train_autoencoder", "--workdir=x", "--runner=DirectRunner", check_rc=2)
+    assert "unknown flag" in proc.stderr
+    proc = _ovqvae("run", "--dataset=mnist", "--workdir=x", check_rc=2)
+    assert "--dataset=mnist needs --data_path" in proc.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    proc = _ovqvae("run", f"--workdir={foreign}", check_rc=1)
+    assert "is not an ordered-vqvae workdir" in proc.stderr
+    assert os.listdir(foreign) == ["thesis.tex"]
+    proc = _ovqvae("train_prior", f"--workdir={tmp_path / 'fresh'}", check_rc=1)
+    assert "stage 'extract' has not finished" in proc.stderr
