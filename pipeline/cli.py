@@ -7,6 +7,8 @@
                                     one stage (finished stages whose inputs did not change
                                     are skipped; --force redoes them)
   ovqvae sample --saved_model=DIR --num_codes=k --num_samples=N --seed=S --output=grid.png
+  ovqvae experiments --dataset=D --workdir=W [--experiments=ordered_vs_unordered,time,...]
+                                    the paper's comparisons (see pipeline/experiments.py)
 
 Datasets: digits (embedded), mnist (--data_path: IDX directory), cifar10 (--data_path:
 the JPEG tarball or folder), image_folder (--data_path and --preset), tfds:<name>
@@ -27,8 +29,8 @@ from absl import app, flags
 
 STAGE_COMMANDS = {"train_autoencoder": "autoencoder", "extract": "extract",
                   "train_prior": "prior", "export": "export", "report": "report"}
-COMMANDS = ("demo", "run", "sample", *STAGE_COMMANDS)
-BEAM_COMMANDS = ("demo", "run", "extract")
+COMMANDS = ("demo", "run", "sample", "experiments", *STAGE_COMMANDS)
+BEAM_COMMANDS = ("demo", "run", "extract", "experiments")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the run's artifacts (demo: workdir/digits).")
@@ -51,6 +53,14 @@ flags.DEFINE_integer("num_samples", 16, "Samples to draw (sample).")
 flags.DEFINE_integer("seed", None, "Seed of training and report sampling (run, stages) or of "
                      "the samples (sample; default 0).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature > 0 (sample).")
+flags.DEFINE_list("experiments", "ordered_vs_unordered,time,channel_vs_spatial,priority_code,"
+                  "ablations", "Experiments to run (experiments).")
+flags.DEFINE_integer("eval_samples", 1000, "Samples per code length for Frechet distances.")
+flags.DEFINE_string("inception_weights", None, "Local InceptionV3 notop weights (.h5) for FID; "
+                    "without it FID is skipped (nothing is downloaded).")
+flags.DEFINE_integer("classifier_epochs", 3, "Epochs of the domain classifier for the FD.")
+flags.DEFINE_integer("ablation_max_train_images", None, "Training images of each ablation variant.")
+flags.DEFINE_integer("ablation_epochs", None, "Autoencoder epochs of each ablation variant.")
 flags.DEFINE_string("output", None, "PNG grid to write (sample); codes and images go beside "
                     "it as .npz.")
 
@@ -185,7 +195,15 @@ def main(argv):
     config = pipeline_config()
     if unknown:
         config = dataclasses.replace(config, beam_args=tuple(unknown))
-    if command in ("demo", "run"):
+    if command == "experiments":
+        from pipeline import experiments
+
+        experiments.run(experiments.ExperimentConfig(
+            base=config, names=tuple(FLAGS.experiments), eval_samples=FLAGS.eval_samples,
+            classifier_epochs=FLAGS.classifier_epochs, inception_weights=FLAGS.inception_weights,
+            ablation_max_train=FLAGS.ablation_max_train_images,
+            ablation_epochs=FLAGS.ablation_epochs), workdir, verbose=FLAGS.verbose)
+    elif command in ("demo", "run"):
         stages.run_pipeline(config, workdir, force=FLAGS.force, verbose=FLAGS.verbose)
         report = os.path.join(workdir, "report", "report.md")
         print(f"[{command}] done: the report is {report}", flush=True)

@@ -1,0 +1,122 @@
+"""Sample-quality metrics: Frechet distances on classifier or InceptionV3 features.
+
+- `frechet_distance`: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al., 2017).
+- `DomainClassifier`: a small CNN trained on the dataset's own labels; the features of its
+  penultimate layer give a domain Frechet distance that works offline on any labelled
+  dataset (its test accuracy says how much to trust them).
+- `InceptionFeatures`: FID's InceptionV3 pool features, only from a local weights file:
+  nothing is downloaded. Without one, FID is reported as unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import keras
+import numpy as np
+import scipy.linalg
+import tensorflow as tf
+
+
+def statistics(features: np.ndarray):
+    """(mean [D], covariance [D, D]) of features [N, D] (N >= 2)."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features have shape {features.shape}, expected [N >= 2, D]")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2)."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"mismatched statistics: means {mu1.shape} vs {mu2.shape}, "
+                         f"covariances {sigma1.shape} vs {sigma2.shape}")
+    with warnings.catch_warnings():  # Singular products are handled just below.
+        warnings.simplefilter("ignore")
+        covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():  # Near-singular product: regularise, as FID does.
+        offset = np.eye(len(sigma1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean = covmean.real
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), 0.0))
+
+
+def frechet_distance_of(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    return frechet_distance(*statistics(features_a), *statistics(features_b))
+
+
+class DomainClassifier:
+    """A small CNN classifier whose penultimate layer gives features for a domain FD."""
+
+    def __init__(self, image_shape, num_classes: int, feature_dim: int = 128, seed: int = 0):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input(image_shape)
+        x = inputs
+        for width in (32, 64):
+            x = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+            if min(x.shape[1:3]) >= 4:
+                x = keras.layers.MaxPooling2D()(x)
+        x = keras.layers.Flatten()(x)
+        features = keras.layers.Dense(feature_dim, activation="relu", name="features")(x)
+        logits = keras.layers.Dense(num_classes, name="logits")(keras.layers.Dropout(0.3)(features))
+        self.model = keras.Model(inputs, logits)
+        self.features_model = keras.Model(inputs, features)
+        self.accuracy: Optional[float] = None
+
+    def fit(self, images, labels, test_images, test_labels, epochs: int = 3,
+            batch_size: int = 128, verbose: int = 0) -> float:
+        """Trains on labelled images; returns (and keeps) the test accuracy."""
+        self.model.compile(keras.optimizers.Adam(1e-3),
+                           keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                           metrics=["accuracy"])
+        self.model.fit(images, labels, epochs=epochs, batch_size=batch_size, verbose=verbose,
+                       shuffle=True)
+        self.accuracy = float(self.model.evaluate(test_images, test_labels, verbose=0)[1])
+        return self.accuracy
+
+    def features(self, images, batch_size: int = 500) -> np.ndarray:
+        return self.features_model.predict(np.asarray(images, np.float32), batch_size=batch_size,
+                                           verbose=0)
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.model.save_weights(os.path.join(directory, "classifier.weights.h5"))
+        with open(os.path.join(directory, "accuracy.txt"), "w") as f:
+            f.write(f"{self.accuracy}\n")
+
+    @classmethod
+    def load(cls, directory: str, image_shape, num_classes: int) -> "DomainClassifier":
+        clf = cls(image_shape, num_classes)
+        clf.model.load_weights(os.path.join(directory, "classifier.weights.h5"))
+        with open(os.path.join(directory, "accuracy.txt")) as f:
+            clf.accuracy = float(f.read())
+        return clf
+
+
+class InceptionFeatures:
+    """InceptionV3 pool features (2048-d) from a local weights file, for FID."""
+
+    def __init__(self, weights_path: str):
+        if not weights_path or not os.path.isfile(weights_path):
+            raise FileNotFoundError(
+                f"InceptionV3 weights not found at {weights_path!r}: FID needs a local copy of "
+                "the notop ImageNet weights (inception_v3_weights_tf_dim_ordering_tf_kernels_"
+                "notop.h5); nothing is downloaded")
+        self.model = keras.applications.InceptionV3(include_top=False, weights=weights_path,
+                                                    pooling="avg", input_shape=(299, 299, 3))
+
+    def features(self, images, batch_size: int = 64) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = tf.convert_to_tensor(images[start:start + batch_size], tf.float32)
+            if x.shape[-1] == 1:
+                x = tf.image.grayscale_to_rgb(x)
+            x = tf.image.resize(x, (299, 299), method="bilinear")
+            x = keras.applications.inception_v3.preprocess_input(x * 255.0)
+            out.append(self.model(x, training=False).numpy())
+        return np.concatenate(out)

@@ -1,0 +1,57 @@
+"""The experiment runner on the embedded digits, with a shrunk budget."""
+
+import json
+import os
+
+import pytest
+
+from pipeline import experiments
+from pipeline.config import pipeline_preset
+
+TINY_AE = dict(hidden=(16,), latent_channels=8, num_embeddings=32, epochs=3)
+TINY_PRIOR = dict(num_layers=1, num_heads=2, width=32, ffn_width=64, epochs=3, warmup_steps=20)
+
+
+def _config(names, **kw):
+    base = pipeline_preset("digits", autoencoder_overrides=TINY_AE, prior_overrides=TINY_PRIOR)
+    return experiments.ExperimentConfig(base=base, names=names, eval_samples=300,
+                                        classifier_epochs=10, **kw)
+
+
+def test_ordered_unordered_time_channel_spatial_and_priority(tmp_path):
+    workdir = str(tmp_path / "exp")
+    names = ("ordered_vs_unordered", "time", "channel_vs_spatial", "priority_code")
+    results = experiments.run(_config(names), workdir)
+    out = os.path.join(workdir, "experiments")
+    for name in ("experiments.md", "experiments.json", "fd_vs_codes.png", "mse_vs_codes.png",
+                 "time_vs_codes.png", "channel_vs_spatial.png", "priority_code.png",
+                 "ordered_vs_unordered_samples.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 100, name
+    assert sorted(os.listdir(os.path.join(workdir, "variants"))) == ["ordered", "spatial", "unordered"]
+    lengths = results["lengths"]
+    assert lengths == [1, 2, 4, 5, 6, 8]
+    ordered = results["variants"]["ordered"]
+    assert all(v >= 0 for v in ordered["fd"].values()) and ordered["fid"] == {}
+    # Ordering: the ordered model's reconstructions improve with k.
+    mse = [ordered["mse"][k] for k in lengths]
+    assert mse[0] > mse[-1]
+    assert results["classifier_accuracy"] > 0.8
+    seconds = results["sampling_seconds"]
+    assert seconds[8] > 0 and seconds[1] > 0
+    saved = json.load(open(os.path.join(out, "experiments.json")))
+    assert saved["code_length"] == 8 and "FID not computed" in saved["fid_note"]
+    # A rerun reuses every variant.
+    experiments.run(_config(("priority_code",)), workdir)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        experiments.run(_config(("nonsense",)), workdir)
+
+
+@pytest.mark.slow
+def test_ablations_cover_every_truncation_and_two_sizes(tmp_path):
+    results = experiments.run(_config(("ablations",), ablation_max_train=600, ablation_epochs=2),
+                              str(tmp_path / "exp"))
+    names = sorted(results["variants"])
+    assert names == ["ablate-all", "ablate-geometric", "ablate-narrow", "ablate-uniform",
+                     "ablate-uniform_per_example", "ablate-wide"]
+    for png in ("ablation_truncation_fd.png", "ablation_size_mse.png"):
+        assert os.path.exists(os.path.join(str(tmp_path / "exp"), "experiments", png))

@@ -1,0 +1,58 @@
+"""Frechet distance against closed forms; the domain classifier on real digits."""
+
+import numpy as np
+import pytest
+
+from ordered_vqvae import data, metrics
+
+
+def test_identical_sets_have_zero_distance():
+    x = np.random.default_rng(0).normal(size=(500, 6))
+    assert metrics.frechet_distance_of(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gaussians_match_the_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    # Commuting (diagonal) covariances: Tr term is sum (sqrt(a) - sqrt(b))^2.
+    s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 1.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(np.diag(s1)) - np.sqrt(np.diag(s2))) ** 2)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    # A general pair against an independent formula: Tr(S1 + S2 - 2 (S2^1/2 S1 S2^1/2)^1/2).
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(3, 3)), rng.normal(size=(3, 3))
+    s1, s2 = a @ a.T + np.eye(3), b @ b.T + np.eye(3)
+    w, v = np.linalg.eigh(s2)
+    root2 = v @ np.diag(np.sqrt(w)) @ v.T
+    w, v = np.linalg.eigh(root2 @ s1 @ root2)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.sum(np.sqrt(w))
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    # Large samples from the two Gaussians approach the closed form.
+    x = rng.multivariate_normal(mu1, s1, 200_000)
+    y = rng.multivariate_normal(mu2, s2, 200_000)
+    assert metrics.frechet_distance_of(x, y) == pytest.approx(expected, rel=0.03)
+
+
+def test_bad_statistics_are_rejected():
+    with pytest.raises(ValueError, match=r"shape \(1, 3\), expected \[N >= 2, D\]"):
+        metrics.statistics(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="mismatched statistics"):
+        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        metrics.InceptionFeatures("/nonexistent/inception.h5")
+
+
+def test_domain_classifier_separates_real_digits_from_noise(tmp_path):
+    train, ytr, _ = data.to_numpy(data.load("digits", "train")[0])
+    test, yte, _ = data.to_numpy(data.load("digits", "test")[0])
+    clf = metrics.DomainClassifier((8, 8, 1), 10)
+    accuracy = clf.fit(train, ytr, test, yte, epochs=15)
+    assert accuracy > 0.9
+    real = clf.features(test)
+    same = metrics.frechet_distance_of(real[:170], real[170:340])
+    noise = metrics.frechet_distance_of(real, clf.features(
+        np.random.default_rng(0).uniform(size=test.shape).astype(np.float32)))
+    assert noise > 10 * same
+    clf.save(str(tmp_path / "clf"))
+    again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (8, 8, 1), 10)
+    np.testing.assert_allclose(again.features(test[:5]), real[:5], atol=1e-5)
+    assert again.accuracy == accuracy
