@@ -55,6 +55,7 @@ class PriorConfig:
     weight_decay: float = 0.01
     batch_size: int = 128
     epochs: int = 10
+    max_train_sequences: int = 0   # Train on this many code sequences (0: all).
     seed: int = 0
 
     def __post_init__(self):

@@ -100,12 +100,12 @@ def shard_paths(directory: str, split: str, metadata: Optional[dict] = None) -> 
 def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
                  code_length: Optional[int] = None, codebook_size: Optional[int] = None,
                  shuffle: bool = False, seed: int = 0, with_labels: bool = False,
-                 drop_remainder: bool = False) -> tf.data.Dataset:
+                 drop_remainder: bool = False, limit: int = 0) -> tf.data.Dataset:
     """Reads code records as int32 [B, K] batches (or [K] without batch_size).
 
     `code_length` / `codebook_size`, when given, must match the metadata: a prior trained for
     one autoencoder cannot silently read another's codes. With `with_labels` the elements
-    are (codes, labels).
+    are (codes, labels); `limit` > 0 keeps the first `limit` records (a fixed subset).
     """
     metadata = read_metadata(directory)
     for name, expected in (("code_length", code_length), ("codebook_size", codebook_size)):
@@ -116,6 +116,8 @@ def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
     ds = tf.data.TFRecordDataset(shard_paths(directory, split, metadata))
     if split in metadata.get("counts", {}):  # Known sizes let Keras plan its epochs.
         ds = ds.apply(tf.data.experimental.assert_cardinality(metadata["counts"][split]))
+    if limit:
+        ds = ds.take(limit)
     if shuffle:
         ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
     if batch_size:

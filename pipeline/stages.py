@@ -168,9 +168,10 @@ def _run_prior(config: PipelineConfig, workdir: str, work: str, verbose: int) ->
     cfg = config.prior
     train = schema.code_dataset(codes_dir, "train", batch_size=cfg.batch_size, shuffle=True,
                                 seed=cfg.seed, drop_remainder=True, code_length=K,
-                                codebook_size=size)
+                                codebook_size=size, limit=cfg.max_train_sequences)
     val = schema.code_dataset(codes_dir, "test", batch_size=256, code_length=K, codebook_size=size)
-    print(f"[prior] {meta['counts']['train']} training sequences of K={K} codes, vocabulary "
+    used = min(cfg.max_train_sequences or meta["counts"]["train"], meta["counts"]["train"])
+    print(f"[prior] {used} training sequences of K={K} codes, vocabulary "
           f"{size}", flush=True)
     prior = training.train_prior(cfg, K, size, train, val, work, resume=True, verbose=verbose)
     bits = prior.bits_per_code(val)
