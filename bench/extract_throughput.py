@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from ordered_vqvae import configs, data, models
 from pipeline import extract, schema
+from pipeline.config import DataConfig
 
 
 def in_process(autoencoder_dir, mnist, out_dir, limit, batch_size=256):
@@ -52,7 +53,7 @@ def main():
     if args.workers > 1:
         beam_args = [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
     start = time.perf_counter()
-    meta = extract.run(ae, os.path.join(tmp, "beam"), extract.SourceSpec("mnist", path=args.mnist,
+    meta = extract.run(ae, os.path.join(tmp, "beam"), DataConfig("mnist", path=args.mnist,
                                                                          max_test=args.limit),
                        splits=["test"], beam_args=beam_args)
     beam_rate = args.limit / (time.perf_counter() - start)

@@ -17,11 +17,10 @@ Out-of-range arguments fail inside the signature with a message naming the value
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import tensorflow as tf
 
+from ordered_vqvae.atomic import atomic_directory
 from ordered_vqvae.sampler import AnytimeSampler
 
 SIGNATURES = ("encode", "decode", "sample")
@@ -108,18 +107,9 @@ class AnytimeModel(tf.Module):
 def export(autoencoder, prior, path: str) -> str:
     """Writes the SavedModel to `path` atomically (temp dir beside it, then rename)."""
     module = AnytimeModel(autoencoder, prior)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-saved-model-", dir=parent)
-    try:
-        signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
+    signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
+    with atomic_directory(path) as tmp:
         tf.saved_model.save(module, tmp, signatures=signatures)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -357,22 +357,13 @@ def save_model_dir(model: keras.Model, config: dict, directory: str, config_name
                    weights_name: str) -> str:
     """Writes a config JSON and the weights into `directory` atomically (temp dir, rename)."""
     import json
-    import shutil
-    import tempfile
 
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    from ordered_vqvae.atomic import atomic_directory
+
+    with atomic_directory(directory) as tmp:
         with open(os.path.join(tmp, config_name), "w") as f:
             json.dump(config, f, indent=1)
         model.save_weights(os.path.join(tmp, weights_name))
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

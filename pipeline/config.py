@@ -26,6 +26,9 @@ class DataConfig:
     max_train: Optional[int] = None
     max_test: Optional[int] = None
 
+    def limit(self, split: str) -> Optional[int]:
+        return self.max_train if split == "train" else self.max_test
+
     def arrays(self, split: str, seed: int = 0):
         """(images float32 [N,H,W,C], labels, ids) of a split, shuffled with `seed` for train."""
         from ordered_vqvae import data
@@ -33,7 +36,7 @@ class DataConfig:
         ds, _ = data.load(self.source, split, path=self.path, data_dir=self.data_dir,
                           image_size=self.image_size, shuffle=split == "train", seed=seed,
                           download=self.download)
-        return data.to_numpy(ds, limit=self.max_train if split == "train" else self.max_test)
+        return data.to_numpy(ds, limit=self.limit(split))
 
 
 @dataclasses.dataclass(frozen=True)

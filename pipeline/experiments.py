@@ -17,15 +17,13 @@ variants are reused by later runs (their manifests match). Results go to
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ordered_vqvae import figures, metrics, models
+from ordered_vqvae.atomic import atomic_directory
 from ordered_vqvae.prior import load_prior
 from ordered_vqvae.sampler import AnytimeSampler
 from pipeline import evaluate, stages
@@ -154,8 +152,6 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
     results = {"dataset": cfg.base.data.source, "code_length": K, "lengths": lengths,
                "classifier_accuracy": clf.accuracy, "fid_note": fid_note,
                "eval_samples": cfg.eval_samples, "test_images": int(len(test_x)), "variants": {}}
-    parent = os.path.abspath(workdir)
-    tmp = tempfile.mkdtemp(prefix=".tmp-experiments-", dir=parent)
     samplers = {name: _sampler(os.path.join(workdir, "variants", name)) for name in variants}
     samples = {}
     for name in variants:
@@ -165,7 +161,8 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
                                       inception, real_inception, test_x)
         results["variants"][name] = row
     figs = []
-    try:
+    out = os.path.join(workdir, "experiments")
+    with atomic_directory(out) as tmp:
         if "ordered_vs_unordered" in cfg.names:
             pair = {n: results["variants"][n] for n in ("ordered", "unordered")}
             figs.append(figures.save_curves({n: r["fd"] for n, r in pair.items()},
@@ -232,13 +229,6 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
         stages.write_json(os.path.join(tmp, "experiments.json"), results)
         with open(os.path.join(tmp, "experiments.md"), "w") as f:
             f.write(_markdown(cfg, results, variants))
-        out = os.path.join(workdir, "experiments")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"[experiments] {os.path.join(out, 'experiments.md')}", flush=True)
     return results
 

@@ -32,6 +32,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import schema
+from pipeline.config import DataConfig
 
 NAMESPACE = "ovqvae.extract"
 DEAD_LETTER = "dead_letter"
@@ -39,21 +40,6 @@ DEAD_LETTER = "dead_letter"
 
 class ExtractError(RuntimeError):
     """The extraction cannot run or did not account for every record."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    """What to read (arguments of `ordered_vqvae.data.load`)."""
-
-    source: str = "digits"
-    path: Optional[str] = None
-    data_dir: Optional[str] = None
-    image_size: Optional[int] = None
-    max_train: Optional[int] = None
-    max_test: Optional[int] = None
-
-    def limit(self, split: str) -> Optional[int]:
-        return self.max_train if split == "train" else self.max_test
 
 
 def encoder_fingerprint(autoencoder_dir: str) -> str:
@@ -105,7 +91,7 @@ class _ReadShard(beam.DoFn):
     """Reads the `index`-th of `num_read_shards` slices of a source split, in batches
     (lists of records) so that the steps after it work on arrays."""
 
-    def __init__(self, spec: SourceSpec, split: str, num_read_shards: int, batch_size: int):
+    def __init__(self, spec: DataConfig, split: str, num_read_shards: int, batch_size: int):
         self.spec, self.split, self.num_read_shards = spec, split, num_read_shards
         self.batch_size = batch_size
         self.read = Metrics.counter(NAMESPACE, "records_read")
@@ -228,7 +214,7 @@ class _WriteShard(beam.DoFn):
 
 
 @beam.ptransform_fn
-def ReadAndEncode(begin, spec: SourceSpec, split: str, image_shape: Sequence[int],
+def ReadAndEncode(begin, spec: DataConfig, split: str, image_shape: Sequence[int],
                   autoencoder_dir: str, num_shards: int, num_read_shards: int = 4,
                   batch_size: int = 256):
     """PBegin -> (PCollection of (shard, [(id, serialized Example)]), dead letters).
@@ -248,7 +234,7 @@ def _dead_letter_line(record: dict) -> str:
     return json.dumps(record, sort_keys=True)
 
 
-def _source_info(spec: SourceSpec, split: str):
+def _source_info(spec: DataConfig, split: str):
     from ordered_vqvae import data
 
     _, info = data.load(spec.source, split, path=spec.path, data_dir=spec.data_dir,
@@ -275,7 +261,7 @@ def _counter(result, name: str) -> int:
     return int(sum(c.committed or c.attempted or 0 for c in found["counters"]))
 
 
-def run(autoencoder_dir: str, output_dir: str, spec: SourceSpec,
+def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
         splits: Iterable[str] = ("train", "test"), num_shards: int = 4,
         num_read_shards: int = 4, beam_args: Optional[List[str]] = None,
         overwrite: bool = False) -> dict:

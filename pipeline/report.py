@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-
-import numpy as np
 
 from ordered_vqvae import figures, models
+from ordered_vqvae.atomic import atomic_directory
 from ordered_vqvae.prior import load_prior
 from ordered_vqvae.sampler import AnytimeSampler
 from pipeline import evaluate
@@ -31,9 +28,7 @@ def build(config: PipelineConfig, workdir: str, out_dir: str) -> str:
     codes_eval = read_manifest(workdir, "extract")["result"]
     test_x, _, _ = config.data.arrays("test")
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=".tmp-report-", dir=parent)
-    try:
+    with atomic_directory(out_dir) as tmp:
         quarter = models.fraction_lengths(K)
         # Reconstructions of test images from the first k codes.
         shown = test_x[:n]
@@ -65,12 +60,6 @@ def build(config: PipelineConfig, workdir: str, out_dir: str) -> str:
         write_json(os.path.join(tmp, "metrics.json"), metrics)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(_markdown(config, metrics))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -147,10 +147,7 @@ def _run_autoencoder(config: PipelineConfig, workdir: str, work: str, verbose: i
 def _run_extract(config: PipelineConfig, workdir: str, work: str, verbose: int) -> dict:
     from pipeline import extract
 
-    d = config.data
-    spec = extract.SourceSpec(source=d.source, path=d.path, data_dir=d.data_dir,
-                              image_size=d.image_size, max_train=d.max_train, max_test=d.max_test)
-    meta = extract.run(_artifact(workdir, "autoencoder"), _artifact(workdir, "extract"), spec,
+    meta = extract.run(_artifact(workdir, "autoencoder"), _artifact(workdir, "extract"), config.data,
                        num_shards=config.num_shards, beam_args=list(config.beam_args),
                        overwrite=True)
     print(f"[extract] {meta['counts']} records, {meta['dead_letters']} dead letters", flush=True)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ordered_vqvae import configs, data, models
 from pipeline import extract, schema
+from pipeline.config import DataConfig
 
 CONFIG = configs.preset("digits", hidden=(16,), latent_channels=8, num_embeddings=32)
 
@@ -48,7 +49,7 @@ def _read_records(code_dir, split, K):
 
 
 def test_every_id_once_across_records_and_dead_letters(autoencoder_dir, folder):
-    spec = extract.SourceSpec("image_folder", path=folder)
+    spec = DataConfig("image_folder", path=folder)
     all_ids = [f"test/{c}/{i}.png" for c in "abc" for i in range(8)]
     all_ids += ["test/b/corrupt.png", "test/c/big.png"]
     with TestPipeline() as p:
@@ -71,7 +72,7 @@ def test_every_id_once_across_records_and_dead_letters(autoencoder_dir, folder):
 
 def test_run_writes_codes_equal_to_in_process_encode(autoencoder_dir, folder, tmp_path):
     out = str(tmp_path / "codes")
-    meta = extract.run(autoencoder_dir, out, extract.SourceSpec("image_folder", path=folder),
+    meta = extract.run(autoencoder_dir, out, DataConfig("image_folder", path=folder),
                        splits=["test"], num_shards=3)
     assert meta["counts"] == {"test": 24} and meta["dead_letters"] == {"test": 2}
     assert meta["beam_counters"] == {"records_read": 26, "records_encoded": 24,
@@ -108,7 +109,7 @@ def _good_images(folder):
 
 
 def test_two_runs_are_byte_identical_and_reader_round_trips(autoencoder_dir, tmp_path):
-    spec = extract.SourceSpec("digits")
+    spec = DataConfig("digits")
     a = extract.run(autoencoder_dir, str(tmp_path / "a"), spec, num_shards=2)
     extract.run(autoencoder_dir, str(tmp_path / "b"), spec, num_shards=2, num_read_shards=3)
     names = sorted(n for n in os.listdir(tmp_path / "a") if n.endswith(".tfrecord"))
@@ -127,7 +128,7 @@ def test_two_runs_are_byte_identical_and_reader_round_trips(autoencoder_dir, tmp
 
 
 def test_refuses_existing_output_missing_encoder_and_mismatches(autoencoder_dir, tmp_path):
-    spec = extract.SourceSpec("digits", max_test=40)
+    spec = DataConfig("digits", max_test=40)
     out = str(tmp_path / "codes")
     extract.run(autoencoder_dir, out, spec, splits=["test"], num_shards=1)
     before = sorted(os.listdir(out))
@@ -150,16 +151,16 @@ def test_refuses_existing_output_missing_encoder_and_mismatches(autoencoder_dir,
 def test_wrong_image_shape_for_the_encoder_and_failed_runs_leave_nothing(autoencoder_dir, tmp_path,
                                                                          mnist_dir):
     with pytest.raises(extract.ExtractError, match=r"\(28, 28, 1\), but the encoder expects \(8, 8, 1\)"):
-        extract.run(autoencoder_dir, str(tmp_path / "c"), extract.SourceSpec("mnist", path=mnist_dir))
+        extract.run(autoencoder_dir, str(tmp_path / "c"), DataConfig("mnist", path=mnist_dir))
     with pytest.raises(data.DataError, match="does not exist"):
         extract.run(autoencoder_dir, str(tmp_path / "c"),
-                    extract.SourceSpec("mnist", path=str(tmp_path / "none")))
+                    DataConfig("mnist", path=str(tmp_path / "none")))
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow
 def test_multiprocessing_direct_runner_gives_the_same_records(autoencoder_dir, tmp_path):
-    spec = extract.SourceSpec("digits")
+    spec = DataConfig("digits")
     extract.run(autoencoder_dir, str(tmp_path / "one"), spec, num_shards=2)
     extract.run(autoencoder_dir, str(tmp_path / "two"), spec, num_shards=2,
                 beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
