@@ -1,10 +1,11 @@
-"""Training the ordered VQ-VAE: input pipeline, checkpoints with resume, NaN guard, logging.
+"""Training the ordered VQ-VAE and the code prior: checkpoints with resume, NaN guard, logs.
 
-One function, `train_autoencoder`, runs the single-stage ordered recipe or the reference
-two-stage recipe (pretrain with full codes, then ordered fine-tuning at a lower learning
-rate) with Keras `fit`: a progress bar, TensorBoard scalars (including reconstruction MSE
-at 25/50/75/100% of K and codebook perplexity) and a checkpoint with the optimizer state
-after every epoch, from which `resume=True` continues.
+`train_autoencoder` runs the single-stage ordered recipe or the reference two-stage recipe
+(pretrain with full codes, then ordered fine-tuning at a lower learning rate);
+`train_prior` fits a CodePrior on code batches. Both go through `fit_stages`: Keras `fit`
+with a progress bar, TensorBoard scalars (reconstruction MSE at 25/50/75/100% of K,
+codebook perplexity, bits per code) and a checkpoint with the optimizer state after every
+epoch, from which `resume=True` continues.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class Stage:
     description: str = ""
 
 
-def check_fresh_or_resume(workdir: str, resume: bool) -> None:
+def _check_fresh_or_resume(workdir: str, resume: bool) -> None:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not resume and tf.io.gfile.exists(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass resume=True "
@@ -133,7 +134,7 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], train_ds, workdir: s
     A NaN or Inf loss (models raise NONFINITE_LOSS) becomes TrainingDiverged naming the
     step; the last good checkpoint stays. Returns the history, also in workdir/history.json.
     """
-    check_fresh_or_resume(workdir, resume)
+    _check_fresh_or_resume(workdir, resume)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     history = []
@@ -226,7 +227,6 @@ def train_autoencoder(config: AutoencoderConfig, train_images: np.ndarray,
     if len(train_images) < config.batch_size:
         raise ValueError(f"{len(train_images)} training images, expected at least "
                          f"batch_size={config.batch_size}")
-    check_fresh_or_resume(workdir, resume)
     keras.utils.set_random_seed(config.seed)
     model = OrderedVQVAE(config)
     model(tf.zeros((1,) + tuple(config.image_shape)))
@@ -249,7 +249,6 @@ def train_prior(config, code_length: int, codebook_size: int, train_codes: tf.da
     """
     from ordered_vqvae.prior import CodePrior, InverseSqrtSchedule
 
-    check_fresh_or_resume(workdir, resume)
     keras.utils.set_random_seed(config.seed)
     model = CodePrior.from_config_for(config, code_length, codebook_size)
 
