@@ -56,3 +56,15 @@ def test_domain_classifier_separates_real_digits_from_noise(tmp_path):
     again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (8, 8, 1), 10)
     np.testing.assert_allclose(again.features(test[:5]), real[:5], atol=1e-5)
     assert again.accuracy == accuracy
+
+
+def test_inception_features_load_from_a_local_weights_file(tmp_path):
+    """The FID path with a local file (random weights here: nothing may be downloaded)."""
+    import keras
+
+    path = str(tmp_path / "inception_notop.weights.h5")
+    keras.applications.InceptionV3(include_top=False, weights=None, pooling="avg",
+                                   input_shape=(299, 299, 3)).save_weights(path)
+    features = metrics.InceptionFeatures(path).features(
+        np.random.default_rng(0).uniform(size=(3, 8, 8, 1)).astype(np.float32))
+    assert features.shape == (3, 2048) and np.isfinite(features).all()
