@@ -276,14 +276,12 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
     """
     import tensorflow as tf
 
-    from ordered_vqvae import models
-
     if tf.io.gfile.exists(output_dir):
         if not overwrite:
             what = ("another run's code shards" if tf.io.gfile.exists(
                 os.path.join(output_dir, schema.METADATA)) else "files")
             raise ExtractError(f"output directory {output_dir!r} already exists and holds {what}; "
-                               "choose a new directory or pass overwrite=True (--overwrite)")
+                               "choose a new directory or pass overwrite=True")
     if num_shards < 1 or num_read_shards < 1:
         raise ExtractError(f"num_shards={num_shards}, num_read_shards={num_read_shards}, "
                            "expected >= 1")
