@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-
-test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow" --run-long tests
 
 clean:
 	rm -rf workdir .pytest_cache bazel-*

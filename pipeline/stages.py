@@ -9,7 +9,7 @@ inputs, their hash, the config, library versions and the fingerprint of what it 
 after the artifact is in place. A later run skips a stage whose manifest matches its
 current inputs and whose artifact is intact, and redoes it (and so everything after it)
 when anything it depends on changed. Training stages keep their checkpoints in
-`workdir/work/<stage>-<input hash>/` and resume from them after a crash or kill.
+`WORKDIR/scratch/<stage>-<input hash>/` and resume from them after a crash or kill.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def prepare_workdir(workdir: str) -> None:
 
 
 def _work_area(workdir: str, stage: str, input_hash: str) -> str:
-    return os.path.join(workdir, "work", f"{stage}-{input_hash[:12]}")
+    return os.path.join(workdir, "scratch", f"{stage}-{input_hash[:12]}")
 
 
 # ----------------------------------------------------------------------------- stages

@@ -14,22 +14,9 @@ MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
 CIFAR_TARBALL = os.path.join(SHARED_DATA, "cifar10", "cifar10-jpeg.tar.gz")
 
 
-def pytest_addoption(parser):
-    parser.addoption("--run-long", action="store_true", help="also run tests marked 'long'")
-
-
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: real training for a minute or more (runs by default, not in Bazel)")
-    config.addinivalue_line("markers", "long: experiment-sized; runs only with --run-long")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-long"):
-        return
-    skip = pytest.mark.skip(reason="long test: pass --run-long (make test-all) to run it")
-    for item in items:
-        if "long" in item.keywords:
-            item.add_marker(skip)
+    config.addinivalue_line("markers", "slow: real training for a minute or more (runs by default, "
+                            "not in Bazel)")
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def test_pipeline_writes_every_artifact(workdir):
     text = open(os.path.join(report, "report.md")).read()
     assert "![samples](samples.png)" in text and "| 8 | 100% |" in text
     assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
-    assert not os.listdir(os.path.join(workdir, "work"))  # Checkpoints dropped when done.
+    assert not os.listdir(os.path.join(workdir, "scratch"))  # Checkpoints dropped when done.
 
 
 def test_rerun_skips_finished_stages_and_redoes_changed_ones(workdir, capsys):

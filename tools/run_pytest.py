@@ -1,6 +1,6 @@
 """Entry point of the Bazel py_test targets: runs pytest on one test file.
 
-Bazel runs the fast subset: tests marked `slow` or `long` are left to `make test`.
+Bazel runs the fast subset: tests marked `slow` are left to `make test`.
 """
 
 import os
@@ -13,5 +13,5 @@ if __name__ == "__main__":
     repo = os.path.dirname(os.path.dirname(test_file))
     os.chdir(repo)
     sys.path.insert(0, repo)
-    sys.exit(pytest.main(["-q", "-m", "not slow and not long", "-p", "no:cacheprovider",
+    sys.exit(pytest.main(["-q", "-m", "not slow", "-p", "no:cacheprovider",
                           "-c", os.path.join(repo, "pytest.ini"), test_file]))
