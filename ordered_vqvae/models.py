@@ -325,6 +325,10 @@ class OrderedVQVAE(_Ordered):
                                  message=f"codes must be < codebook size {self.codebook_size}")
         num_codes = check_num_codes(self.code_length if num_codes is None else num_codes,
                                     self.code_length)
+        return self.decode_checked_codes(codes, num_codes)
+
+    def decode_checked_codes(self, codes, num_codes):
+        """`decode` without argument checks: codes int32 [N,K], num_codes int32 scalar."""
         cut, _ = self.truncation(self.quantizer.lookup(codes), num_codes=num_codes)
         return self._postprocess(self._decode_tokens(cut))
 

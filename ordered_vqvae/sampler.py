@@ -93,9 +93,7 @@ class AnytimeSampler:
         return tf.transpose(codes_t), finite
 
     def _decode_codes(self, codes, num_codes):
-        ae = self.autoencoder
-        cut, _ = ae.truncation(ae.quantizer.lookup(codes), num_codes=num_codes)
-        return ae._postprocess(ae._decode_tokens(cut))
+        return self.autoencoder.decode_checked_codes(codes, num_codes)
 
     # -- validation
 
@@ -169,20 +167,21 @@ class AnytimeSampler:
 
     # -- budgeted sampling
 
+    def seconds(self, num_samples: int, num_codes: int, repeats: int = 3) -> float:
+        """Best-of-`repeats` wall time of `sample` (codes and decoding) for one k."""
+        best = float("inf")
+        for r in range(repeats):
+            start = time.perf_counter()
+            self.sample(num_samples, num_codes, seed=r)[0].numpy()
+            best = min(best, time.perf_counter() - start)
+        return best
+
     def calibrate(self, num_samples: int, repeats: int = 3) -> tuple:
         """Measures seconds(k) = a + b*k for this batch size (k = 1 and K, best of
         `repeats`, after compiling) and keeps it. Returns (a, b)."""
-        def timed(k):
-            best = float("inf")
-            for r in range(repeats):
-                start = time.perf_counter()
-                images, _ = self.sample(num_samples, k, seed=r)
-                images.numpy()
-                best = min(best, time.perf_counter() - start)
-            return best
-
-        timed(1)  # Compile.
-        t1, tk = timed(1), timed(self.code_length)
+        self.seconds(num_samples, 1, repeats=1)  # Compile.
+        t1 = self.seconds(num_samples, 1, repeats)
+        tk = self.seconds(num_samples, self.code_length, repeats)
         slope = max(tk - t1, 0.0) / max(self.code_length - 1, 1)
         self._calibration[num_samples] = (t1 - slope, slope)
         return self._calibration[num_samples]

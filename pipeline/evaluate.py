@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Dict, Sequence
 
 import numpy as np
@@ -29,13 +28,5 @@ def reconstruction(model: models.OrderedVQVAE, test_x: np.ndarray) -> dict:
 def sampling_seconds(sampler, num_samples: int, lengths: Sequence[int],
                      repeats: int = 3) -> Dict[int, float]:
     """Best-of-`repeats` wall time of `sampler.sample` (codes and decoding) for each k."""
-    sampler.sample(num_samples, 1)[0].numpy()  # Compile once: one program serves every k.
-    times = {}
-    for k in lengths:
-        best = float("inf")
-        for r in range(repeats):
-            start = time.perf_counter()
-            sampler.sample(num_samples, k, seed=r)[0].numpy()
-            best = min(best, time.perf_counter() - start)
-        times[int(k)] = best
-    return times
+    sampler.seconds(num_samples, 1, repeats=1)  # Compile once: one program serves every k.
+    return {int(k): sampler.seconds(num_samples, k, repeats) for k in lengths}

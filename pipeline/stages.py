@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -173,8 +174,6 @@ def _run_prior(config: PipelineConfig, workdir: str, work: str, verbose: int) ->
     prior = training.train_prior(cfg, K, size, train, val, work, resume=True, verbose=verbose)
     bits = prior.bits_per_code(val)
     save_prior(prior, _artifact(workdir, "prior"))
-    import math
-
     print(f"[prior] validation {bits:.3f} bits per code (uniform: {math.log2(size):.3f})",
           flush=True)
     return {"val_bits_per_code": bits, "uniform_bits_per_code": math.log2(size)}
