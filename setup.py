@@ -25,6 +25,6 @@ setup(
         "scikit-learn",
         "pillow",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["ovqvae = pipeline.cli:run"]},
 )

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from ordered_vqvae.configs import AutoencoderConfig
 from ordered_vqvae.quantizer import VectorQuantizer
+from ordered_vqvae.replicas import loggable, replica_share
 from ordered_vqvae.truncation import NestedTruncation, check_num_codes
 
 MSE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -71,8 +72,10 @@ class _Ordered(keras.Model):
         axes = list(range(1, len(target.shape)))
         return tf.reduce_mean(tf.square(target - recon), axis=axes)
 
-    def _nested_loss(self, x, training):
-        """Returns (total loss, reconstruction loss, quantizer outputs or {})."""
+    def _nested_loss(self, x, training, lengths=None):
+        """Returns (total loss, reconstruction loss, quantizer outputs or {}).
+
+        `lengths` int32 [N]: the training code lengths (drawn here when not given)."""
         target = self._preprocess(x)
         batch = tf.shape(x)[0]
         trunc = self.truncation
@@ -91,8 +94,10 @@ class _Ordered(keras.Model):
                 total += tf.reduce_sum(self._per_example_error(rep_target, recon))
             recon_loss = total / tf.cast(batch * len(ks), tf.float32)
         else:
-            lengths = (trunc.sample_lengths(batch) if training
-                       else tf.fill([batch], self.code_length))
+            if not training:
+                lengths = tf.fill([batch], self.code_length)
+            elif lengths is None:
+                lengths = trunc.sample_lengths(batch)
             tokens, aux = self._tokens(target, trunc.keep_mask(lengths), training)
             cut, _ = trunc.apply(tokens, lengths)
             recon = self._decode_tokens(cut, training=training)
@@ -108,21 +113,34 @@ class _Ordered(keras.Model):
         for name, value in values.items():
             self.trackers[name].update_state(tf.where(n > 0, value, 0.0),
                                              sample_weight=tf.cast(n, tf.float32))
-        return {name: self.trackers[name].result() for name in values}
+        return loggable({name: self.trackers[name].result() for name in values})
 
     @property
     def metrics(self):
         return list(self.trackers.values())
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a tf.distribute strategy Keras (3.15) peeks at a batch to build the model
+        # symbolically, reducing the batch across replicas first; with
+        # MultiWorkerMirroredStrategy that reduction fails on {"image", "lengths"} batches.
+        # Training builds the model and its optimizer before `fit` and compiles no losses or
+        # metrics, so there is nothing left to build.
+        if self.built and self.optimizer is not None and self.optimizer.built:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def train_step(self, data):
-        x = data["image"] if isinstance(data, dict) else data
-        x = self._check_inputs(x)
+        """`data`: images, or {"image": images, "lengths": int32 [N]} with the code lengths
+        drawn by the training stream (`training.epoch_stream`)."""
+        lengths = data.get("lengths") if isinstance(data, dict) else None
+        x = self._check_inputs(data["image"] if isinstance(data, dict) else data)
         with tf.GradientTape() as tape:
-            loss, recon, aux = self._nested_loss(x, training=True)
+            loss, recon, aux = self._nested_loss(x, training=True, lengths=lengths)
             # Stops before the update; Keras' Mean metrics would silently skip a NaN.
             loss = tf.debugging.check_numerics(loss, NONFINITE_LOSS)
+            share = replica_share(loss)
         variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(share, variables)
         with tf.control_dependencies([loss]):  # No update from a non-finite step.
             self.optimizer.apply_gradients(zip(grads, variables))
         return self._update_metrics(x, loss, recon, aux)
@@ -213,7 +231,7 @@ def build_encoder(config: AutoencoderConfig) -> keras.Model:
     layers = [keras.Input(config.image_shape)]
     for width in config.hidden:
         layers += [keras.layers.Conv2D(width, 4, 2, "same", use_bias=False, kernel_initializer=init),
-                   keras.layers.BatchNormalization(), keras.layers.ReLU()]
+                   keras.layers.BatchNormalization(synchronized=True), keras.layers.ReLU()]
     layers.append(keras.layers.Conv2D(config.latent_channels, 3, 1, "same", kernel_initializer=init))
     return keras.Sequential(layers, name="encoder")
 
@@ -225,11 +243,11 @@ def build_decoder(config: AutoencoderConfig) -> keras.Model:
     layers = [keras.Input((h, w, config.latent_channels)),
               keras.layers.Conv2D(config.hidden[-1], 3, 1, "same", use_bias=False,
                                   kernel_initializer=init),
-              keras.layers.BatchNormalization(), keras.layers.ReLU()]
+              keras.layers.BatchNormalization(synchronized=True), keras.layers.ReLU()]
     for width in reversed(config.hidden[:-1]):
         layers += [keras.layers.Conv2DTranspose(width, 4, 2, "same", use_bias=False,
                                                 kernel_initializer=init),
-                   keras.layers.BatchNormalization(), keras.layers.ReLU()]
+                   keras.layers.BatchNormalization(synchronized=True), keras.layers.ReLU()]
     layers += [keras.layers.Conv2DTranspose(config.image_shape[-1], 4, 2, "same",
                                             kernel_initializer=init),
                keras.layers.Activation("tanh")]

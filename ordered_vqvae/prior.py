@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from ordered_vqvae.models import NONFINITE_LOSS
+from ordered_vqvae.replicas import loggable, replica_share
 
 try:  # TensorFlow's XLA op wrapper: in place under XLA, and it has a plain TF kernel too.
     from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice as _update_slice
@@ -243,7 +244,7 @@ class CodePrior(keras.Model):
         weight = tf.cast(n, tf.float32)
         self._trackers["loss"].update_state(loss, sample_weight=weight)
         self._trackers["bits_per_code"].update_state(loss / np.log(2.0), sample_weight=weight)
-        return {k: m.result() for k, m in self._trackers.items()}
+        return loggable({k: m.result() for k, m in self._trackers.items()})
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
@@ -257,8 +258,9 @@ class CodePrior(keras.Model):
         codes = data[0] if isinstance(data, tuple) else data
         with tf.GradientTape() as tape:
             loss = tf.debugging.check_numerics(self._nll(codes, True), NONFINITE_LOSS)
+            share = replica_share(loss)
         variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(share, variables)
         with tf.control_dependencies([loss]):
             self.optimizer.apply_gradients(zip(grads, variables))
         return self._track(loss, codes)

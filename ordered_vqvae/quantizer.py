@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from ordered_vqvae.replicas import num_replicas, sum_over_replicas
+
 
 @tf.custom_gradient
 def straight_through(inputs, quantized):
@@ -108,17 +110,23 @@ class VectorQuantizer(keras.layers.Layer):
         flat = tf.reshape(inputs, [-1, self.embedding_dim])
         weights = (tf.ones(tf.shape(flat)[:1]) if loss_mask is None
                    else tf.reshape(tf.cast(loss_mask, tf.float32), [-1]))
-        total = tf.maximum(tf.reduce_sum(weights), 1.0)
+        # Losses are means over the counted vectors of the global batch: under
+        # tf.distribute, replica r contributes sum_r / (total / replicas), and the replicas'
+        # mean is the single-device value (see ordered_vqvae.replicas).
+        total = tf.maximum(sum_over_replicas(tf.reduce_sum(weights)) / num_replicas(), 1.0)
 
         indices = tf.argmin(self.distances(flat), axis=1, output_type=tf.int32)
         onehot = tf.one_hot(indices, self.num_embeddings) * weights[:, None]
-        counts = tf.reduce_sum(onehot, axis=0)
+        counts = sum_over_replicas(tf.reduce_sum(onehot, axis=0))
         quantized_flat = self.lookup(indices)  # Read before any codebook update below.
         restarted = tf.constant(0.0)
         if training:
             if self.use_ema:
                 self._ema_update(flat, onehot, counts)
             if self.dead_code_steps > 0:
+                if num_replicas() > 1:
+                    raise ValueError(f"dead_code_steps={self.dead_code_steps} re-seeds codewords "
+                                     "from one replica's batch; use 0 under tf.distribute")
                 restarted = self._restart_dead_codes(flat, weights, counts)
 
         per_vector = tf.reduce_mean(tf.square(flat - tf.stop_gradient(quantized_flat)), axis=1)
@@ -129,7 +137,7 @@ class VectorQuantizer(keras.layers.Layer):
             cb = tf.reduce_mean(tf.square(tf.stop_gradient(flat) - quantized_flat), axis=1)
             codebook_loss = tf.reduce_sum(cb * weights) / total
 
-        probs = counts / total
+        probs = counts / tf.maximum(tf.reduce_sum(counts), 1.0)
         perplexity = tf.exp(-tf.reduce_sum(probs * tf.math.log(probs + 1e-10)))
         usage = tf.reduce_mean(tf.cast(counts > 0, tf.float32))
         quantized = straight_through(flat, quantized_flat)
@@ -148,7 +156,8 @@ class VectorQuantizer(keras.layers.Layer):
     def _ema_update(self, flat, onehot, counts):
         d = self.ema_decay
         self.ema_cluster_size.assign(d * self.ema_cluster_size + (1 - d) * counts)
-        self.ema_sum.assign(d * self.ema_sum + (1 - d) * tf.matmul(onehot, flat, transpose_a=True))
+        sums = sum_over_replicas(tf.matmul(onehot, flat, transpose_a=True))
+        self.ema_sum.assign(d * self.ema_sum + (1 - d) * sums)
         n = tf.reduce_sum(self.ema_cluster_size)
         smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
         self.codebook.assign(self.ema_sum / smoothed[:, None])

@@ -90,13 +90,19 @@ class NestedTruncation(keras.layers.Layer):
         """The k's averaged over by the `all` objective."""
         return list(range(self.min_codes, self.code_length + 1))
 
-    def sample_lengths(self, batch_size):
-        """Draws int32 [batch_size] code lengths for one training batch."""
+    def sample_lengths(self, batch_size, seed=None):
+        """Draws int32 [batch_size] code lengths for one training batch.
+
+        `seed`: an int32 [2] stateless seed; without it the layer's own generator advances.
+        The training stream passes one derived from the global step, so that a resumed or
+        distributed run draws the same lengths as an uninterrupted single-device one.
+        """
         if self.distribution in ("none", "all"):
             return tf.fill([batch_size], self.code_length)
         dist = tfp.distributions.Categorical(
             logits=tf.math.log(tf.constant(self.length_probabilities(), tf.float32)))
-        seed = keras.random.randint((2,), 0, 2**30, seed=self._seed_generator, dtype="int32")
+        if seed is None:
+            seed = keras.random.randint((2,), 0, 2**30, seed=self._seed_generator, dtype="int32")
         if self.distribution == "uniform":
             one = dist.sample(seed=seed)
             lengths = tf.fill([batch_size], one)

@@ -48,6 +48,8 @@ class PipelineConfig:
     report_samples: int = 16       # Samples per row of the report's grids.
     seed: int = 0
     beam_args: tuple = ()          # Beam options for the extract stage (not a cache input).
+    checkpoint_every: int = 500    # Training checkpoints every this many batches and at
+                                   # every epoch end (0: epoch ends only; not a cache input).
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

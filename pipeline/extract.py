@@ -294,7 +294,12 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
         options.view_as(StandardOptions).runner = "DirectRunner"
     parent = os.path.dirname(output_dir.rstrip("/")) or "."
     tf.io.gfile.makedirs(parent)
-    staging = os.path.join(parent, f".{os.path.basename(output_dir.rstrip('/'))}.tmp-{uuid.uuid4().hex[:8]}")
+    prefix = os.path.join(parent, f".{os.path.basename(output_dir.rstrip('/'))}.tmp-")
+    # A killed run leaves its staging directory; its partial shards are never published.
+    for stale in tf.io.gfile.glob(prefix + "*"):
+        print(f"[extract] removing {stale}, left by an interrupted run", flush=True)
+        tf.io.gfile.rmtree(stale)
+    staging = prefix + uuid.uuid4().hex[:8]
     tf.io.gfile.makedirs(staging)
     counts, dead_counts = {}, {}
     try:

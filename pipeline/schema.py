@@ -18,6 +18,7 @@ import json
 import os
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
 ID, LABEL, CODES, SPLIT = "id", "label", "codes", "split"
@@ -135,3 +136,12 @@ def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
         return (codes, parsed[LABEL]) if with_labels else codes
 
     return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def read_codes(directory: str, split: str, limit: int = 0, **checks) -> np.ndarray:
+    """The codes of a split as int32 [N, K] in memory (`checks`: code_length, codebook_size)."""
+    ds = code_dataset(directory, split, batch_size=4096, limit=limit, **checks)
+    parts = list(ds.as_numpy_iterator())
+    if not parts:
+        raise SchemaError(f"code directory {directory!r} holds no {split!r} records")
+    return np.concatenate(parts)

@@ -137,8 +137,8 @@ def _run_autoencoder(config: PipelineConfig, workdir: str, work: str, verbose: i
     print(f"[autoencoder] {len(train_x)} train / {len(test_x)} test images of shape "
           f"{train_x.shape[1:]}; K={ae_config.code_length} codes, {ae_config.num_embeddings} "
           "codewords", flush=True)
-    model = training.train_autoencoder(ae_config, train_x, test_x[:2000], work,
-                                       resume=True, verbose=verbose)
+    model = training.train_autoencoder(ae_config, train_x, test_x[:2000], work, resume=True,
+                                       verbose=verbose, checkpoint_every=config.checkpoint_every)
     models.save_autoencoder(model, _artifact(workdir, "autoencoder"))
     result = evaluate.reconstruction(model, test_x)
     write_json(os.path.join(workdir, "autoencoder_eval.json"), result)
@@ -164,14 +164,13 @@ def _run_prior(config: PipelineConfig, workdir: str, work: str, verbose: int) ->
     meta = schema.read_metadata(codes_dir)
     K, size = meta["code_length"], meta["codebook_size"]
     cfg = config.prior
-    train = schema.code_dataset(codes_dir, "train", batch_size=cfg.batch_size, shuffle=True,
-                                seed=cfg.seed, drop_remainder=True, code_length=K,
-                                codebook_size=size, limit=cfg.max_train_sequences)
+    train = schema.read_codes(codes_dir, "train", limit=cfg.max_train_sequences, code_length=K,
+                              codebook_size=size)
     val = schema.code_dataset(codes_dir, "test", batch_size=256, code_length=K, codebook_size=size)
-    used = min(cfg.max_train_sequences or meta["counts"]["train"], meta["counts"]["train"])
-    print(f"[prior] {used} training sequences of K={K} codes, vocabulary "
+    print(f"[prior] {len(train)} training sequences of K={K} codes, vocabulary "
           f"{size}", flush=True)
-    prior = training.train_prior(cfg, K, size, train, val, work, resume=True, verbose=verbose)
+    prior = training.train_prior(cfg, K, size, train, val, work, resume=True, verbose=verbose,
+                                 checkpoint_every=config.checkpoint_every)
     bits = prior.bits_per_code(val)
     save_prior(prior, _artifact(workdir, "prior"))
     print(f"[prior] validation {bits:.3f} bits per code (uniform: {math.log2(size):.3f})",

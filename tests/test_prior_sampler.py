@@ -162,14 +162,12 @@ def test_prior_learns_real_mnist_codes_below_uniform(tmp_path, mnist_dir):
     ae = training.train_autoencoder(configs.preset("mnist", epochs=1), train, None,
                                     str(tmp_path / "ae"), verbose=0)
 
-    def codes(x):
-        return tf.data.Dataset.from_tensor_slices(ae.encode(x).numpy()).batch(128)
-
+    test_codes = tf.data.Dataset.from_tensor_slices(ae.encode(test).numpy()).batch(128)
     config = prior_preset("mnist", num_layers=2, width=128, ffn_width=256, epochs=2,
                           warmup_steps=50)
-    prior = training.train_prior(config, 64, 256, codes(train), codes(test), str(tmp_path / "p"),
-                                 verbose=0)
-    bits = prior.bits_per_code(codes(test))
+    prior = training.train_prior(config, 64, 256, ae.encode(train).numpy(), test_codes,
+                                 str(tmp_path / "p"), verbose=0)
+    bits = prior.bits_per_code(test_codes)
     print(f"validation bits per code {bits:.3f} vs uniform {np.log2(256):.1f}")
     assert bits < 0.8 * np.log2(256)
 

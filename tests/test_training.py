@@ -30,20 +30,20 @@ def test_checkpoints_resume_and_logs(tmp_path, digits):
     model = training.train_autoencoder(SMALL.replace(epochs=1), train, test[:100], workdir,
                                        verbose=0)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-1")
+    steps_per_epoch = len(train) // SMALL.batch_size  # Checkpoints are numbered by batches.
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith(f"ckpt-{steps_per_epoch}")
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         training.train_autoencoder(SMALL, train, None, workdir, verbose=0)
 
     resumed = training.train_autoencoder(SMALL.replace(epochs=3), train, test[:100], workdir,
                                          resume=True, verbose=0)
-    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-3")
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith(f"ckpt-{3 * steps_per_epoch}")
     history = json.load(open(os.path.join(workdir, "history.json")))
     assert [h["epoch"] for h in history] == [1, 2, 3]
     for h in history:
         assert {"loss", "recon", "perplexity", "usage", "val_mse_25pct", "val_mse_100pct"} <= set(h)
         assert 1.0 <= h["perplexity"] <= 32 and 0 < h["usage"] <= 1
     # The optimizer state was restored: its step counter went on from epoch 1 (else 2 epochs).
-    steps_per_epoch = len(train) // SMALL.batch_size
     assert int(resumed.optimizer.iterations) == 3 * steps_per_epoch
     events = [f for _, _, files in os.walk(os.path.join(workdir, "tensorboard")) for f in files]
     assert any(f.startswith("events.out.tfevents") for f in events)
@@ -74,17 +74,17 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, digit
     ckpt_dir = os.path.join(workdir, "checkpoints")
     original = models.OrderedVQVAE._nested_loss
 
-    def poisoned(self, x, training):  # The loss turns NaN from optimizer step 30 on.
-        loss, recon, aux = original(self, x, training)
+    def poisoned(self, x, training, lengths=None):  # The loss turns NaN from step 30 on.
+        loss, recon, aux = original(self, x, training, lengths)
         poison = tf.where(self.optimizer.iterations >= 30, np.nan, 0.0)
         return loss + poison, recon, aux
 
     monkeypatch.setattr(models.OrderedVQVAE, "_nested_loss", poisoned)
     with pytest.raises(training.TrainingDiverged,
-                       match=r"loss became NaN or Inf at step 31 \(epoch 2, batch 9\).*ckpt-1"):
+                       match=r"loss became NaN or Inf at step 31 \(epoch 2, batch 9\).*ckpt-22"):
         training.train_autoencoder(SMALL.replace(epochs=2), train, None, workdir, resume=True,
                                    verbose=0)
-    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-1")
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-22")  # 22 batches per epoch.
 
 
 def test_bad_training_images_are_rejected(tmp_path, digits):
