@@ -297,9 +297,11 @@ def load_image_folder(root: str, split: str, image_size: Optional[int] = None,
         if not image_size:
             got = tf.shape(image)[:2]
             same = tf.reduce_all(tf.equal(got, [height, width]))
-            check = tf.debugging.Assert(same, [
-                f"image size differs from the first image's {height}x{width} (pass image_size "
-                f"to resize); file under {root!r}:", ex["id"], "has size", got], summarize=4)
+            message = tf.strings.join([
+                "image ", ex["id"], f" under {root} is ", tf.strings.as_string(got[0]), "x",
+                tf.strings.as_string(got[1]), ", expected the size of the first image, "
+                f"{height}x{width} (pass image_size to resize)"])
+            check = tf.debugging.Assert(same, [message])
             with tf.control_dependencies([check]):
                 image = tf.identity(image)
         return {"image": tf.ensure_shape(image, shape), "label": ex["label"], "id": ex["id"]}

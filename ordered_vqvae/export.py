@@ -16,6 +16,7 @@ Out-of-range arguments fail inside the signature with a message naming the value
 
 from __future__ import annotations
 
+import glob
 import os
 
 import tensorflow as tf
@@ -121,5 +122,10 @@ def check_saved_model_dir(path: str) -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"SavedModel directory {path!r} does not exist")
     missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
+    shards = glob.glob(os.path.join(path, "variables", "variables.data-*-of-*"))
+    count = int(shards[0].rsplit("-of-", 1)[1]) if shards else 1
+    missing += [os.path.join("variables", f"variables.data-{i:05d}-of-{count:05d}")
+                for i in range(count) if not os.path.exists(os.path.join(
+                    path, "variables", f"variables.data-{i:05d}-of-{count:05d}"))]
     if missing:
         raise FileNotFoundError(f"SavedModel directory {path!r} is missing {', '.join(missing)}")

@@ -334,6 +334,16 @@ def _autoencoder_stages(config: AutoencoderConfig):
     return [stage(name, config.epochs, config.truncation, config.learning_rate)]
 
 
+def autoencoder_stream(model: OrderedVQVAE, images: np.ndarray,
+                       steps_per_epoch: Optional[int] = None) -> TrainingData:
+    """The autoencoder's training stream: image batches with the code lengths that the
+    model's truncation draws for them (at the distribution current when it is iterated)."""
+    config = model.config
+    return TrainingData(images, config.batch_size, config.seed, steps_per_epoch,
+                        side=lambda seed, n: {"lengths": model.truncation.sample_lengths(
+                            n, seed=tf.cast(seed, tf.int32))})
+
+
 def train_autoencoder(config: AutoencoderConfig, train_images: np.ndarray,
                       val_images: Optional[np.ndarray], workdir: str, resume: bool = False,
                       verbose: int = 1, steps_per_epoch: Optional[int] = None,
@@ -358,9 +368,7 @@ def train_autoencoder(config: AutoencoderConfig, train_images: np.ndarray,
     with (strategy or tf.distribute.get_strategy()).scope():
         model = OrderedVQVAE(config)
         model(tf.zeros((1,) + tuple(config.image_shape)))
-        data = TrainingData(train_images, config.batch_size, config.seed, steps_per_epoch,
-                            side=lambda seed, n: {"lengths": model.truncation.sample_lengths(
-                                n, seed=tf.cast(seed, tf.int32))})
+        data = autoencoder_stream(model, train_images, steps_per_epoch)
         fit_stages(model, _autoencoder_stages(config), data, workdir, "train autoencoder",
                    resume=resume, verbose=verbose, callbacks=[_CodeLengthMSE(val_images)],
                    checkpoint_every=checkpoint_every)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import typing
 
@@ -142,6 +143,7 @@ def _sample():
     import tensorflow as tf
 
     from ordered_vqvae import export, figures
+    from ordered_vqvae.atomic import check_writable_directory
 
     path = FLAGS.saved_model or (os.path.join(FLAGS.workdir, "saved_model") if FLAGS.workdir else None)
     if not path:
@@ -150,8 +152,9 @@ def _sample():
         raise UsageError("sample needs --output=PATH.png")
     export.check_saved_model_dir(path)
     out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise OSError(f"cannot write --output={FLAGS.output}: {out_dir!r} is not a writable directory")
+    if not os.path.isdir(out_dir):
+        raise OSError(f"cannot write --output={FLAGS.output}: {out_dir!r} is not a directory")
+    check_writable_directory(out_dir, "--output directory")
     model = tf.saved_model.load(path)
     K = int(model.code_length)
     k = K if FLAGS.num_codes is None else FLAGS.num_codes
@@ -223,6 +226,17 @@ def _parse(argv):
         sys.exit(2)
 
 
+def op_error_text(error) -> str:
+    """A TensorFlow op error's message without graph plumbing: function and node names,
+    `[Op:...]` suffixes and the nested `[[...]]` context lines."""
+    lines = []
+    for line in error.message.strip().splitlines():
+        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
+        if line and not line.startswith("[["):
+            lines.append(line)
+    return " ".join(lines) or error.message
+
+
 def _main_with_exit_codes(argv):
     import tensorflow as tf
 
@@ -232,7 +246,7 @@ def _main_with_exit_codes(argv):
         print(f"ovqvae: usage error: {e}\nTry 'ovqvae --help'.", file=sys.stderr)
         sys.exit(2)
     except tf.errors.OpError as e:
-        print(f"ovqvae: error: {e.message.strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"ovqvae: error: {op_error_text(e)}", file=sys.stderr)
         sys.exit(1)
     except (ValueError, OSError, RuntimeError) as e:  # DataError, TrainingDiverged, ...
         print(f"ovqvae: error: {e}", file=sys.stderr)

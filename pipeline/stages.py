@@ -22,6 +22,7 @@ import shutil
 import time
 from typing import Callable, Dict, List, Optional
 
+from ordered_vqvae.atomic import check_writable_directory
 from pipeline.config import PipelineConfig
 
 STAGES = ("autoencoder", "extract", "prior", "export", "report")
@@ -78,6 +79,7 @@ def prepare_workdir(workdir: str) -> None:
     if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.exists(marker):
         raise PipelineError(f"workdir {workdir!r} exists and is not an ordered-vqvae workdir "
                             f"(no {MARKER}); choose an empty or new directory")
+    check_writable_directory(workdir, "workdir")
     os.makedirs(os.path.join(workdir, "manifests"), exist_ok=True)
     if not os.path.exists(marker):
         write_json(marker, {"project": "ordered-vqvae", "format": WORKDIR_FORMAT})
@@ -230,9 +232,9 @@ def run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool = Fa
     if not force and _is_current(workdir, stage, input_hash):
         print(f"[{stage}] up to date (manifest matches), skipped", flush=True)
         return read_manifest(workdir, stage)
+    # The old manifest stays until the new artifact is in place: a failed rerun loses
+    # nothing, and an artifact replaced without its manifest no longer matches it.
     manifest_path = os.path.join(workdir, "manifests", f"{stage}.json")
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)  # Whatever happens next, the old result is no longer current.
     work = _work_area(workdir, stage, input_hash)
     os.makedirs(work, exist_ok=True)
     start = time.time()

@@ -10,34 +10,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import copy_run, ovqvae, tiny_config
 from ordered_vqvae import models
 from pipeline import stages
-from pipeline.config import pipeline_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-TINY_AE = dict(hidden=(16,), latent_channels=8, num_embeddings=32, epochs=2)
-TINY_PRIOR = dict(num_layers=1, num_heads=2, width=32, ffn_width=64, epochs=2, warmup_steps=20)
-
-
-def tiny_config(**prior):
-    return pipeline_preset("digits", autoencoder_overrides=TINY_AE,
-                           prior_overrides={**TINY_PRIOR, **prior}, report_samples=4)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """The whole pipeline, run once on the embedded digits with a shrunk config."""
-    path = str(tmp_path_factory.mktemp("run") / "wd")
-    stages.run_pipeline(tiny_config(), path, verbose=0)
-    return path
-
-
-def _ovqvae(*args, check_rc=None):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    if check_rc is not None:
-        assert proc.returncode == check_rc, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc
+def workdir(finished_run, tmp_path_factory):
+    """A copy of the tiny pipeline's run (the rerun test changes it)."""
+    return copy_run(finished_run, tmp_path_factory.mktemp("run") / "wd")
 
 
 def test_pipeline_writes_every_artifact(workdir):
@@ -127,38 +110,38 @@ def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
 
 def test_cli_sample_and_errors(workdir, tmp_path):
     out = str(tmp_path / "grid.png")
-    _ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}", "--num_codes=4",
+    ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}", "--num_codes=4",
             "--num_samples=6", "--seed=2", f"--output={out}", check_rc=0)
     assert os.path.getsize(out) > 100
     saved = np.load(str(tmp_path / "grid.npz"))
     assert saved["images"].shape == (6, 8, 8, 1) and (saved["codes"][:, 4:] == 0).all()
 
-    proc = _ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}",
+    proc = ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}",
                    "--num_codes=9", f"--output={out}", check_rc=2)
     assert "--num_codes=9, expected 1 <= num_codes <= 8" in proc.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
-    proc = _ovqvae("sample", f"--saved_model={broken}", f"--output={out}", check_rc=1)
+    proc = ovqvae("sample", f"--saved_model={broken}", f"--output={out}", check_rc=1)
     assert "is missing saved_model.pb" in proc.stderr
-    proc = _ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}",
+    proc = ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}",
                    f"--output={tmp_path / 'nowhere' / 'x.png'}", check_rc=1)
-    assert "not a writable directory" in proc.stderr
+    assert "nowhere' is not a directory" in proc.stderr
 
 
 def test_cli_usage_and_workdir_errors(tmp_path):
-    proc = _ovqvae("frobnicate", check_rc=2)
+    proc = ovqvae("frobnicate", check_rc=2)
     assert "expected a command" in proc.stderr
-    proc = _ovqvae("run", "--workdir=x", "--truncation=sometimes", check_rc=2)
+    proc = ovqvae("run", "--workdir=x", "--truncation=sometimes", check_rc=2)
     assert "truncation='sometimes'" in proc.stderr
-    proc = _ovqvae("train_autoencoder", "--workdir=x", "--runner=DirectRunner", check_rc=2)
+    proc = ovqvae("train_autoencoder", "--workdir=x", "--runner=DirectRunner", check_rc=2)
     assert "unknown flag" in proc.stderr
-    proc = _ovqvae("run", "--dataset=mnist", "--workdir=x", check_rc=2)
+    proc = ovqvae("run", "--dataset=mnist", "--workdir=x", check_rc=2)
     assert "--dataset=mnist needs --data_path" in proc.stderr
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    proc = _ovqvae("run", f"--workdir={foreign}", check_rc=1)
+    proc = ovqvae("run", f"--workdir={foreign}", check_rc=1)
     assert "is not an ordered-vqvae workdir" in proc.stderr
     assert os.listdir(foreign) == ["thesis.tex"]
-    proc = _ovqvae("train_prior", f"--workdir={tmp_path / 'fresh'}", check_rc=1)
+    proc = ovqvae("train_prior", f"--workdir={tmp_path / 'fresh'}", check_rc=1)
     assert "stage 'extract' has not finished" in proc.stderr
