@@ -30,7 +30,11 @@ def images_per_second(config, images, steps, jit_compile=False, stream=True):
     if stream:  # The training path: seeded epochs, lengths drawn in the input pipeline.
         ds = training.autoencoder_stream(model, images).dataset(0, 1000)
     else:  # A plain shuffle buffer, lengths drawn in the model: no exact resume.
-        ds = training.image_batches(images, config.batch_size, shuffle=True, seed=0).repeat()
+        ds = (tf.data.Dataset.from_tensor_slices(images).shuffle(len(images), seed=0).repeat()
+              .batch(config.batch_size, drop_remainder=True).prefetch(2))
+        options = tf.data.Options()
+        options.autotune.enabled = False  # As in the training stream.
+        ds = ds.with_options(options)
     model.fit(ds, steps_per_epoch=20, epochs=1, verbose=0, shuffle=False)  # Trace and warm up.
     start = time.perf_counter()
     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)

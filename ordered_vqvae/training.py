@@ -29,16 +29,6 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
 
 
-def image_batches(images: np.ndarray, batch_size: int, shuffle: bool, seed: int,
-                  drop_remainder: bool = True) -> tf.data.Dataset:
-    """A batched dataset over float32 images [N,H,W,C] in [0,1] held in memory (for
-    evaluation and benchmarks; training reads a `TrainingData` stream)."""
-    ds = tf.data.Dataset.from_tensor_slices(images)
-    if shuffle:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    return _options(ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(2))
-
-
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
     """tf.data autotuning off: on 2 cores it competed with training for CPU and halved
     throughput in most runs."""

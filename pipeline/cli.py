@@ -47,6 +47,9 @@ flags.DEFINE_string("preset", None, "Architecture preset: digits, mnist, cifar10
 flags.DEFINE_integer("num_shards", 4, "Output TFRecord shards per split (extract).")
 flags.DEFINE_integer("report_samples", 16, "Samples per row of the report's grids.")
 flags.DEFINE_bool("force", False, "Redo stages even when their manifest matches.")
+flags.DEFINE_enum("strategy", "", ["", "mirrored"], "Training under tf.distribute: "
+                  "'mirrored' uses every local GPU (one replica each; --batch_size is the "
+                  "global batch).")
 flags.DEFINE_integer("checkpoint_every", 500, "Training checkpoints every this many batches "
                      "(and at every epoch end; 0: epoch ends only). An interrupted stage "
                      "resumes from the latest one when rerun.")
@@ -133,7 +136,8 @@ def pipeline_config():
                                autoencoder_overrides=_overrides(AutoencoderConfig, ""),
                                prior_overrides=_overrides(PriorConfig, "prior_"),
                                num_shards=FLAGS.num_shards, report_samples=FLAGS.report_samples,
-                               seed=FLAGS.seed or 0, checkpoint_every=FLAGS.checkpoint_every)
+                               seed=FLAGS.seed or 0, checkpoint_every=FLAGS.checkpoint_every,
+                               strategy=FLAGS.strategy)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 

@@ -50,6 +50,19 @@ class PipelineConfig:
     beam_args: tuple = ()          # Beam options for the extract stage (not a cache input).
     checkpoint_every: int = 500    # Training checkpoints every this many batches and at
                                    # every epoch end (0: epoch ends only; not a cache input).
+    strategy: str = ""             # "mirrored": train on all local GPUs (not a cache input).
+
+    def distribution(self):
+        """The tf.distribute strategy the training stages run under (None: the default)."""
+        if not self.strategy:
+            return None
+        if self.strategy != "mirrored":
+            raise ValueError(f"strategy={self.strategy!r}, expected '' or 'mirrored' (for "
+                             "multi-worker or TPU training, pass a strategy to "
+                             "ordered_vqvae.training.train_autoencoder / train_prior)")
+        import tensorflow as tf
+
+        return tf.distribute.MirroredStrategy()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

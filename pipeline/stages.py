@@ -140,7 +140,8 @@ def _run_autoencoder(config: PipelineConfig, workdir: str, work: str, verbose: i
           f"{train_x.shape[1:]}; K={ae_config.code_length} codes, {ae_config.num_embeddings} "
           "codewords", flush=True)
     model = training.train_autoencoder(ae_config, train_x, test_x[:2000], work, resume=True,
-                                       verbose=verbose, checkpoint_every=config.checkpoint_every)
+                                       verbose=verbose, checkpoint_every=config.checkpoint_every,
+                                       strategy=config.distribution())
     models.save_autoencoder(model, _artifact(workdir, "autoencoder"))
     result = evaluate.reconstruction(model, test_x)
     write_json(os.path.join(workdir, "autoencoder_eval.json"), result)
@@ -172,7 +173,8 @@ def _run_prior(config: PipelineConfig, workdir: str, work: str, verbose: int) ->
     print(f"[prior] {len(train)} training sequences of K={K} codes, vocabulary "
           f"{size}", flush=True)
     prior = training.train_prior(cfg, K, size, train, val, work, resume=True, verbose=verbose,
-                                 checkpoint_every=config.checkpoint_every)
+                                 checkpoint_every=config.checkpoint_every,
+                                 strategy=config.distribution())
     bits = prior.bits_per_code(val)
     save_prior(prior, _artifact(workdir, "prior"))
     print(f"[prior] validation {bits:.3f} bits per code (uniform: {math.log2(size):.3f})",

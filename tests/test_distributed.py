@@ -78,3 +78,19 @@ def test_two_replicas_train_like_one_device(single, tmp_path, mode):
     for k in ("2", "8"):
         assert metrics["ae_mse"][k] == pytest.approx(want["ae_mse"][k], rel=1e-3)
     assert metrics["prior_nll"] == pytest.approx(want["prior_nll"], rel=1e-2)
+
+
+def test_pipeline_stage_under_the_mirrored_flag(finished_run, tmp_path):
+    """`--strategy=mirrored` (here one CPU replica) runs the same training as the default."""
+    import dataclasses
+
+    from conftest import tiny_config
+    from pipeline import stages
+
+    config = dataclasses.replace(tiny_config(), strategy="mirrored")
+    got = stages.run_stage(config, str(tmp_path / "wd"), "autoencoder", verbose=0)["result"]
+    want = stages.read_manifest(finished_run, "autoencoder")["result"]
+    for k, mse in want["mse_by_codes"].items():
+        assert got["mse_by_codes"][k] == pytest.approx(mse, rel=1e-4), k
+    with pytest.raises(ValueError, match="strategy='tpu', expected '' or 'mirrored'"):
+        dataclasses.replace(config, strategy="tpu").distribution()
