@@ -34,9 +34,9 @@ def epoch_seconds(config, images, steps=60):
     optimizer.build(model.trainable_variables)
     model.compile(optimizer=optimizer)
     ds = training.autoencoder_stream(model, images).dataset(0, 1000)
-    model.fit(ds, steps_per_epoch=10, epochs=1, verbose=0)
+    model.fit(ds, steps_per_epoch=10, epochs=1, verbose=0, shuffle=False)
     start = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
     per_step = (time.perf_counter() - start) / steps
     return per_step * (len(images) // config.batch_size)
 
