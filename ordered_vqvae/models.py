@@ -131,7 +131,7 @@ class _Ordered(keras.Model):
 
     def train_step(self, data):
         """`data`: images, or {"image": images, "lengths": int32 [N]} with the code lengths
-        drawn by the training stream (`training.epoch_stream`)."""
+        drawn by the training stream (`training.autoencoder_stream`)."""
         lengths = data.get("lengths") if isinstance(data, dict) else None
         x = self._check_inputs(data["image"] if isinstance(data, dict) else data)
         with tf.GradientTape() as tape:
