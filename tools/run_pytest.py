@@ -13,5 +13,5 @@ if __name__ == "__main__":
     repo = os.path.dirname(os.path.dirname(test_file))
     os.chdir(repo)
     sys.path.insert(0, repo)
-    sys.exit(pytest.main(["-q", "-m", "not slow", "-p", "no:cacheprovider",
+    sys.exit(pytest.main(["-q", "-rs", "-m", "not slow", "-p", "no:cacheprovider",
                           "-c", os.path.join(repo, "pytest.ini"), test_file]))
