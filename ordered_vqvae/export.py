@@ -121,11 +121,10 @@ def check_saved_model_dir(path: str) -> None:
     """Raises FileNotFoundError naming what a SavedModel directory lacks."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"SavedModel directory {path!r} does not exist")
-    missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
     shards = glob.glob(os.path.join(path, "variables", "variables.data-*-of-*"))
-    count = int(shards[0].rsplit("-of-", 1)[1]) if shards else 1
-    missing += [os.path.join("variables", f"variables.data-{i:05d}-of-{count:05d}")
-                for i in range(count) if not os.path.exists(os.path.join(
-                    path, "variables", f"variables.data-{i:05d}-of-{count:05d}"))]
+    count = int(shards[0].rsplit("-of-", 1)[1]) if shards else 1  # Every shard, or the first.
+    data = [os.path.join("variables", f"variables.data-{i:05d}-of-{count:05d}")
+            for i in range(count)]
+    missing = [f for f in (*REQUIRED_FILES, *data) if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise FileNotFoundError(f"SavedModel directory {path!r} is missing {', '.join(missing)}")

@@ -100,8 +100,7 @@ def shard_paths(directory: str, split: str, metadata: Optional[dict] = None) -> 
 
 def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
                  code_length: Optional[int] = None, codebook_size: Optional[int] = None,
-                 shuffle: bool = False, seed: int = 0, with_labels: bool = False,
-                 drop_remainder: bool = False, limit: int = 0) -> tf.data.Dataset:
+                 with_labels: bool = False, limit: int = 0) -> tf.data.Dataset:
     """Reads code records as int32 [B, K] batches (or [K] without batch_size).
 
     `code_length` / `codebook_size`, when given, must match the metadata: a prior trained for
@@ -119,10 +118,8 @@ def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
         ds = ds.apply(tf.data.experimental.assert_cardinality(metadata["counts"][split]))
     if limit:
         ds = ds.take(limit)
-    if shuffle:
-        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
     if batch_size:
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.batch(batch_size)
         parse = lambda x: tf.io.parse_example(x, feature_spec(K))  # noqa: E731
     else:
         parse = lambda x: tf.io.parse_single_example(x, feature_spec(K))  # noqa: E731
