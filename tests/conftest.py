@@ -14,6 +14,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 SHARED_DATA = os.environ.get("OVQVAE_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
 MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
+# For tests that start the project in a fresh Python process.
+SUBPROCESS_ENV = {**{k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
+                  "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO}
 CIFAR_TARBALL = os.path.join(SHARED_DATA, "cifar10", "cifar10-jpeg.tar.gz")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_FLAGS, copy_run, ovqvae
+from conftest import SUBPROCESS_ENV, TINY_FLAGS, copy_run, ovqvae
 from pipeline import stages
 from test_data import _make_mnist
 
@@ -94,7 +94,7 @@ def _saved_model_call(path, body):
         m = tf.saved_model.load({path!r})
     """) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                          timeout=300, env=SUBPROCESS_ENV)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

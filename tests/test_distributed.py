@@ -17,10 +17,9 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
-ENV.pop("TF_CONFIG", None)
+from conftest import REPO, SUBPROCESS_ENV
+
+WORKER = os.path.join(REPO, "tests", "distributed_worker.py")
 
 
 def _free_ports(n):
@@ -38,11 +37,11 @@ def _train(mode, optimizer, out_dir):
     workdir = os.path.join(out_dir, f"{mode}-{optimizer}")
     args = [sys.executable, WORKER, mode, optimizer, workdir, out]
     if mode != "multi_worker":
-        procs = [subprocess.Popen(args, env=ENV, stderr=subprocess.PIPE, text=True)]
+        procs = [subprocess.Popen(args, env=SUBPROCESS_ENV, stderr=subprocess.PIPE, text=True)]
     else:
         workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
         procs = [subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={
-            **ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+            **SUBPROCESS_ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
                                             "task": {"type": "worker", "index": i}})})
             for i in range(2)]
     for proc in procs:

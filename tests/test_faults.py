@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import REPO, SUBPROCESS_ENV
 from ordered_vqvae import configs, data, models
 from pipeline import extract, schema
 from pipeline.config import DataConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "resume_worker.py")
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+WORKER = os.path.join(REPO, "tests", "resume_worker.py")
 
 
 def _train(kind, workdir, out):
-    return subprocess.Popen([sys.executable, WORKER, kind, str(workdir), str(out)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, WORKER, kind, str(workdir), str(out)],
+                            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _latest_step(workdir) -> int:
@@ -66,12 +66,13 @@ def test_kill_9_mid_extraction_then_rerun_writes_every_id_once(tmp_path):
     model(tf.zeros((1, 8, 8, 1)))
     autoencoder = models.save_autoencoder(model, str(tmp_path / "autoencoder"))
     out = tmp_path / "codes"
-    job = ("import sys; from pipeline import extract; from pipeline.config import DataConfig; "
+    job = ("from pipeline import extract; from pipeline.config import DataConfig; "
            f"extract.run({autoencoder!r}, {str(out)!r}, DataConfig('digits'), num_shards=3, "
            "beam_args=['--direct_num_workers=2', '--direct_running_mode=multi_processing'])")
     # Its own process group: the kill takes the Beam worker processes too.
-    victim = subprocess.Popen([sys.executable, "-c", job], env=ENV, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen([sys.executable, "-c", job], env=SUBPROCESS_ENV,
+                              start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while victim.poll() is None and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]:
         assert time.time() < deadline
