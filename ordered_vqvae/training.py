@@ -182,7 +182,7 @@ def _check_fresh_or_resume(workdir: str, resume: bool) -> None:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not resume and tf.io.gfile.exists(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass resume=True "
-                              "(--resume) to continue, or use a fresh workdir")
+                              "to continue, or use a fresh workdir")
 
 
 def _is_chief(strategy) -> bool:

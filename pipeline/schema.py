@@ -138,12 +138,11 @@ def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
 def read_codes(directory: str, split: str, limit: int = 0, **checks) -> np.ndarray:
     """The codes of a split as int32 [N, K] in memory (`checks`: code_length, codebook_size),
     the first `limit` records when > 0. A corrupt shard is named in the SchemaError."""
-    metadata = read_metadata(directory)
     ds = code_dataset(directory, split, batch_size=4096, limit=limit, **checks)
     try:
         parts = list(ds.as_numpy_iterator())
     except tf.errors.DataLossError:
-        for path in shard_paths(directory, split, metadata):  # Which one?
+        for path in shard_paths(directory, split):  # Which one?
             try:
                 tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1)
             except tf.errors.DataLossError as e:
