@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from ordered_vqvae import configs, models, training
 from ordered_vqvae.prior import CodePrior
-from ordered_vqvae.sampler import AnytimeSampler
+from ordered_vqvae.generator import ImageGenerator
 
 
 def epoch_seconds(config, images, steps=60):
@@ -90,7 +90,7 @@ def main():
         ae(tf.zeros((1, 28, 28, 1)))
         prior = CodePrior(K, 256, num_layers=2, num_heads=4, width=128, ffn_width=512)
         prior(tf.zeros((1, K), tf.int32))
-        sampler = AnytimeSampler(prior, ae)
+        sampler = ImageGenerator(prior, ae)
         ks = sorted({K // 4, K // 2, K})
         times = {k: best_seconds(lambda k=k: sampler.sample(64, k)[0].numpy()) for k in ks}
         print(f"   K={K:3d}: " + ", ".join(f"k={k}: {t:.3f}" for k, t in times.items()), flush=True)

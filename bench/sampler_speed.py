@@ -19,8 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf
 
 from ordered_vqvae import configs, models
-from ordered_vqvae.prior import CodePrior, prior_preset
-from ordered_vqvae.sampler import FILL_CODE, AnytimeSampler, filter_logits
+from ordered_vqvae.configs import prior_preset
+from ordered_vqvae.generator import ImageGenerator
+from ordered_vqvae.prior import CodePrior
+from ordered_vqvae.sampler import FILL_CODE
 
 
 def best_time(fn, repeats):
@@ -41,7 +43,6 @@ def naive_sampler(prior, batch, jit_compile=True):
     def generate(num_codes, seed):
         def body(i, tokens):
             logits = prior(tokens)[:, i]
-            logits = filter_logits(logits, 1.0, 0, 1.0)
             drawn = tf.random.stateless_categorical(logits, 1, tf.stack([seed, i]),
                                                     dtype=tf.int32)[:, 0]
             # Position i+1 of the input holds code i.
@@ -66,8 +67,8 @@ def main():
     ae(tf.zeros((1, 28, 28, 1)))
     K, V, B = ae.code_length, ae.codebook_size, args.batch
     prior = CodePrior.from_config_for(prior_preset("reference"), K, V)
-    xla = AnytimeSampler(prior, ae, jit_compile=True)
-    eager_loop = AnytimeSampler(prior, ae, jit_compile=False)
+    xla = ImageGenerator(prior, ae, jit_compile=True)
+    eager_loop = ImageGenerator(prior, ae, jit_compile=False)
 
     print(f"prior: 6 layers, 8 heads, width 512; K={K}, vocabulary {V}, batch {B}")
     full = best_time(lambda: xla.sample(B, K)[0].numpy(), args.repeats)

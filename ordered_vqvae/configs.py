@@ -1,4 +1,7 @@
-"""Per-dataset presets for the ordered VQ-VAE: architecture and training hyper-parameters.
+"""Per-dataset presets for the ordered VQ-VAE, and the fractions of K that reports use.
+
+Vocabulary, the same in code, flags, docs and artifacts: `codebook_size` (V, codewords),
+`code_length` (K, tokens per image), `num_codes` (k, the tokens kept or generated).
 
 Every field can be overridden (`preset("mnist", latent_channels=32)`, or CLI flags).
 The architecture follows the reference design: a stack of 4x4 stride-2 convolutions with
@@ -9,11 +12,36 @@ and a mirrored decoder of transposed convolutions ending in tanh.
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Dict, Sequence, Tuple
 
-from ordered_vqvae.truncation import DISTRIBUTIONS, FILLS
+from ordered_vqvae.validation import check_at_least, check_between, check_choice
 
 QUANTIZATIONS = ("channel", "spatial")
+DISTRIBUTIONS = ("none", "uniform", "uniform_per_example", "geometric", "all")
+FILLS = ("zeros", "learned")
+EXPERIMENT_FRACTIONS = (0.1, 0.25, 0.5, 0.6, 0.75, 1.0)  # 0.6: the paper's 60% criterion.
+# Keys that artifacts written before the vocabulary was unified may hold.
+_OLD_KEYS = {"num_embeddings": "codebook_size"}
+
+# The fractions of K at which reports, logs and figures look at a model.
+QUARTERS = (0.25, 0.5, 0.75, 1.0)
+CURVE_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def fraction_lengths(code_length: int, fractions: Sequence[float] = QUARTERS) -> Dict[float, int]:
+    """{f: k} with k = round(f * K), at least 1, for each fraction f (several fractions may
+    share a k when K is small)."""
+    return {f: max(1, int(round(f * code_length))) for f in fractions}
+
+
+def curve_lengths(code_length: int, fractions: Sequence[float] = CURVE_FRACTIONS):
+    """The distinct k of a curve over `fractions`, with 1 and K always included."""
+    return sorted(set(fraction_lengths(code_length, fractions).values()) | {1, code_length})
+
+
+def fraction_label(fraction: float) -> str:
+    """0.25 -> "25pct", the suffix of logged metrics."""
+    return f"{round(100 * fraction)}pct"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +60,7 @@ class AutoencoderConfig:
     image_shape: Tuple[int, int, int] = (28, 28, 1)
     hidden: Tuple[int, ...] = (16, 32)
     latent_channels: int = 64
-    num_embeddings: int = 256
+    codebook_size: int = 256
     quantization: str = "channel"
     beta: float = 0.25
     use_ema: bool = False
@@ -58,25 +86,16 @@ class AutoencoderConfig:
                              f"(2 ** len(hidden) for hidden={self.hidden})")
         if c not in (1, 3):
             raise ValueError(f"image_shape={self.image_shape} has {c} channels, expected 1 or 3")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization={self.quantization!r}, expected one of {QUANTIZATIONS}")
-        if self.truncation not in DISTRIBUTIONS:
-            raise ValueError(f"truncation={self.truncation!r}, expected one of {DISTRIBUTIONS}")
-        if self.fill not in FILLS:
-            raise ValueError(f"fill={self.fill!r}, expected one of {FILLS}")
-        if self.num_embeddings < 2:
-            raise ValueError(f"num_embeddings={self.num_embeddings}, expected a codebook size >= 2")
-        if self.latent_channels < 1:
-            raise ValueError(f"latent_channels={self.latent_channels}, expected >= 1")
-        if not 1 <= self.min_codes <= self.code_length:
-            raise ValueError(f"min_codes={self.min_codes}, expected 1 <= min_codes <= K="
-                             f"{self.code_length}")
-        for name in ("batch_size", "prefix_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
-        if self.epochs < 0 or self.pretrain_epochs < 0:
-            raise ValueError(f"epochs={self.epochs}, pretrain_epochs={self.pretrain_epochs}, "
-                             "expected >= 0")
+        check_choice("quantization", self.quantization, QUANTIZATIONS)
+        check_choice("truncation", self.truncation, DISTRIBUTIONS)
+        check_choice("fill", self.fill, FILLS)
+        check_at_least("codebook_size", self.codebook_size, 2, "a codebook of >= 2 codewords")
+        for name in ("latent_channels", "batch_size", "prefix_chunk"):
+            check_at_least(name, getattr(self, name), 1)
+        for name in ("epochs", "pretrain_epochs"):
+            check_at_least(name, getattr(self, name), 0)
+        check_between("min_codes", self.min_codes, 1, self.code_length)
+        check_between("geometric_p", self.geometric_p, 0.0, 1.0, low_open=True, high_open=True)
 
     @property
     def latent_hw(self) -> Tuple[int, int]:
@@ -103,7 +122,9 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        d = dict(d)
+        """The inverse of `to_dict`; also reads the keys of artifacts written before the
+        vocabulary was unified (`num_embeddings`)."""
+        d = {_OLD_KEYS.get(k, k): v for k, v in d.items()}
         d["image_shape"] = tuple(d["image_shape"])
         d["hidden"] = tuple(d["hidden"])
         return cls(**d)
@@ -113,13 +134,13 @@ class AutoencoderConfig:
 # (C x 4 x 4); CelebA 64x64 (C x 8 x 8). `digits` is the small embedded default.
 PRESETS = {
     "digits": AutoencoderConfig(image_shape=(8, 8, 1), hidden=(64,), latent_channels=16,
-                                num_embeddings=64, batch_size=64, epochs=30),
+                                codebook_size=64, batch_size=64, epochs=30),
     "mnist": AutoencoderConfig(image_shape=(28, 28, 1), hidden=(16, 32), latent_channels=64,
-                               num_embeddings=256, epochs=10),
+                               codebook_size=256, epochs=10),
     "cifar10": AutoencoderConfig(image_shape=(32, 32, 3), hidden=(128, 256, 512),
-                                 latent_channels=100, num_embeddings=500, epochs=20),
+                                 latent_channels=100, codebook_size=500, epochs=20),
     "celeb_a": AutoencoderConfig(image_shape=(64, 64, 3), hidden=(128, 256, 512),
-                                 latent_channels=100, num_embeddings=500, epochs=20),
+                                 latent_channels=100, codebook_size=500, epochs=20),
 }
 
 
@@ -128,3 +149,53 @@ def preset(name: str, **overrides) -> AutoencoderConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}, expected one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorConfig:
+    """Architecture and training of a CodePrior. The reference used 6 layers, 8 heads,
+    width 512, FFN 2048; the presets below are smaller so that they train on a CPU."""
+
+    num_layers: int = 4
+    num_heads: int = 8
+    width: int = 256
+    ffn_width: int = 1024
+    dropout: float = 0.1
+    learning_rate: float = 1e-3
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    batch_size: int = 128
+    epochs: int = 10
+    max_train_sequences: int = 0   # Train on this many code sequences (0: all).
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_heads", "width", "ffn_width", "batch_size"):
+            check_at_least(name, getattr(self, name), 1)
+        if self.width % self.num_heads:
+            raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
+        check_between("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        for name in ("epochs", "warmup_steps", "max_train_sequences"):
+            check_at_least(name, getattr(self, name), 0)
+
+    def replace(self, **overrides) -> "PriorConfig":
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRIOR_PRESETS = {
+    "digits": PriorConfig(num_layers=2, num_heads=4, width=128, ffn_width=512, epochs=40,
+                          batch_size=64, warmup_steps=100),
+    "mnist": PriorConfig(num_layers=4, num_heads=8, width=256, ffn_width=1024, epochs=10),
+    "cifar10": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048, epochs=20),
+    "celeb_a": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048, epochs=20),
+    "reference": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048),
+}
+
+
+def prior_preset(name: str, **overrides) -> PriorConfig:
+    if name not in PRIOR_PRESETS:
+        raise ValueError(f"unknown prior preset {name!r}, expected one of {sorted(PRIOR_PRESETS)}")
+    return PRIOR_PRESETS[name].replace(**overrides)

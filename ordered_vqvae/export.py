@@ -22,19 +22,20 @@ import os
 import tensorflow as tf
 
 from ordered_vqvae.atomic import atomic_directory
-from ordered_vqvae.sampler import AnytimeSampler
+from ordered_vqvae.generator import ImageGenerator
+from ordered_vqvae.validation import check_num_codes
 
 SIGNATURES = ("encode", "decode", "sample")
 
 
 class AnytimeModel(tf.Module):
-    """The exported module: an OrderedVQVAE and its CodePrior."""
+    """The exported module: an OrderedVQVAE and its CodePrior, through their public APIs."""
 
     def __init__(self, autoencoder, prior):
         super().__init__(name="ordered_vqvae")
         self.autoencoder = autoencoder
         self.prior = prior
-        self.sampler = AnytimeSampler(prior, autoencoder, jit_compile=True)
+        self.generator = ImageGenerator(prior, autoencoder, jit_compile=True)
         K = autoencoder.code_length
         h, w, c = autoencoder.image_shape
         self.code_length = tf.Variable(K, dtype=tf.int32, trainable=False, name="code_length")
@@ -55,53 +56,28 @@ class AnytimeModel(tf.Module):
             tf.TensorSpec([], tf.int32, name="seed"),
             tf.TensorSpec([], tf.float32, name="temperature")])
 
-    def _check_num_codes(self, num_codes):
-        ok = tf.logical_and(num_codes >= 1, num_codes <= self._K)
-        return tf.debugging.Assert(ok, ["num_codes=", num_codes,
-                                        f"is out of range, expected 1 <= num_codes <= {self._K}"])
-
     def _encode(self, images):
-        checks = [
-            tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(images)),
-                                ["images contain NaN or Inf"]),
-            tf.debugging.Assert(tf.logical_and(tf.reduce_min(images) >= 0.0,
-                                               tf.reduce_max(images) <= 1.0),
-                                ["image values must be in [0, 1], got min", tf.reduce_min(images),
-                                 "max", tf.reduce_max(images)]),
-        ]
-        with tf.control_dependencies(checks):
-            images = tf.identity(images)
-        ae = self.autoencoder
-        tokens = ae._to_tokens(ae.encoder(ae._preprocess(images), training=False))
-        return {"codes": ae.quantizer(tokens, training=False)["indices"]}
+        return {"codes": self.autoencoder.encode(images)}
 
     def _decode(self, codes, num_codes):
-        size = self.autoencoder.codebook_size
-        checks = [
-            self._check_num_codes(num_codes),
-            tf.debugging.Assert(tf.logical_and(tf.reduce_min(codes) >= 0,
-                                               tf.reduce_max(codes) < size),
-                                ["codes must be in [0, codebook_size=", size, "), got min",
-                                 tf.reduce_min(codes), "max", tf.reduce_max(codes)]),
-        ]
-        with tf.control_dependencies(checks):
-            codes = tf.identity(codes)
-        return {"images": self.sampler._decode_codes(codes, num_codes)}
+        return {"images": self.autoencoder.decode(codes, num_codes)}
 
     def _sample(self, num_samples, num_codes, seed, temperature):
         checks = [
-            self._check_num_codes(num_codes),
             tf.debugging.Assert(temperature > 0.0, ["temperature=", temperature,
                                                     "must be > 0"]),
             tf.debugging.Assert(num_samples >= 1, ["num_samples=", num_samples, "must be >= 1"]),
         ]
+        num_codes = check_num_codes(num_codes, self._K)
         with tf.control_dependencies(checks):
             prefix = tf.zeros([num_samples, self._K], tf.int32)
-        codes, finite = self.sampler._generate(prefix, tf.constant(0), num_codes, seed,
-                                               temperature, tf.constant(0), tf.constant(1.0))
+        sampler = self.generator.sampler
+        settings = {f.name: tf.constant(f.default, f.dtype) for f in sampler.filters}
+        settings["temperature"] = temperature
+        codes, finite = sampler.generate(prefix, tf.constant(0), num_codes, seed, settings)
         with tf.control_dependencies([tf.debugging.Assert(finite, ["the prior produced NaN or "
                                                                    "Inf logits"])]):
-            images = self.sampler._decode_codes(codes, num_codes)
+            images = self.autoencoder.decode(codes, num_codes)
         return {"images": images, "codes": codes}
 
 

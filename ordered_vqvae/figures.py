@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Sequence
 
 import numpy as np
+
+from ordered_vqvae.atomic import atomic_file
 
 
 def _pyplot():
@@ -18,9 +19,8 @@ def _pyplot():
 
 
 def _atomic_savefig(fig, path: str) -> None:
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
 
 
 def tile(images: np.ndarray, columns: int) -> np.ndarray:

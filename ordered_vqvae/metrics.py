@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional
 
 import keras
 import numpy as np
-import scipy.linalg
 import tensorflow as tf
 
 
@@ -28,22 +26,38 @@ def statistics(features: np.ndarray):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance matrix (eigenvalues below 0 from round-off
+    count as 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2)."""
+    """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2).
+
+    The trace term Tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of the
+    symmetric PSD matrix S1^1/2 S2 S1^1/2, which has the same spectrum as S1 S2: no general
+    matrix square root, no imaginary parts to drop. Raises FloatingPointError when the
+    statistics or the result are not finite.
+    """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"mismatched statistics: means {mu1.shape} vs {mu2.shape}, "
                          f"covariances {sigma1.shape} vs {sigma2.shape}")
-    with warnings.catch_warnings():  # Singular products are handled just below.
-        warnings.simplefilter("ignore")
-        covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():  # Near-singular product: regularise, as FID does.
-        offset = np.eye(len(sigma1)) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = covmean.real
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(value).all():
+            raise FloatingPointError(f"{name} holds NaN or Inf; the features are not finite")
+    root1 = _psd_sqrt(sigma1)
+    product = root1 @ sigma2 @ root1
+    eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
+    trace_sqrt = np.sqrt(np.maximum(eigenvalues, 0.0)).sum()
     diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), 0.0))
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+    if not np.isfinite(distance):
+        raise FloatingPointError(f"the Frechet distance is {distance}, expected a finite number")
+    return distance
 
 
 def frechet_distance_of(features_a: np.ndarray, features_b: np.ndarray) -> float:

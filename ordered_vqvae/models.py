@@ -7,25 +7,19 @@ prefixes (Xu et al., ICLR 2021, Eq. for the ordered autoencoder).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from ordered_vqvae import artifacts
 from ordered_vqvae.configs import AutoencoderConfig
+from ordered_vqvae.fit import finite_loss
 from ordered_vqvae.quantizer import VectorQuantizer
 from ordered_vqvae.replicas import loggable, replica_share
-from ordered_vqvae.truncation import NestedTruncation, check_num_codes
-
-MSE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-NONFINITE_LOSS = "non-finite training loss"
-
-
-def fraction_lengths(code_length: int, fractions=MSE_FRACTIONS):
-    """Code lengths k = round(f * K), at least 1, for each fraction f."""
-    return [max(1, int(round(f * code_length))) for f in fractions]
+from ordered_vqvae.truncation import NestedTruncation
+from ordered_vqvae.validation import check_codes, check_image_tensor, check_num_codes
 
 
 class _Ordered(keras.Model):
@@ -136,13 +130,10 @@ class _Ordered(keras.Model):
         x = self._check_inputs(data["image"] if isinstance(data, dict) else data)
         with tf.GradientTape() as tape:
             loss, recon, aux = self._nested_loss(x, training=True, lengths=lengths)
-            # Stops before the update; Keras' Mean metrics would silently skip a NaN.
-            loss = tf.debugging.check_numerics(loss, NONFINITE_LOSS)
+            loss = finite_loss(loss)  # No update from a non-finite step.
             share = replica_share(loss)
         variables = self.trainable_variables
-        grads = tape.gradient(share, variables)
-        with tf.control_dependencies([loss]):  # No update from a non-finite step.
-            self.optimizer.apply_gradients(zip(grads, variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(share, variables), variables))
         return self._update_metrics(x, loss, recon, aux)
 
     def test_step(self, data):
@@ -154,7 +145,8 @@ class _Ordered(keras.Model):
         """Reconstructions from the first `num_codes` tokens (all K by default)."""
         x = self._check_inputs(x)
         tokens, _ = self._tokens(self._preprocess(x), None, False)
-        cut, _ = self.truncation(tokens, num_codes=num_codes or self.code_length)
+        cut, _ = self.truncation(tokens, num_codes=self.code_length if num_codes is None
+                                 else num_codes)
         return self._postprocess(self._decode_tokens(cut))
 
     def call(self, x, training=False):
@@ -207,8 +199,9 @@ class OrderedAutoencoder(_Ordered):
         return self.encoder(self._check_inputs(x))
 
     def decode(self, codes, num_codes: Optional[int] = None):
+        """Continuous codes [N, K] -> reconstructions from the first `num_codes` (K)."""
         cut, _ = self.truncation(tf.convert_to_tensor(codes, tf.float32)[:, :, None],
-                                 num_codes=num_codes or self.code_length)
+                                 num_codes=self.code_length if num_codes is None else num_codes)
         return self._decode_tokens(cut)
 
     def decoder_directions(self) -> np.ndarray:
@@ -272,7 +265,7 @@ class OrderedVQVAE(_Ordered):
                                       fill=config.fill, seed=config.seed, name="truncation")
         super().__init__(build_encoder(config), build_decoder(config), truncation,
                          prefix_chunk=config.prefix_chunk, **kwargs)
-        self.quantizer = VectorQuantizer(config.num_embeddings, config.embedding_dim,
+        self.quantizer = VectorQuantizer(config.codebook_size, config.embedding_dim,
                                          beta=config.beta, use_ema=config.use_ema,
                                          ema_decay=config.ema_decay,
                                          dead_code_steps=config.dead_code_steps,
@@ -284,7 +277,7 @@ class OrderedVQVAE(_Ordered):
 
     @property
     def codebook_size(self) -> int:
-        return self.config.num_embeddings
+        return self.config.codebook_size
 
     @property
     def image_shape(self):
@@ -297,14 +290,7 @@ class OrderedVQVAE(_Ordered):
         return tf.clip_by_value((y + 1.0) * 0.5, 0.0, 1.0)
 
     def _check_inputs(self, x):
-        x = tf.convert_to_tensor(x, tf.float32)
-        if x.shape.rank != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"images have shape {tuple(x.shape)}, expected [N, "
-                             f"{', '.join(map(str, self.image_shape))}] for this model")
-        tf.debugging.assert_all_finite(x, "images contain NaN or Inf")
-        tf.debugging.assert_greater_equal(x, 0.0, message="image values must be in [0, 1]")
-        tf.debugging.assert_less_equal(x, 1.0, message="image values must be in [0, 1]")
-        return x
+        return check_image_tensor(x, self.image_shape)
 
     def _to_tokens(self, z):
         """Latent [N,h,w,C] -> tokens [N,K,D] (channel-wise: K=C, D=h*w)."""
@@ -330,23 +316,14 @@ class OrderedVQVAE(_Ordered):
         tokens = self._to_tokens(self.encoder(x, training=False))
         return self.quantizer(tokens, training=False)["indices"]
 
-    def decode(self, codes, num_codes: Optional[int] = None):
-        """codes int32 [N,K] -> images float32 [N,H,W,C] in [0,1] from the first `num_codes`."""
-        codes = tf.convert_to_tensor(codes)
-        if codes.shape.rank != 2 or codes.shape[1] != self.code_length:
-            raise ValueError(f"codes have shape {tuple(codes.shape)}, expected [N, {self.code_length}]")
-        if not codes.dtype.is_integer:
-            raise ValueError(f"codes have dtype {codes.dtype.name}, expected an integer type")
-        codes = tf.cast(codes, tf.int32)
-        tf.debugging.assert_non_negative(codes, message="codes must be >= 0")
-        tf.debugging.assert_less(codes, self.codebook_size,
-                                 message=f"codes must be < codebook size {self.codebook_size}")
-        num_codes = check_num_codes(self.code_length if num_codes is None else num_codes,
-                                    self.code_length)
-        return self.decode_checked_codes(codes, num_codes)
-
-    def decode_checked_codes(self, codes, num_codes):
-        """`decode` without argument checks: codes int32 [N,K], num_codes int32 scalar."""
+    def decode(self, codes, num_codes=None):
+        """codes int [N,K] -> images float32 [N,H,W,C] in [0,1] from the first `num_codes` (k,
+        an int or int32 scalar tensor; K by default). Codes at positions >= k are ignored,
+        whatever they hold, exactly as truncation ignores them in training."""
+        K = self.code_length
+        num_codes = check_num_codes(K if num_codes is None else num_codes, K)
+        codes = check_codes(tf.convert_to_tensor(codes), K, self.codebook_size, num_codes)
+        codes = tf.where(tf.range(K)[None, :] < num_codes, codes, 0)
         cut, _ = self.truncation(self.quantizer.lookup(codes), num_codes=num_codes)
         return self._postprocess(self._decode_tokens(cut))
 
@@ -375,41 +352,21 @@ AUTOENCODER_CONFIG = "autoencoder.json"
 AUTOENCODER_WEIGHTS = "autoencoder.weights.h5"
 
 
-def save_model_dir(model: keras.Model, config: dict, directory: str, config_name: str,
-                   weights_name: str) -> str:
-    """Writes a config JSON and the weights into `directory` atomically (temp dir, rename)."""
-    import json
-
-    from ordered_vqvae.atomic import atomic_directory
-
-    with atomic_directory(directory) as tmp:
-        with open(os.path.join(tmp, config_name), "w") as f:
-            json.dump(config, f, indent=1)
-        model.save_weights(os.path.join(tmp, weights_name))
-    return directory
-
-
-def read_model_dir(directory: str, config_name: str, weights_name: str):
-    """(config dict, weights path) of a directory written by `save_model_dir`."""
-    import json
-
-    for name in (config_name, weights_name):
-        if not os.path.isfile(os.path.join(directory, name)):
-            raise FileNotFoundError(f"model artifact {directory!r} is missing {name}")
-    with open(os.path.join(directory, config_name)) as f:
-        return json.load(f), os.path.join(directory, weights_name)
-
-
 def save_autoencoder(model: OrderedVQVAE, directory: str) -> str:
-    return save_model_dir(model, model.config.to_dict(), directory, AUTOENCODER_CONFIG,
-                          AUTOENCODER_WEIGHTS)
+    return artifacts.save_model_dir(model, model.config.to_dict(), directory,
+                                    AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS)
 
 
 def load_autoencoder(directory: str) -> OrderedVQVAE:
-    """Reads a model written by `save_autoencoder`."""
-    config, weights = read_model_dir(directory, AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS)
-    config = AutoencoderConfig.from_dict(config)
+    """Reads a model written by `save_autoencoder` (by this or an earlier version)."""
+    config, weights = artifacts.read_model_dir(directory, AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS)
+    try:
+        config = AutoencoderConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise artifacts.ArtifactError(
+            f"autoencoder artifact {directory!r} has a config this version cannot read ({e}); "
+            "rebuild it with `ovqvae train_autoencoder --force`") from None
     model = OrderedVQVAE(config)
     model(tf.zeros((1,) + tuple(config.image_shape)))
-    model.load_weights(weights)
+    artifacts.load_weights(model, weights, "ovqvae train_autoencoder --force")
     return model

@@ -1,22 +1,25 @@
 """CodePrior: a decoder-only causal Transformer over code sequences.
 
-Written in the keras-hub style (pre-norm decoder blocks with learned position
-embeddings, sublayers built in `build`, `get_config` round trips) with two call paths
-over the same weights:
+Written in the keras-hub style (pre-norm decoder blocks with learned position embeddings,
+sublayers built in `build`, `get_config` round trips). Each `DecoderBlock` has one `call`
+with an optional key/value cache, as keras-hub's `TransformerDecoder` does:
 
-- `call(tokens)`: a full causal pass over [B, T] tokens, for training.
-- `step(token, cache, index)`: one position with a key/value cache, for sampling. The
-  cache is one (keys, values) pair of [B, heads, K, head_dim] tensors per layer, written
-  at `index` with a dynamic-update-slice (in place under XLA) and read by fixed-shape
-  masked attention, so the compiled sampling loop costs O(k) in the generated codes.
-  (On 2 CPU cores this layout and update ran 1.5x faster than a scatter into [K, B, h, d].)
+- without a cache: a full causal pass over [B, T] positions (training, scoring);
+- with `cache` and `cache_index`: the positions starting at `cache_index`, attending to the
+  cache, which they update. The cache is one (keys, values) pair of [B, heads, K, head_dim]
+  tensors per layer, written with a dynamic-update-slice (in place under XLA) and read by
+  fixed-shape masked attention, so a compiled sampling loop costs O(k) in the codes it
+  generates. (On 2 CPU cores this layout ran 1.5x faster than keras-hub's own cache.)
+
+`CodePrior.call_with_cache` is the `next(tokens, cache, index)` function the sampler
+(`ordered_vqvae.sampler`) drives. Training is a plain `compile`/`fit` with a stock sparse
+cross-entropy from logits on (inputs, labels) = `next_code_pairs(codes)`.
 
 The vocabulary is the codebook plus one start token (id = codebook_size).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import List, Tuple
 
@@ -24,69 +27,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ordered_vqvae.models import NONFINITE_LOSS
-from ordered_vqvae.replicas import loggable, replica_share
+from ordered_vqvae import artifacts
+from ordered_vqvae.configs import PriorConfig
+from ordered_vqvae.fit import finite_loss
+from ordered_vqvae.replicas import loggable
 
 try:  # TensorFlow's XLA op wrapper: in place under XLA, and it has a plain TF kernel too.
     from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice as _update_slice
-except ImportError:  # pragma: no cover - other TF builds: a masked blend, same result.
+except ImportError:  # pragma: no cover - other TF builds: a padded blend, same result.
     _update_slice = None
 
+NEG_INF = -1e9
 
-def write_position(cache, update, index):
-    """cache [B, h, K, d] with update [B, h, 1, d] written at position `index`."""
+
+def write_positions(cache, update, index):
+    """cache [B, h, K, d] with update [B, h, T, d] written at positions index..index+T-1."""
     if _update_slice is not None:
         return _update_slice(cache, update, tf.stack([0, 0, index, 0]))
-    mask = tf.one_hot(index, tf.shape(cache)[2], dtype=cache.dtype)[None, None, :, None]
-    return cache * (1 - mask) + update * mask
-
-
-@dataclasses.dataclass(frozen=True)
-class PriorConfig:
-    """Architecture and training of a CodePrior. The reference used 6 layers, 8 heads,
-    width 512, FFN 2048; the presets below are smaller so that they train on a CPU."""
-
-    num_layers: int = 4
-    num_heads: int = 8
-    width: int = 256
-    ffn_width: int = 1024
-    dropout: float = 0.1
-    learning_rate: float = 1e-3
-    warmup_steps: int = 500
-    weight_decay: float = 0.01
-    batch_size: int = 128
-    epochs: int = 10
-    max_train_sequences: int = 0   # Train on this many code sequences (0: all).
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
-        for name in ("num_layers", "num_heads", "width", "ffn_width", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
-
-    def replace(self, **overrides) -> "PriorConfig":
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-PRIOR_PRESETS = {
-    "digits": PriorConfig(num_layers=2, num_heads=4, width=128, ffn_width=512, epochs=40,
-                          batch_size=64, warmup_steps=100),
-    "mnist": PriorConfig(num_layers=4, num_heads=8, width=256, ffn_width=1024, epochs=10),
-    "cifar10": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048, epochs=20),
-    "celeb_a": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048, epochs=20),
-    "reference": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048),
-}
-
-
-def prior_preset(name: str, **overrides) -> PriorConfig:
-    if name not in PRIOR_PRESETS:
-        raise ValueError(f"unknown prior preset {name!r}, expected one of {sorted(PRIOR_PRESETS)}")
-    return PRIOR_PRESETS[name].replace(**overrides)
+    length, steps = tf.shape(cache)[2], tf.shape(update)[2]
+    pad = [[0, 0], [0, 0], [index, length - index - steps], [0, 0]]
+    inside = tf.pad(tf.ones_like(update), pad)
+    return cache * (1 - inside) + tf.pad(update, pad)
 
 
 @keras.saving.register_keras_serializable(package="ordered_vqvae")
@@ -114,48 +75,46 @@ class DecoderBlock(keras.layers.Layer):
             layer.build(shape)
 
     def _heads(self, x):
-        """[..., width] -> [..., heads, head_dim]."""
-        return tf.reshape(x, tf.concat([tf.shape(x)[:-1], [self.num_heads, self.head_dim]], 0))
+        """[B, T, width] -> [B, heads, T, head_dim]."""
+        shape = tf.concat([tf.shape(x)[:2], [self.num_heads, self.head_dim]], 0)
+        return tf.transpose(tf.reshape(x, shape), [0, 2, 1, 3])
 
-    def _feed_forward(self, x, training):
-        h = self.ffn_out(self.ffn_in(self.norm2(x)))
-        return x + self.drop(h, training=training)
+    def call(self, x, cache=None, cache_index=None, training=False):
+        """x [B, T, width] -> [B, T, width].
 
-    def call(self, x, training=False):
-        """x [B, T, width] -> [B, T, width], position t attending to 0..t."""
-        q, k, v = tf.split(self.qkv(self.norm1(x)), 3, axis=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # [B, T, h, d]
-        scores = tf.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
-        T = tf.shape(x)[1]
-        causal = tf.linalg.band_part(tf.ones((T, T), tf.bool), -1, 0)
-        scores = tf.where(causal[None, None], scores, tf.constant(-1e9, scores.dtype))
-        attn = self.drop(tf.nn.softmax(scores, axis=-1), training=training)
-        out = tf.einsum("bhqk,bkhd->bqhd", attn, v)
-        out = tf.reshape(out, tf.shape(x))
-        x = x + self.drop(self.proj(out), training=training)
-        return self._feed_forward(x, training)
-
-    def step(self, x, keys, values, index):
-        """One position. x [B, width]; keys/values [B, h, K, d]; index: int32 scalar.
-
-        Returns (y [B, width], keys, values) with position `index` written into the cache
-        by a dynamic-update-slice (in place under XLA).
+        Without `cache`, position t attends to 0..t. With `cache` = (keys, values), each
+        [B, heads, K, head_dim], and `cache_index` (int32 scalar), x holds positions
+        cache_index..cache_index+T-1: they are written into the cache and attend to every
+        cached position up to their own. Returns (y, updated cache) then.
         """
-        q, k, v = tf.split(self.qkv(self.norm1(x)), 3, axis=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # [B, h, d]
-        keys = write_position(keys, k[:, :, None], index)
-        values = write_position(values, v[:, :, None], index)
-        scores = tf.einsum("bhd,bhtd->bht", q, keys) / math.sqrt(self.head_dim)
-        visible = tf.range(tf.shape(keys)[2]) <= index
-        scores = tf.where(visible[None, None, :], scores, tf.constant(-1e9, scores.dtype))
-        out = tf.einsum("bht,bhtd->bhd", tf.nn.softmax(scores, axis=-1), values)
-        x = x + self.proj(tf.reshape(out, tf.shape(x)))
-        return self._feed_forward(x, False), keys, values
+        q, k, v = (self._heads(t) for t in tf.split(self.qkv(self.norm1(x)), 3, axis=-1))
+        steps = tf.shape(x)[1]
+        if cache is None:
+            keys, values = k, v
+            visible = tf.linalg.band_part(tf.ones((steps, steps), tf.bool), -1, 0)
+        else:
+            keys = write_positions(cache[0], k, cache_index)
+            values = write_positions(cache[1], v, cache_index)
+            visible = (tf.range(tf.shape(keys)[2])[None, :]
+                       <= cache_index + tf.range(steps)[:, None])  # [T, K]
+        scores = tf.einsum("bhqd,bhkd->bhqk", q, keys) / math.sqrt(self.head_dim)
+        scores = tf.where(visible[None, None], scores, tf.constant(NEG_INF, scores.dtype))
+        attn = self.drop(tf.nn.softmax(scores, axis=-1), training=training)
+        out = tf.transpose(tf.einsum("bhqk,bhkd->bhqd", attn, values), [0, 2, 1, 3])
+        x = x + self.drop(self.proj(tf.reshape(out, tf.shape(x))), training=training)
+        y = x + self.drop(self.ffn_out(self.ffn_in(self.norm2(x))), training=training)
+        return y if cache is None else (y, (keys, values))
 
     def get_config(self):
         config = super().get_config()
         config.update(num_heads=self.num_heads, ffn_width=self.ffn_width, dropout=self.dropout)
         return config
+
+
+def code_bits(labels, logits):
+    """Per-position negative log2-likelihood: the prior's reported metric."""
+    ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    return ce / np.log(2.0)
 
 
 @keras.saving.register_keras_serializable(package="ordered_vqvae")
@@ -199,17 +158,22 @@ class CodePrior(keras.Model):
     def start_token(self) -> int:
         return self.codebook_size
 
-    def shift_right(self, codes):
-        """codes [B, K] -> inputs [B, K]: the start token, then codes 0..K-2."""
+    def next_code_pairs(self, codes):
+        """codes [B, K] -> (inputs, labels): the start token and codes 0..K-2, and the codes."""
         codes = tf.cast(codes, tf.int32)
         start = tf.fill([tf.shape(codes)[0], 1], self.start_token)
-        return tf.concat([start, codes[:, :-1]], axis=1)
+        return tf.concat([start, codes[:, :-1]], axis=1), codes
+
+    def _embed(self, tokens, first_position, training):
+        # A gather, not a slice: under XLA a slice starting at the loop index read the
+        # wrong rows here (TF 2.21).
+        positions = tf.gather(self.position_embedding,
+                              first_position + tf.range(tf.shape(tokens)[1]))
+        return self.embed_drop(self.token_embedding(tokens) + positions[None], training=training)
 
     def call(self, tokens, training=False):
         """tokens int [B, T<=K] (start token first) -> logits float32 [B, T, codebook_size]."""
-        T = tf.shape(tokens)[1]
-        x = self.token_embedding(tokens) + self.position_embedding[None, :T]
-        x = self.embed_drop(x, training=training)
+        x = self._embed(tokens, 0, training)
         for block in self.blocks:
             x = block(x, training=training)
         return self.head(self.final_norm(x))
@@ -218,68 +182,58 @@ class CodePrior(keras.Model):
         shape = [batch_size, self.num_heads, self.code_length, self.width // self.num_heads]
         return [(tf.zeros(shape), tf.zeros(shape)) for _ in self.blocks]
 
-    def step(self, tokens, cache, index):
-        """One cached position: tokens int [B] at position `index` -> (logits [B, V], cache)."""
-        x = self.token_embedding(tokens) + tf.gather(self.position_embedding, index)[None]
+    def call_with_cache(self, tokens, cache, cache_index):
+        """tokens int [B, T] at positions cache_index.. -> (logits [B, T, V], updated cache)."""
+        x = self._embed(tokens, cache_index, False)
         new_cache = []
-        for block, (keys, values) in zip(self.blocks, cache):
-            x, keys, values = block.step(x, keys, values, index)
-            new_cache.append((keys, values))
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index)
+            new_cache.append(layer_cache)
         return self.head(self.final_norm(x)), new_cache
 
-    # -- training: next-code cross-entropy, reported in bits per code
+    def next(self, tokens, cache, index):
+        """The sampler's step: the token [B] at position `index` -> (logits [B, V], cache)."""
+        logits, cache = self.call_with_cache(tokens[:, None], cache, index)
+        return logits[:, 0], cache
 
-    def _nll(self, codes, training):
-        codes = tf.cast(codes, tf.int32)
-        logits = self(self.shift_right(codes), training=training)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=codes, logits=logits)
-        return tf.reduce_mean(ce)
+    # -- training: a stock sparse cross-entropy through compile; logs in bits per code
 
-    def _track(self, loss, codes):
-        """Means weighted by batch size (Keras may run a last, empty batch: weight 0)."""
-        if not hasattr(self, "_trackers"):
-            raise RuntimeError("compile the prior before fitting it")
-        n = tf.shape(codes)[0]
-        loss = tf.where(n > 0, loss, 0.0)
-        weight = tf.cast(n, tf.float32)
-        self._trackers["loss"].update_state(loss, sample_weight=weight)
-        self._trackers["bits_per_code"].update_state(loss / np.log(2.0), sample_weight=weight)
-        return loggable({k: m.result() for k, m in self._trackers.items()})
+    def compile(self, optimizer="adam", **kwargs):
+        kwargs.setdefault("loss", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        kwargs.setdefault("metrics", [keras.metrics.MeanMetricWrapper(code_bits,
+                                                                      name="bits_per_code")])
+        super().compile(optimizer=optimizer, **kwargs)
 
-    def compile(self, *args, **kwargs):
-        super().compile(*args, **kwargs)
-        self._trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", "bits_per_code")}
+    def compute_loss(self, *args, **kwargs):
+        return finite_loss(super().compute_loss(*args, **kwargs))  # The fit engine's NaN guard.
 
-    @property
-    def metrics(self):
-        return list(getattr(self, "_trackers", {}).values())
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a tf.distribute strategy Keras (3.15) builds the compiled loss and metrics
+        # from a batch peeked from the distributed dataset, which fails under
+        # MultiWorkerMirroredStrategy; the shapes are known, so a stand-in batch serves.
+        if data_batch is None:
+            data_batch = self.next_code_pairs(tf.zeros([1, self.code_length], tf.int32))
+        super()._maybe_symbolic_build(data_batch=data_batch)
 
     def train_step(self, data):
-        codes = data[0] if isinstance(data, tuple) else data
-        with tf.GradientTape() as tape:
-            loss = tf.debugging.check_numerics(self._nll(codes, True), NONFINITE_LOSS)
-            share = replica_share(loss)
-        variables = self.trainable_variables
-        grads = tape.gradient(share, variables)
-        with tf.control_dependencies([loss]):
-            self.optimizer.apply_gradients(zip(grads, variables))
-        return self._track(loss, codes)
+        return loggable(super().train_step(data))
 
     def test_step(self, data):
-        codes = data[0] if isinstance(data, tuple) else data
-        return self._track(self._nll(codes, False), codes)
+        return loggable(super().test_step(data))
 
-    def bits_per_code(self, dataset) -> float:
-        """Mean negative log2-likelihood per code over a dataset of int32 [B, K] batches."""
+    def bits_per_code(self, codes) -> float:
+        """Mean negative log2-likelihood per code of codes int [N, K], or of a dataset of
+        such batches."""
+        batches = [codes] if isinstance(codes, (np.ndarray, tf.Tensor)) else codes
         total, count = 0.0, 0
-        nll = tf.function(lambda c: self._nll(c, False))
-        for codes in dataset:
-            codes = codes[0] if isinstance(codes, tuple) else codes
-            total += float(nll(codes)) * int(tf.shape(codes)[0])
-            count += int(tf.shape(codes)[0])
+        score = tf.function(lambda c: tf.reduce_sum(code_bits(c, self(self.next_code_pairs(c)[0]))))
+        for batch in batches:
+            batch = tf.cast(batch[0] if isinstance(batch, tuple) else batch, tf.int32)
+            total += float(score(batch))
+            count += int(tf.size(batch))
         if not count:
-            raise ValueError("bits_per_code got an empty dataset")
-        return total / count / np.log(2.0)
+            raise ValueError("bits_per_code got no codes")
+        return total / count
 
     def get_config(self):
         return {"code_length": self.code_length, "codebook_size": self.codebook_size,
@@ -287,37 +241,24 @@ class CodePrior(keras.Model):
                 "ffn_width": self.ffn_width, "dropout": self.dropout_rate, "name": self.name}
 
 
-@keras.saving.register_keras_serializable(package="ordered_vqvae")
-class InverseSqrtSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak` over `warmup_steps`, then peak * sqrt(warmup / step)."""
-
-    def __init__(self, peak: float, warmup_steps: int):
-        self.peak, self.warmup_steps = float(peak), max(int(warmup_steps), 1)
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32) + 1.0
-        warm = float(self.warmup_steps)
-        return self.peak * tf.minimum(step / warm, tf.sqrt(warm / step))
-
-    def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps}
-
-
 PRIOR_CONFIG = "prior.json"
 PRIOR_WEIGHTS = "prior.weights.h5"
 
 
 def save_prior(prior: CodePrior, directory: str) -> str:
-    from ordered_vqvae.models import save_model_dir
-
-    return save_model_dir(prior, prior.get_config(), directory, PRIOR_CONFIG, PRIOR_WEIGHTS)
+    return artifacts.save_model_dir(prior, prior.get_config(), directory, PRIOR_CONFIG,
+                                    PRIOR_WEIGHTS)
 
 
 def load_prior(directory: str) -> CodePrior:
-    from ordered_vqvae.models import read_model_dir
-
-    config, weights = read_model_dir(directory, PRIOR_CONFIG, PRIOR_WEIGHTS)
-    prior = CodePrior.from_config(config)
+    """Reads a prior written by `save_prior` (by this or an earlier version)."""
+    config, weights = artifacts.read_model_dir(directory, PRIOR_CONFIG, PRIOR_WEIGHTS)
+    try:
+        prior = CodePrior.from_config(config)
+    except (TypeError, ValueError) as e:
+        raise artifacts.ArtifactError(
+            f"prior artifact {directory!r} has a config this version cannot read ({e}); "
+            "rebuild it with `ovqvae train_prior --force`") from None
     prior(tf.zeros((1, 1), tf.int32))
-    prior.load_weights(weights)
+    artifacts.load_weights(prior, weights, "ovqvae train_prior --force")
     return prior

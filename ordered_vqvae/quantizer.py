@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from ordered_vqvae.replicas import num_replicas, sum_over_replicas
+from ordered_vqvae.validation import check_at_least, check_between
 
 
 @tf.custom_gradient
@@ -24,7 +25,7 @@ def straight_through(inputs, quantized):
 
 @keras.saving.register_keras_serializable(package="ordered_vqvae")
 class VectorQuantizer(keras.layers.Layer):
-    """Nearest-codeword quantization of vectors [..., D] against a [num_embeddings, D] codebook.
+    """Nearest-codeword quantization of vectors [..., D] against a [codebook_size, D] codebook.
 
     One call returns a dict serving training, metrics and code extraction:
       quantized: float32 [..., D], the chosen codewords with a straight-through gradient.
@@ -32,12 +33,12 @@ class VectorQuantizer(keras.layers.Layer):
       codebook_loss: mean ||sg[x] - e||^2 (0 with EMA updates, which replace it).
       commitment_loss: beta * mean ||x - sg[e]||^2.
       loss: codebook_loss + commitment_loss.
-      perplexity: exp(entropy of codeword usage in this batch), 1..num_embeddings.
+      perplexity: exp(entropy of codeword usage in this batch), 1..codebook_size.
       usage: fraction of the codebook used in this batch, in [0, 1].
       restarted: number of dead codewords re-seeded in this call (training only).
 
     Args:
-      num_embeddings: codebook size (>= 2).
+      codebook_size: codebook size (>= 2).
       embedding_dim: vector length D.
       beta: commitment weight.
       use_ema: update the codebook by exponential moving averages of assigned vectors
@@ -47,17 +48,14 @@ class VectorQuantizer(keras.layers.Layer):
         calls is re-seeded from a random vector of the current batch.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, beta: float = 0.25,
+    def __init__(self, codebook_size: int, embedding_dim: int, beta: float = 0.25,
                  use_ema: bool = False, ema_decay: float = 0.99, epsilon: float = 1e-5,
                  dead_code_steps: int = 0, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
-        if int(num_embeddings) < 2:
-            raise ValueError(f"num_embeddings={num_embeddings}, expected a codebook size >= 2")
-        if int(embedding_dim) < 1:
-            raise ValueError(f"embedding_dim={embedding_dim}, expected >= 1")
-        if not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay={ema_decay}, expected 0 < ema_decay < 1")
-        self.num_embeddings = int(num_embeddings)
+        check_at_least("codebook_size", int(codebook_size), 2, "a codebook of >= 2 codewords")
+        check_at_least("embedding_dim", int(embedding_dim), 1)
+        check_between("ema_decay", ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        self.codebook_size = int(codebook_size)
         self.embedding_dim = int(embedding_dim)
         self.beta = float(beta)
         self.use_ema = bool(use_ema)
@@ -71,24 +69,24 @@ class VectorQuantizer(keras.layers.Layer):
         if input_shape[-1] != self.embedding_dim:
             raise ValueError(f"VectorQuantizer expects vectors of size embedding_dim="
                              f"{self.embedding_dim} in the last axis, got shape {input_shape}")
-        limit = 1.0 / self.num_embeddings
+        limit = 1.0 / self.codebook_size
         self.codebook = self.add_weight(
-            name="codebook", shape=(self.num_embeddings, self.embedding_dim),
+            name="codebook", shape=(self.codebook_size, self.embedding_dim),
             initializer=keras.initializers.RandomUniform(-limit, limit, seed=self.seed),
             trainable=not self.use_ema)
         if self.use_ema:
             self.ema_cluster_size = self.add_weight(
-                name="ema_cluster_size", shape=(self.num_embeddings,), initializer="zeros",
+                name="ema_cluster_size", shape=(self.codebook_size,), initializer="zeros",
                 trainable=False)
             self.ema_sum = self.add_weight(
-                name="ema_sum", shape=(self.num_embeddings, self.embedding_dim),
+                name="ema_sum", shape=(self.codebook_size, self.embedding_dim),
                 initializer="zeros", trainable=False)
         self.steps_unused = self.add_weight(
-            name="steps_unused", shape=(self.num_embeddings,), initializer="zeros",
+            name="steps_unused", shape=(self.codebook_size,), initializer="zeros",
             trainable=False)
 
     def distances(self, flat):
-        """Squared L2 distances [M, num_embeddings] from vectors [M, D], as one matmul."""
+        """Squared L2 distances [M, codebook_size] from vectors [M, D], as one matmul."""
         codebook = tf.convert_to_tensor(self.codebook)
         return (tf.reduce_sum(flat * flat, axis=1, keepdims=True)
                 - 2.0 * tf.matmul(flat, codebook, transpose_b=True)
@@ -116,7 +114,7 @@ class VectorQuantizer(keras.layers.Layer):
         total = tf.maximum(sum_over_replicas(tf.reduce_sum(weights)) / num_replicas(), 1.0)
 
         indices = tf.argmin(self.distances(flat), axis=1, output_type=tf.int32)
-        onehot = tf.one_hot(indices, self.num_embeddings) * weights[:, None]
+        onehot = tf.one_hot(indices, self.codebook_size) * weights[:, None]
         counts = sum_over_replicas(tf.reduce_sum(onehot, axis=0))
         quantized_flat = self.lookup(indices)  # Read before any codebook update below.
         restarted = tf.constant(0.0)
@@ -159,7 +157,7 @@ class VectorQuantizer(keras.layers.Layer):
         sums = sum_over_replicas(tf.matmul(onehot, flat, transpose_a=True))
         self.ema_sum.assign(d * self.ema_sum + (1 - d) * sums)
         n = tf.reduce_sum(self.ema_cluster_size)
-        smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
+        smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n
         self.codebook.assign(self.ema_sum / smoothed[:, None])
 
     def _restart_dead_codes(self, flat, weights, counts):
@@ -168,7 +166,7 @@ class VectorQuantizer(keras.layers.Layer):
         # Re-seed each dead codeword from a random counted vector of this batch.
         logits = tf.math.log(tf.maximum(weights, 1e-30))[None, :]
         seed = keras.random.randint((2,), 0, 2**30, seed=self._seed_generator, dtype="int32")
-        picks = tf.random.stateless_categorical(logits, self.num_embeddings, seed)[0]
+        picks = tf.random.stateless_categorical(logits, self.codebook_size, seed)[0]
         candidates = tf.gather(flat, picks)
         self.codebook.assign(tf.where(dead[:, None], candidates, self.codebook))
         if self.use_ema:
@@ -179,7 +177,7 @@ class VectorQuantizer(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
+        config.update(codebook_size=self.codebook_size, embedding_dim=self.embedding_dim,
                       beta=self.beta, use_ema=self.use_ema, ema_decay=self.ema_decay,
                       epsilon=self.epsilon, dead_code_steps=self.dead_code_steps, seed=self.seed)
         return config

@@ -7,22 +7,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-DISTRIBUTIONS = ("none", "uniform", "uniform_per_example", "geometric", "all")
-FILLS = ("zeros", "learned")
-
-
-def check_num_codes(num_codes, code_length: int):
-    """Validates a code length k against K: eagerly for Python ints, in-graph for tensors."""
-    if isinstance(num_codes, (int, np.integer)):
-        if not 1 <= num_codes <= code_length:
-            raise ValueError(f"num_codes={num_codes}, expected 1 <= num_codes <= {code_length}")
-        return tf.constant(int(num_codes), tf.int32)
-    num_codes = tf.cast(num_codes, tf.int32)
-    tf.debugging.assert_greater_equal(
-        num_codes, 1, message=f"num_codes must satisfy 1 <= num_codes <= {code_length}")
-    tf.debugging.assert_less_equal(
-        num_codes, code_length, message=f"num_codes must satisfy 1 <= num_codes <= {code_length}")
-    return num_codes
+from ordered_vqvae.configs import DISTRIBUTIONS, FILLS
+from ordered_vqvae.validation import check_between, check_choice, check_num_codes
 
 
 @keras.saving.register_keras_serializable(package="ordered_vqvae")
@@ -43,14 +29,10 @@ class NestedTruncation(keras.layers.Layer):
     def __init__(self, code_length: int, distribution: str = "uniform", min_codes: int = 1,
                  geometric_p: float = 0.1, fill: str = "zeros", seed: int = 0, **kwargs):
         super().__init__(**kwargs)
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution={distribution!r}, expected one of {DISTRIBUTIONS}")
-        if fill not in FILLS:
-            raise ValueError(f"fill={fill!r}, expected one of {FILLS}")
-        if not 1 <= min_codes <= code_length:
-            raise ValueError(f"min_codes={min_codes}, expected 1 <= min_codes <= {code_length}")
-        if not 0.0 < geometric_p < 1.0:
-            raise ValueError(f"geometric_p={geometric_p}, expected 0 < p < 1")
+        check_choice("distribution", distribution, DISTRIBUTIONS)
+        check_choice("fill", fill, FILLS)
+        check_between("min_codes", min_codes, 1, code_length)
+        check_between("geometric_p", geometric_p, 0.0, 1.0, low_open=True, high_open=True)
         self.code_length = int(code_length)
         self.distribution = distribution
         self.min_codes = int(min_codes)

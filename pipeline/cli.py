@@ -1,25 +1,18 @@
 """`ovqvae`: the command line of the ordered VQ-VAE pipeline.
 
-  ovqvae demo                       the whole pipeline on the embedded digits (workdir/digits)
-  ovqvae run --dataset=D --workdir=W      all stages: train_autoencoder, extract,
-                                          train_prior, export, report
-  ovqvae train_autoencoder | extract | train_prior | export | report --workdir=W ...
-                                    one stage (finished stages whose inputs did not change
-                                    are skipped; --force redoes them)
-  ovqvae sample --saved_model=DIR --num_codes=k --num_samples=N --seed=S --output=grid.png
-  ovqvae experiments --dataset=D --workdir=W [--experiments=ordered_vs_unordered,time,...]
-                                    the paper's comparisons (see pipeline/experiments.py)
-
-Datasets: digits (embedded), mnist (--data_path: IDX directory), cifar10 (--data_path:
-the JPEG tarball or folder), image_folder (--data_path and --preset), tfds:<name>
-(--data_dir). Every field of the dataset's autoencoder preset is a flag (--latent_channels,
---truncation, ...); prior fields take a prior_ prefix (--prior_num_layers, ...). Flags
-this program does not know are Beam pipeline options for the extract stage
-(--runner=DataflowRunner --project=...). Exit codes: 0 success, 1 runtime error, 2 usage.
+`ovqvae --help` lists the commands, `ovqvae COMMAND --help` one command's flags with their
+defaults. Datasets: digits (embedded), mnist (--data_path: IDX directory), cifar10
+(--data_path: the JPEG tarball or folder), image_folder (--data_path and --preset),
+tfds:<name> (--data_dir). Every field of the dataset's autoencoder preset is a flag
+(--latent_channels, --codebook_size, --truncation, ...); prior fields take a prior_ prefix
+(--prior_num_layers, ...). Flags this program does not know are Beam pipeline options for
+the extract stage (--runner=DataflowRunner --project=...). TensorFlow's C++ log lines are
+hidden unless --verbosity is given. Exit codes: 0 success, 1 runtime error, 2 usage error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -28,10 +21,8 @@ import typing
 
 from absl import app, flags
 
-STAGE_COMMANDS = {"train_autoencoder": "autoencoder", "extract": "extract",
-                  "train_prior": "prior", "export": "export", "report": "report"}
-COMMANDS = ("demo", "run", "sample", "experiments", *STAGE_COMMANDS)
-BEAM_COMMANDS = ("demo", "run", "extract", "experiments")
+from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
+from pipeline.stages import BY_COMMAND, STAGES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the run's artifacts (demo: workdir/digits).")
@@ -54,9 +45,9 @@ flags.DEFINE_integer("checkpoint_every", 500, "Training checkpoints every this m
                      "(and at every epoch end; 0: epoch ends only). An interrupted stage "
                      "resumes from the latest one when rerun.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
-flags.DEFINE_string("saved_model", None, "SavedModel directory (sample; default WORKDIR/saved_model).")
-flags.DEFINE_integer("num_codes", None, "Codes to generate, 1..K (sample; default K).")
-flags.DEFINE_integer("num_samples", 16, "Samples to draw (sample).")
+flags.DEFINE_string("saved_model", None, "SavedModel directory (default WORKDIR/saved_model).")
+flags.DEFINE_integer("num_codes", None, "k, the codes to generate, 1 <= k <= K (unset: K).")
+flags.DEFINE_integer("num_samples", 16, "Samples to draw.")
 flags.DEFINE_integer("seed", None, "Seed of training and report sampling (run, stages) or of "
                      "the samples (sample; default 0).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature > 0 (sample).")
@@ -72,19 +63,59 @@ flags.DEFINE_string("output", None, "PNG grid to write (sample); codes and image
                     "it as .npz.")
 
 
+
+# Flag groups: what each command takes. Stage commands take COMMON plus the groups their
+# Stage declares; the config groups are filled in by _define_config_flags.
+GROUPS = {
+    "common": ["workdir", "dataset", "preset", "seed", "force", "verbose"],
+    "data": ["data_path", "data_dir", "download", "image_size", "max_train_images",
+             "max_test_images"],
+    "training": ["strategy", "checkpoint_every"],
+    "extract": ["num_shards"],
+    "report": ["report_samples"],
+    "autoencoder": [],
+    "prior": [],
+    "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",
+               "output"],
+    "experiments": ["experiments", "eval_samples", "inception_weights", "classifier_epochs",
+                    "ablation_max_train_images", "ablation_epochs"],
+}
+ALL_STAGE_GROUPS = ("common", "data", "training", "extract", "report", "autoencoder", "prior")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    groups: tuple
+    beam_options: bool = False  # Unknown flags pass to Beam.
+
+
+COMMANDS = {c.name: c for c in (
+    Command("demo", "the whole pipeline on the embedded digits data (workdir/digits)",
+            ALL_STAGE_GROUPS, beam_options=True),
+    Command("run", "every stage in order: " + ", ".join(s.command for s in STAGES),
+            ALL_STAGE_GROUPS, beam_options=True),
+    Command("sample", "draw samples from a SavedModel at k codes: a PNG grid and an .npz",
+            ("sample",)),
+    Command("experiments", "the paper's comparisons (ordered vs unordered, time, ...)",
+            ALL_STAGE_GROUPS + ("experiments",), beam_options=True),
+    *(Command(s.command, s.summary, ("common",) + s.flag_groups,
+              beam_options="extract" in s.flag_groups) for s in STAGES),
+)}
+
 def _define_config_flags():
     """One flag per AutoencoderConfig field and per PriorConfig field (prior_ prefix),
     default None meaning 'the preset's value'."""
-    from ordered_vqvae.configs import AutoencoderConfig
-    from ordered_vqvae.prior import PriorConfig
-
-    for cls, prefix in ((AutoencoderConfig, ""), (PriorConfig, "prior_")):
+    for cls, prefix, group in ((AutoencoderConfig, "", "autoencoder"),
+                               (PriorConfig, "prior_", "prior")):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name == "seed":  # One --seed for everything.
                 continue
             name, hint = prefix + f.name, hints[f.name]
-            text = f"Override the preset's {cls.__name__}.{f.name} (base value {f.default})."
+            GROUPS[group].append(name)
+            text = f"{cls.__name__}.{f.name}; unset: the preset's value (base {f.default})."
             if hint is bool:
                 flags.DEFINE_bool(name, None, text)
             elif hint is int:
@@ -98,6 +129,41 @@ def _define_config_flags():
 
 
 _define_config_flags()
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def _flag_lines(names) -> list:
+    lines = []
+    for name in dict.fromkeys(names):
+        flag = FLAGS[name]
+        default = "unset" if flag.default is None else repr(flag.default)
+        lines.append(f"  --{name}  (default: {default})")
+        lines.append(f"      {flag.help}")
+    return lines
+
+
+def help_text(command: typing.Optional[str] = None) -> str:
+    """`ovqvae --help` (the commands) or `ovqvae COMMAND --help` (its flags)."""
+    if command is None:
+        width = max(len(c) for c in COMMANDS)
+        lines = ["usage: ovqvae COMMAND [--flag=value ...]", "",
+                 "Anytime sampling with an ordered VQ-VAE and a Transformer prior.", "",
+                 "commands:"]
+        lines += [f"  {c.name:<{width}}  {c.summary}" for c in COMMANDS.values()]
+        lines += ["", "'ovqvae COMMAND --help' lists a command's flags and their defaults.",
+                  "--verbosity=N shows TensorFlow's and absl's log lines.",
+                  "Exit codes: 0 success, 1 runtime error, 2 usage error."]
+        return "\n".join(lines) + "\n"
+    spec = COMMANDS[command]
+    lines = [f"usage: ovqvae {command} [--flag=value ...]", "", spec.summary[0].upper()
+             + spec.summary[1:] + ".", "", "flags:"]
+    lines += _flag_lines(name for group in spec.groups for name in GROUPS[group])
+    if spec.beam_options:
+        lines += ["", "Other flags are Apache Beam pipeline options for the extract stage "
+                  "(--runner=DataflowRunner --project=... --setup_file=./setup.py)."]
+    return "\n".join(lines) + "\n"
 
 
 class UsageError(Exception):
@@ -117,8 +183,6 @@ def _overrides(cls, prefix):
 
 def pipeline_config():
     """The PipelineConfig the flags describe."""
-    from ordered_vqvae.configs import AutoencoderConfig
-    from ordered_vqvae.prior import PriorConfig
     from pipeline.config import DataConfig, pipeline_preset
 
     dataset = FLAGS.dataset
@@ -147,7 +211,7 @@ def _sample():
     import tensorflow as tf
 
     from ordered_vqvae import export, figures
-    from ordered_vqvae.atomic import check_writable_directory
+    from ordered_vqvae.atomic import atomic_file, check_writable_directory
 
     path = FLAGS.saved_model or (os.path.join(FLAGS.workdir, "saved_model") if FLAGS.workdir else None)
     if not path:
@@ -172,9 +236,8 @@ def _sample():
                                      temperature=tf.constant(FLAGS.temperature, tf.float32))
     images, codes = out["images"].numpy(), out["codes"].numpy()
     base = os.path.splitext(FLAGS.output)[0]
-    tmp = base + ".tmp.npz"
-    np.savez(tmp, images=images, codes=codes)
-    os.replace(tmp, base + ".npz")
+    with atomic_file(base + ".npz", "wb") as f:
+        np.savez(f, images=images, codes=codes)
     figures.save_image_rows([images], [f"k={k}/{K}"], FLAGS.output,
                             f"{FLAGS.num_samples} samples from the first {k} of {K} codes")
     print(f"[sample] wrote {FLAGS.output} and {base}.npz ({FLAGS.num_samples} samples, "
@@ -184,7 +247,8 @@ def _sample():
 def main(argv):
     from absl import logging
 
-    logging.set_verbosity(logging.WARNING)
+    if not _verbosity_given(argv):
+        logging.set_verbosity(logging.WARNING)
     positional = [a for a in argv[1:] if not a.startswith("-")]
     unknown = [a for a in argv[1:] if a.startswith("-")]
     if not positional or positional[0] not in COMMANDS:
@@ -193,7 +257,7 @@ def main(argv):
     if len(positional) > 1:
         raise UsageError(f"unexpected arguments {positional[1:]}")
     command = positional[0]
-    if unknown and command not in BEAM_COMMANDS:
+    if unknown and not COMMANDS[command].beam_options:
         raise UsageError(f"unknown flag(s) {unknown} for command {command}")
     if command == "sample":
         return _sample()
@@ -215,10 +279,10 @@ def main(argv):
             ablation_epochs=FLAGS.ablation_epochs), workdir, verbose=FLAGS.verbose)
     elif command in ("demo", "run"):
         stages.run_pipeline(config, workdir, force=FLAGS.force, verbose=FLAGS.verbose)
-        report = os.path.join(workdir, "report", "report.md")
+        report = os.path.join(workdir, stages.BY_NAME["report"].artifact, "report.md")
         print(f"[{command}] done: the report is {report}", flush=True)
     else:
-        stages.run_stage(config, workdir, STAGE_COMMANDS[command], force=FLAGS.force,
+        stages.run_stage(config, workdir, BY_COMMAND[command].name, force=FLAGS.force,
                          verbose=FLAGS.verbose)
 
 
@@ -257,10 +321,43 @@ def _main_with_exit_codes(argv):
         sys.exit(1)
 
 
-def run():
+def _verbosity_given(argv) -> bool:
+    return any(re.match(r"--?(v|verbosity)(=|$)", a) for a in argv[1:])
+
+
+@contextlib.contextmanager
+def _quiet_stderr(quiet: bool):
+    """Sends file descriptor 2 to /dev/null: TensorFlow's C++ runtime prints its start-up
+    lines (oneDNN, CUDA probing) before its own log level applies."""
+    if not quiet:
+        yield
+        return
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(null)
+        os.close(saved)
+
+
+def run(argv=None):
     """Console-script entry point."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(_main_with_exit_codes, flags_parser=_parse)
+    argv = list(sys.argv if argv is None else argv)
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
+        command = words[0] if words and words[0] in COMMANDS else None
+        sys.stdout.write(help_text(command))
+        sys.exit(0)
+    quiet = not _verbosity_given(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if quiet else "0")
+    with _quiet_stderr(quiet):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # Device probing logs here, once.
+    app.run(_main_with_exit_codes, argv=argv, flags_parser=_parse)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from ordered_vqvae.configs import AutoencoderConfig, preset
-from ordered_vqvae.prior import PriorConfig, prior_preset
+from ordered_vqvae.configs import AutoencoderConfig, PriorConfig, preset, prior_preset
 
 # Which architecture preset a dataset uses by default.
 DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10",

@@ -23,14 +23,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ordered_vqvae import figures, metrics, models
-from ordered_vqvae.atomic import atomic_directory
+from ordered_vqvae.atomic import atomic_directory, write_json
+from ordered_vqvae.configs import EXPERIMENT_FRACTIONS, fraction_lengths
+from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import load_prior
-from ordered_vqvae.sampler import AnytimeSampler
-from pipeline import evaluate, stages
+from pipeline import evaluate, stages, workdir as wd
 from pipeline.config import PipelineConfig
 
 EXPERIMENTS = ("ordered_vs_unordered", "time", "channel_vs_spatial", "priority_code", "ablations")
-FRACTIONS = (0.1, 0.25, 0.5, 0.6, 0.75, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,25 +92,25 @@ def _classifier(cfg: ExperimentConfig, workdir: str, train, test) -> metrics.Dom
     return clf
 
 
-def _sampler(workdir: str) -> AnytimeSampler:
-    return AnytimeSampler(load_prior(os.path.join(workdir, "prior")),
-                          models.load_autoencoder(os.path.join(workdir, "autoencoder")))
+def _generator(workdir: str) -> ImageGenerator:
+    return ImageGenerator(load_prior(stages.artifact_path(workdir, "prior")),
+                          models.load_autoencoder(stages.artifact_path(workdir, "autoencoder")))
 
 
-def _samples_by_length(sampler, lengths, n, seed, batch=250):
+def _samples_by_length(generator, lengths, n, seed, batch=250):
     """{k: images [n, H, W, C]} from progressive passes (one pass serves every k)."""
     out = {k: [] for k in lengths}
     for i, start in enumerate(range(0, n, batch)):
-        images, _ = sampler.sample_progressive(min(batch, n - start), lengths, seed=seed + i)
+        images, _ = generator.sample_progressive(min(batch, n - start), lengths, seed=seed + i)
         for k in lengths:
             out[k].append(images[k].numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _quality(name, sampler, lengths, cfg, clf, real_features, inception, real_inception, test_x):
-    samples = _samples_by_length(sampler, lengths, cfg.eval_samples, cfg.base.seed)
+def _quality(name, generator, lengths, cfg, clf, real_features, inception, real_inception, test_x):
+    samples = _samples_by_length(generator, lengths, cfg.eval_samples, cfg.base.seed)
     row = {"fd": {}, "fid": {}, "mse": {}}
-    mse = sampler.autoencoder.mse_by_length(test_x, lengths)
+    mse = generator.autoencoder.mse_by_length(test_x, lengths)
     for k in lengths:
         row["fd"][k] = metrics.frechet_distance_of(clf.features(samples[k]), real_features)
         row["mse"][k] = mse[k]
@@ -128,7 +128,7 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
     unknown = set(cfg.names) - set(EXPERIMENTS)
     if unknown:
         raise ValueError(f"unknown experiment(s) {sorted(unknown)}, expected {EXPERIMENTS}")
-    stages.prepare_workdir(workdir)
+    wd.prepare(workdir)
     variants = _variant_configs(cfg)
     for name, config in variants.items():
         print(f"[experiments] variant {name}", flush=True)
@@ -148,16 +148,16 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
         fid_note = f"FID with InceptionV3 from {cfg.inception_weights}."
 
     K = cfg.base.autoencoder.code_length
-    lengths = sorted(set(models.fraction_lengths(K, FRACTIONS)))
+    lengths = sorted(set(fraction_lengths(K, EXPERIMENT_FRACTIONS).values()))
     results = {"dataset": cfg.base.data.source, "code_length": K, "lengths": lengths,
                "classifier_accuracy": clf.accuracy, "fid_note": fid_note,
                "eval_samples": cfg.eval_samples, "test_images": int(len(test_x)), "variants": {}}
-    samplers = {name: _sampler(os.path.join(workdir, "variants", name)) for name in variants}
+    generators = {name: _generator(os.path.join(workdir, "variants", name)) for name in variants}
     samples = {}
     for name in variants:
         if name == "spatial":
             continue  # Its code has another length; it is only shown in grids.
-        row, samples[name] = _quality(name, samplers[name], lengths, cfg, clf, real_features,
+        row, samples[name] = _quality(name, generators[name], lengths, cfg, clf, real_features,
                                       inception, real_inception, test_x)
         results["variants"][name] = row
     figs = []
@@ -177,14 +177,14 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
                 figs.append(figures.save_curves({n: r["fid"] for n, r in pair.items()},
                                                 os.path.join(tmp, "fid_vs_codes.png"),
                                                 "codes kept (k)", "FID", "FID against code length"))
-            quarter = models.fraction_lengths(K, (0.25,))[0]
+            quarter = fraction_lengths(K, (0.25,))[0.25]
             figures.save_image_rows([samples[n][quarter][:16] for n in pair] +
                                     [samples[n][K][:16] for n in pair],
                                     [f"{n}, k={quarter}" for n in pair] + [f"{n}, k={K}" for n in pair],
                                     os.path.join(tmp, "ordered_vs_unordered_samples.png"),
                                     "Samples at 1/4 and all of the code")
         if "time" in cfg.names:
-            seconds = evaluate.sampling_seconds(samplers["ordered"], 64, lengths)
+            seconds = evaluate.sampling_seconds(generators["ordered"], 64, lengths)
             results["sampling_seconds"] = seconds
             figs.append(figures.save_curves({f"{cfg.base.data.source}, batch 64": seconds},
                                             os.path.join(tmp, "time_vs_codes.png"),
@@ -193,19 +193,19 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
         if "channel_vs_spatial" in cfg.names:
             rows, labels = [], []
             for name in ("ordered", "spatial"):
-                s = samplers[name]
-                k = models.fraction_lengths(s.code_length, (0.25,))[0]
+                s = generators[name]
+                k = fraction_lengths(s.code_length, (0.25,))[0.25]
                 rows.append(s.sample(16, k, seed=cfg.base.seed)[0].numpy())
                 labels.append(f"{'channel' if name == 'ordered' else 'spatial'}-wise, "
                               f"k={k}/{s.code_length}")
             figures.save_image_rows(rows, labels, os.path.join(tmp, "channel_vs_spatial.png"),
                                     "Samples from 1/4 of the code")
         if "priority_code" in cfg.names:
-            s = samplers["ordered"]
+            s = generators["ordered"]
             _, base_codes = s.sample(1, K, seed=cfg.base.seed + 7)
             fixed_rows, labels = [], []
             for frac in (0.125, 0.25, 0.5):
-                k = models.fraction_lengths(K, (frac,))[0]
+                k = fraction_lengths(K, (frac,))[frac]
                 prefix = np.repeat(base_codes.numpy(), 12, axis=0)
                 images, _ = s.complete(prefix, num_fixed=k, seed=cfg.base.seed + 11)
                 fixed_rows.append(images.numpy())
@@ -226,7 +226,7 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
                 figs.append(figures.save_curves({n: r["mse"] for n, r in group.items()},
                                                 os.path.join(tmp, f"{stem}_mse.png"), "codes kept (k)",
                                                 "test MSE", f"Ablation: {title}", logy=True))
-        stages.write_json(os.path.join(tmp, "experiments.json"), results)
+        write_json(os.path.join(tmp, "experiments.json"), results)
         with open(os.path.join(tmp, "experiments.md"), "w") as f:
             f.write(_markdown(cfg, results, variants))
     print(f"[experiments] {os.path.join(out, 'experiments.md')}", flush=True)
@@ -247,7 +247,7 @@ def _markdown(cfg: ExperimentConfig, results: dict, variants: Dict[str, Pipeline
     K = results["code_length"]
     base = cfg.base
     lines = [f"# Experiments on `{results['dataset']}`", "",
-             f"K = {K} codes, {base.autoencoder.num_embeddings} codewords; "
+             f"K = {K} codes, {base.autoencoder.codebook_size} codewords; "
              f"{base.data.max_train or 'all'} training images, {results['test_images']} test "
              f"images; autoencoder {base.autoencoder.epochs} epochs, prior "
              f"{base.prior.num_layers} layers x width {base.prior.width}, {base.prior.epochs} "

@@ -31,6 +31,8 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from ordered_vqvae.atomic import publish_directory
+from ordered_vqvae.validation import image_problems
 from pipeline import schema
 from pipeline.config import DataConfig
 
@@ -110,24 +112,6 @@ class _ReadShard(beam.DoFn):
                    **{k: arrays[k] for k in ("image", "encoded") if k in arrays}}
 
 
-def invalid_images(images: np.ndarray, expected_shape) -> list:
-    """Per image of [N, H, W, C], why it cannot be encoded, or None when it can."""
-    if images.shape[1:] != tuple(expected_shape):
-        return [f"shape {images.shape[1:]}, expected {tuple(expected_shape)}"] * len(images)
-    axes = tuple(range(1, images.ndim))
-    finite = np.isfinite(images).all(axis=axes)
-    lo, hi = np.nanmin(images, axis=axes), np.nanmax(images, axis=axes)
-    reasons = []
-    for ok, a, b in zip(finite, lo, hi):
-        if not ok:
-            reasons.append("NaN or Inf pixels")
-        elif a < 0.0 or b > 1.0:
-            reasons.append(f"values in [{a:g}, {b:g}], expected [0, 1]")
-        else:
-            reasons.append(None)
-    return reasons
-
-
 class _DecodeAndValidate(beam.DoFn):
     """Decodes encoded files and checks shape, finiteness and range. Each failing record
     goes to the dead-letter output with the reason; the rest go on as one array batch."""
@@ -154,7 +138,7 @@ class _DecodeAndValidate(beam.DoFn):
             images, reasons = self._decode(batch)
         else:
             images, reasons = np.asarray(batch["image"], np.float32), [None] * len(batch["ids"])
-        checks = invalid_images(images, self.image_shape)
+        checks = image_problems(images, self.image_shape)
         reasons = [r or c for r, c in zip(reasons, checks)]
         for record_id, reason in zip(batch["ids"], reasons):
             if reason:
@@ -240,18 +224,6 @@ def _source_info(spec: DataConfig, split: str):
     _, info = data.load(spec.source, split, path=spec.path, data_dir=spec.data_dir,
                         image_size=spec.image_size, decode=False)
     return info
-
-
-def _publish(staging: str, output: str) -> None:
-    import tensorflow as tf
-
-    if "://" not in output:
-        os.replace(staging, output)
-        return
-    tf.io.gfile.makedirs(output)  # Object stores have no directory rename: copy, then delete.
-    for name in tf.io.gfile.listdir(staging):
-        tf.io.gfile.copy(os.path.join(staging, name), os.path.join(output, name), overwrite=True)
-    tf.io.gfile.rmtree(staging)
 
 
 def _counter(result, name: str) -> int:
@@ -343,7 +315,7 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
                                f"dead-lettered {sum(dead_counts.values())}")
         metadata = {
             "code_length": model_config.code_length,
-            "codebook_size": model_config.num_embeddings,
+            "codebook_size": model_config.codebook_size,
             "image_shape": list(model_config.image_shape),
             "dataset": dataclasses.asdict(spec),
             "num_shards": num_shards,
@@ -354,9 +326,7 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
             "beam_counters": beam_counters,
         }
         schema.write_metadata(staging, metadata)
-        if tf.io.gfile.exists(output_dir):
-            tf.io.gfile.rmtree(output_dir)
-        _publish(staging, output_dir)
+        publish_directory(staging, output_dir)
     finally:
         if tf.io.gfile.exists(staging):
             tf.io.gfile.rmtree(staging)

@@ -4,41 +4,42 @@ from __future__ import annotations
 
 import os
 
-from ordered_vqvae import figures, models
-from ordered_vqvae.atomic import atomic_directory
-from ordered_vqvae.prior import load_prior
-from ordered_vqvae.sampler import AnytimeSampler
+from ordered_vqvae import figures
+from ordered_vqvae.atomic import atomic_directory, write_json
+from ordered_vqvae.configs import fraction_lengths
+from ordered_vqvae.generator import ImageGenerator
 from pipeline import evaluate
 from pipeline.config import PipelineConfig
-from pipeline.stages import read_manifest, write_json
 
 
 def _pct(k: int, K: int) -> str:
     return f"{round(100 * k / K)}%"
 
 
-def build(config: PipelineConfig, workdir: str, out_dir: str) -> str:
-    """Writes the report into `out_dir` (atomically) and returns it."""
-    ae = models.load_autoencoder(os.path.join(workdir, "autoencoder"))
-    prior = load_prior(os.path.join(workdir, "prior"))
-    sampler = AnytimeSampler(prior, ae)
-    K, n = ae.code_length, config.report_samples
-    ae_eval = read_manifest(workdir, "autoencoder")["result"]
-    prior_eval = read_manifest(workdir, "prior")["result"]
-    codes_eval = read_manifest(workdir, "extract")["result"]
-    test_x, _, _ = config.data.arrays("test")
+def build(config: PipelineConfig, autoencoder, prior, results: dict, test_images,
+          out_dir: str) -> str:
+    """Writes the report into `out_dir` (atomically) and returns it.
+
+    Args:
+      autoencoder, prior: the trained OrderedVQVAE and CodePrior.
+      results: the "result" of the autoencoder, extract and prior stages, by stage name.
+      test_images: float32 [N,H,W,C] in [0,1].
+    """
+    generator = ImageGenerator(prior, autoencoder)
+    K, n = autoencoder.code_length, config.report_samples
+    ae_eval, codes_eval, prior_eval = (results[s] for s in ("autoencoder", "extract", "prior"))
 
     with atomic_directory(out_dir) as tmp:
-        quarter = models.fraction_lengths(K)
+        quarter = sorted(set(fraction_lengths(K).values()))
         # Reconstructions of test images from the first k codes.
-        shown = test_x[:n]
-        codes = ae.encode(shown)
-        rows = [shown] + [ae.decode(codes, k).numpy() for k in quarter]
+        shown = test_images[:n]
+        codes = autoencoder.encode(shown)
+        rows = [shown] + [autoencoder.decode(codes, k).numpy() for k in quarter]
         labels = ["input"] + [f"k={k} ({_pct(k, K)})" for k in quarter]
         figures.save_image_rows(rows, labels, os.path.join(tmp, "reconstructions.png"),
                                 "Test images reconstructed from the first k codes")
         # Samples: one autoregressive pass, decoded at 25/50/75/100% of K.
-        samples, _ = sampler.sample_progressive(n, quarter, seed=config.seed)
+        samples, _ = generator.sample_progressive(n, quarter, seed=config.seed)
         figures.save_image_rows([samples[k].numpy() for k in quarter],
                                 [f"k={k} ({_pct(k, K)})" for k in quarter],
                                 os.path.join(tmp, "samples.png"),
@@ -47,12 +48,12 @@ def build(config: PipelineConfig, workdir: str, out_dir: str) -> str:
         figures.save_curves({"ordered VQ-VAE": mse}, os.path.join(tmp, "mse_vs_codes.png"),
                             "codes kept (k)", "test MSE ([0,1] scale)",
                             f"Reconstruction error against code length (K={K})", logy=True)
-        seconds = evaluate.sampling_seconds(sampler, n, evaluate.curve_lengths(K))
+        seconds = evaluate.sampling_seconds(generator, n, sorted(mse))
         figures.save_curves({f"batch of {n}": seconds}, os.path.join(tmp, "time_vs_codes.png"),
                             "codes generated (k)", "seconds (sample + decode)",
                             "Anytime sampling time against code length")
-        metrics = {"code_length": K, "codebook_size": ae.codebook_size,
-                   "test_images": int(len(test_x)), "mse_by_codes": ae_eval["mse_by_codes"],
+        metrics = {"code_length": K, "codebook_size": autoencoder.codebook_size,
+                   "test_images": int(len(test_images)), "mse_by_codes": ae_eval["mse_by_codes"],
                    "sampling_seconds_by_codes": {str(k): v for k, v in seconds.items()},
                    "prior_val_bits_per_code": prior_eval["val_bits_per_code"],
                    "uniform_bits_per_code": prior_eval["uniform_bits_per_code"],

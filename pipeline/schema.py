@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from ordered_vqvae.atomic import write_json
+
 ID, LABEL, CODES, SPLIT = "id", "label", "codes", "split"
 METADATA = "metadata.json"
 SHARD_SUFFIX = ".tfrecord"
@@ -65,10 +67,7 @@ def parse_example(serialized: bytes, code_length: int) -> dict:
 
 
 def write_metadata(directory: str, metadata: dict) -> None:
-    path = os.path.join(directory, METADATA)
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, **metadata}, f, indent=1, sort_keys=True)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    write_json(os.path.join(directory, METADATA), {"format_version": FORMAT_VERSION, **metadata})
 
 
 def read_metadata(directory: str) -> dict:

@@ -40,7 +40,7 @@ def cifar_tarball():
 
 
 # A shrunk pipeline on the embedded digits: the whole run takes well under a minute.
-TINY_AE = dict(hidden=(16,), latent_channels=8, num_embeddings=32, epochs=2)
+TINY_AE = dict(hidden=(16,), latent_channels=8, codebook_size=32, epochs=2)
 TINY_PRIOR = dict(num_layers=1, num_heads=2, width=32, ffn_width=64, epochs=2, warmup_steps=20)
 TINY_FLAGS = ([f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                for k, v in TINY_AE.items()]

@@ -25,10 +25,10 @@ import keras  # noqa: E402
 keras.config.disable_traceback_filtering()
 import numpy as np  # noqa: E402
 
-from ordered_vqvae import configs, data, training  # noqa: E402
-from ordered_vqvae.prior import prior_preset  # noqa: E402
+from ordered_vqvae import configs, data, fit, training  # noqa: E402
+from ordered_vqvae.configs import prior_preset  # noqa: E402
 
-AUTOENCODER = configs.preset("digits", hidden=(16,), latent_channels=8, num_embeddings=32,
+AUTOENCODER = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=32,
                              batch_size=64, epochs=2)
 PRIOR = prior_preset("digits", num_layers=1, width=32, num_heads=2, ffn_width=64, epochs=2,
                      batch_size=32, warmup_steps=10, dropout=0.0)
@@ -48,7 +48,7 @@ def main(mode, optimizer, workdir, out):
     codes = rng.integers(0, 32, size=(1024, 8)) // rng.integers(1, 4, size=(1024, 1))
     prior = training.train_prior(PRIOR, 8, 32, codes, None, os.path.join(workdir, "prior"),
                                  verbose=0, strategy=strategy)
-    if not training._is_chief(strategy):
+    if not fit.is_chief(strategy):
         return
     weights = {f"ae/{w.path}": w.numpy() for w in ae.weights}
     weights.update({f"prior/{w.path}": w.numpy() for w in prior.weights})
@@ -56,7 +56,7 @@ def main(mode, optimizer, workdir, out):
     with open(out + ".json", "w") as f:
         json.dump({"replicas": strategy.num_replicas_in_sync,
                    "ae_mse": ae.mse_by_length(images[:500], [2, 8]),
-                   "prior_nll": float(prior._nll(codes[:500].astype("int32"), False))}, f)
+                   "prior_bits": prior.bits_per_code(codes[:500])}, f)
 
 
 if __name__ == "__main__":

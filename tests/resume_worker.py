@@ -15,7 +15,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ordered_vqvae import configs, data, training  # noqa: E402
-from ordered_vqvae.prior import prior_preset  # noqa: E402
+from ordered_vqvae.configs import prior_preset  # noqa: E402
 
 CHECKPOINT_EVERY = 3
 
@@ -36,7 +36,7 @@ def main(kind, workdir, out):
 
     keras.Model.fit = fit
     if kind == "autoencoder":
-        config = configs.preset("digits", hidden=(16,), latent_channels=8, num_embeddings=32,
+        config = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=32,
                                 batch_size=64, epochs=4)
         model = training.train_autoencoder(config, images, images[:200], workdir, resume=True,
                                            verbose=0, checkpoint_every=CHECKPOINT_EVERY)
@@ -48,7 +48,7 @@ def main(kind, workdir, out):
                               epochs=4, batch_size=32, warmup_steps=10, dropout=0.1)
         model = training.train_prior(config, 8, 16, codes, None, workdir, resume=True, verbose=0,
                                      checkpoint_every=CHECKPOINT_EVERY)
-        metric = {"nll": float(model._nll(codes[:256].astype("int32"), False))}
+        metric = {"bits": model.bits_per_code(codes[:256])}
     np.savez(out, *[w.numpy() for w in model.weights])
     with open(out + ".json", "w") as f:
         json.dump({str(k): float(v) for k, v in metric.items()}, f)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import SUBPROCESS_ENV, TINY_FLAGS, copy_run, ovqvae
 from pipeline import stages
+from pipeline import workdir as workdir_module
 from test_data import _make_mnist
 
 
@@ -26,8 +27,8 @@ def run(finished_run, tmp_path):
 
 def _state(workdir):
     """Fingerprints of every artifact and manifest, and the workdir's temporary names."""
-    state = {name: stages.fingerprint_files(os.path.join(workdir, name))
-             for name in stages.ARTIFACTS.values()}
+    state = {s.name: workdir_module.fingerprint_files(os.path.join(workdir, s.artifact))
+             for s in stages.STAGES}
     for name in sorted(os.listdir(os.path.join(workdir, "manifests"))):
         with open(os.path.join(workdir, "manifests", name)) as f:
             state[name] = f.read()
@@ -197,4 +198,4 @@ def test_disk_full_mid_write_keeps_the_finished_artifact(run, stage, command):
                   preexec_fn=limit_file_size)
     assert "File too large" in proc.stderr, proc.stderr[-2000:]
     _assert_untouched(run, before)
-    assert stages._is_current(run, stage, stages.read_manifest(run, stage)["input_hash"])
+    assert stages._is_current(run, stages.BY_NAME[stage], workdir_module.read_manifest(run, stage)["input_hash"])

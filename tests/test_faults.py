@@ -62,7 +62,7 @@ def test_kill_9_mid_training_then_rerun_ends_bitwise_equal(tmp_path, kind, steps
 
 def test_kill_9_mid_extraction_then_rerun_writes_every_id_once(tmp_path):
     model = models.OrderedVQVAE(configs.preset("digits", hidden=(16,), latent_channels=8,
-                                               num_embeddings=32))
+                                               codebook_size=32))
     model(tf.zeros((1, 8, 8, 1)))
     autoencoder = models.save_autoencoder(model, str(tmp_path / "autoencoder"))
     out = tmp_path / "codes"

@@ -32,6 +32,20 @@ def test_gaussians_match_the_closed_form():
     assert metrics.frechet_distance_of(x, y) == pytest.approx(expected, rel=0.03)
 
 
+def test_singular_and_non_finite_statistics():
+    # Rank-deficient covariances (fewer samples than dimensions) still give the exact value.
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(6, 2))
+    s1, s2 = a @ a.T, 2.0 * a @ a.T  # Rank 2 in 6 dimensions, commuting.
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.trace(np.sqrt(2.0) * s1)
+    assert metrics.frechet_distance(np.zeros(6), s1, np.zeros(6), s2) == pytest.approx(
+        expected, abs=1e-6)
+    with pytest.raises(FloatingPointError, match="sigma2 holds NaN or Inf"):
+        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.full((2, 2), np.nan))
+    with pytest.raises(FloatingPointError, match="mu1 holds NaN or Inf"):
+        metrics.frechet_distance(np.array([np.inf, 0.0]), np.eye(2), np.zeros(2), np.eye(2))
+
+
 def test_bad_statistics_are_rejected():
     with pytest.raises(ValueError, match=r"shape \(1, 3\), expected \[N >= 2, D\]"):
         metrics.statistics(np.zeros((1, 3)))

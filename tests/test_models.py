@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from ordered_vqvae import configs, models
 
-TINY = configs.preset("digits", hidden=(8,), latent_channels=6, num_embeddings=16)
+TINY = configs.preset("digits", hidden=(8,), latent_channels=6, codebook_size=16)
 
 
 def _pca_data(n=4000, dim=8, seed=0):
@@ -127,6 +127,80 @@ def test_vqvae_encode_decode_shapes_and_truncation(quantization, K, D):
     np.testing.assert_allclose(model.reconstruct(x).numpy(), model.decode(codes).numpy(), atol=1e-6)
 
 
+def _last_encoder_conv(model):
+    return model.encoder.layers[-1]
+
+
+@pytest.mark.parametrize("fill", ["zeros", "learned"])
+def test_truncated_codes_get_no_encoder_gradient_and_the_fill_learns(fill):
+    """Channel j of the encoder's last convolution makes token j: with every example cut
+    to k tokens, channels >= k get exactly zero gradient from the whole training loss, the
+    kept ones do not; a learned fill gets gradient only where it fills in."""
+    model = models.OrderedVQVAE(TINY.replace(fill=fill))
+    x = tf.random.stateless_uniform((16, 8, 8, 1), seed=(5, 6))
+    model(x)
+    if fill == "learned":
+        model.truncation.fill_value.assign(tf.random.normal(model.truncation.fill_value.shape, seed=7))
+    k = 2
+    conv = _last_encoder_conv(model)
+    variables = [conv.kernel, conv.bias] + ([model.truncation.fill_value] if fill == "learned"
+                                            else [])
+    with tf.GradientTape() as tape:
+        loss, _, _ = model._nested_loss(x, training=True, lengths=tf.fill([16], k))
+    grads = tape.gradient(loss, variables)
+    kernel, bias = np.abs(grads[0].numpy()), np.abs(grads[1].numpy())
+    assert kernel[..., k:].max() == 0.0 and bias[k:].max() == 0.0
+    assert kernel[..., :k].max() > 1e-6 and (bias[:k] > 0).all()
+    if fill == "learned":
+        fill_grad = np.abs(grads[2].numpy())
+        assert fill_grad[:k].max() == 0.0 and (fill_grad[k:].max(axis=1) > 1e-6).all()
+
+
+def test_token_j_of_the_channel_code_is_channel_j_quantized():
+    model = models.OrderedVQVAE(TINY)
+    x = tf.random.stateless_uniform((3, 8, 8, 1), seed=(8, 9))
+    model(x)
+    codes = model.encode(x).numpy()
+    z = model.encoder(x * 2.0 - 1.0).numpy()  # [N, h, w, C]: the latent before quantization.
+    codebook = model.quantizer.codebook.numpy()  # [V, h*w]
+    n, h, w, c = z.shape
+    assert codes.shape == (n, c) and codebook.shape[1] == h * w
+    for j in range(c):
+        vectors = z[..., j].reshape(n, h * w)  # Channel j's map, row-major.
+        nearest = ((vectors[:, None] - codebook[None]) ** 2).sum(-1).argmin(1)
+        np.testing.assert_array_equal(codes[:, j], nearest)
+
+
+def test_zero_codes_are_rejected_not_read_as_all():
+    model = models.OrderedVQVAE(TINY)
+    x = tf.random.stateless_uniform((2, 8, 8, 1), seed=(1, 1))
+    model(x)
+    with pytest.raises(ValueError, match="num_codes=0, expected 1 <= num_codes <= 6"):
+        model.reconstruct(x, 0)
+    linear = models.OrderedAutoencoder(input_dim=5, code_length=3)
+    with pytest.raises(ValueError, match="num_codes=0, expected 1 <= num_codes <= 3"):
+        linear.decode(np.zeros((2, 3), np.float32), 0)
+    np.testing.assert_allclose(model.reconstruct(x).numpy(), model.reconstruct(x, 6).numpy())
+
+
+def test_artifacts_written_with_the_old_vocabulary_still_load(tmp_path):
+    import json
+
+    model = models.OrderedVQVAE(TINY)
+    model(tf.zeros((1, 8, 8, 1)))
+    path = models.save_autoencoder(model, str(tmp_path / "ae"))
+    config_path = tmp_path / "ae" / models.AUTOENCODER_CONFIG
+    old = json.load(open(config_path))
+    old["num_embeddings"] = old.pop("codebook_size")  # As written before the rename.
+    json.dump(old, open(config_path, "w"))
+    loaded = models.load_autoencoder(path)
+    assert loaded.codebook_size == 16 and loaded.config == model.config
+    old["surprise"] = 1
+    json.dump(old, open(config_path, "w"))
+    with pytest.raises(ValueError, match=r"cannot read .*surprise.*ovqvae train_autoencoder --force"):
+        models.load_autoencoder(path)
+
+
 def test_config_round_trip_and_weights_save_load(tmp_path):
     model = models.OrderedVQVAE(TINY.replace(fill="learned", truncation="geometric"))
     x = tf.random.stateless_uniform((2, 8, 8, 1), seed=(3, 4))
@@ -161,10 +235,10 @@ def test_bad_inputs_name_the_value():
             model.decode(codes, k)
     with pytest.raises(ValueError, match=r"codes have shape \(2, 5\), expected \[N, 6\]"):
         model.decode(codes[:, :5])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="codebook size 16"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)codes must be in \[0, codebook_size=16\), got min.*max.*22"):
         model.decode(codes + 16)
-    with pytest.raises(ValueError, match="num_embeddings=1, expected a codebook size >= 2"):
-        TINY.replace(num_embeddings=1)
+    with pytest.raises(ValueError, match="codebook_size=1, expected a codebook of >= 2 codewords"):
+        TINY.replace(codebook_size=1)
     with pytest.raises(ValueError, match="not divisible by 4"):
         TINY.replace(hidden=(8, 8), image_shape=(6, 6, 1))
     with pytest.raises(ValueError, match="quantization='pixel'"):

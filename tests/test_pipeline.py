@@ -13,6 +13,7 @@ import tensorflow as tf
 from conftest import copy_run, ovqvae, tiny_config
 from ordered_vqvae import models
 from pipeline import stages
+from pipeline import workdir as workdir_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
@@ -24,8 +25,8 @@ def workdir(finished_run, tmp_path_factory):
 
 
 def test_pipeline_writes_every_artifact(workdir):
-    for stage in stages.STAGES:
-        manifest = stages.read_manifest(workdir, stage)
+    for stage in stages.BY_NAME:
+        manifest = workdir_module.read_manifest(workdir, stage)
         assert manifest["stage"] == stage and len(manifest["input_hash"]) == 64
         assert manifest["versions"]["tensorflow"] == tf.__version__
     report = os.path.join(workdir, "report")
@@ -43,11 +44,11 @@ def test_pipeline_writes_every_artifact(workdir):
 
 
 def test_rerun_skips_finished_stages_and_redoes_changed_ones(workdir, capsys):
-    before = {s: stages.read_manifest(workdir, s)["finished"] for s in stages.STAGES}
+    before = {s: workdir_module.read_manifest(workdir, s)["finished"] for s in stages.BY_NAME}
     stages.run_pipeline(tiny_config(), workdir, verbose=0)
     out = capsys.readouterr().out
     assert out.count("up to date (manifest matches), skipped") == 5
-    assert {s: stages.read_manifest(workdir, s)["finished"] for s in stages.STAGES} == before
+    assert {s: workdir_module.read_manifest(workdir, s)["finished"] for s in stages.BY_NAME} == before
     # A changed prior redoes the prior and what depends on it, not the autoencoder.
     stages.run_pipeline(tiny_config(epochs=1), workdir, stages=["autoencoder", "extract", "prior"],
                         verbose=0)
@@ -55,7 +56,7 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(workdir, capsys):
     assert out.count("skipped") == 2 and "[prior] validation" in out
     # A damaged artifact is not taken as finished.
     os.remove(os.path.join(workdir, "prior", "prior.weights.h5"))
-    assert not stages._is_current(workdir, "prior", stages.read_manifest(workdir, "prior")["input_hash"])
+    assert not stages._is_current(workdir, stages.BY_NAME["prior"], workdir_module.read_manifest(workdir, "prior")["input_hash"])
 
 
 def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
@@ -81,8 +82,19 @@ def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
         short = m.signatures["decode"](codes=changed, num_codes=tf.constant(3))["images"]
         same = m.signatures["decode"](codes=codes, num_codes=tf.constant(3))["images"]
         np.testing.assert_array_equal(short.numpy(), same.numpy())
-        out = m.signatures["sample"](num_samples=tf.constant(6), num_codes=tf.constant(2),
-                                     seed=tf.constant(3), temperature=tf.constant(1.0))
+        padded = tf.concat([codes[:, :3], -tf.ones_like(codes[:, 3:])], axis=1)
+        np.testing.assert_array_equal(  # Codes beyond k are ignored, even out-of-range ones.
+            m.signatures["decode"](codes=padded, num_codes=tf.constant(3))["images"].numpy(),
+            same.numpy())
+        def sample(seed, k=K):
+            return m.signatures["sample"](num_samples=tf.constant(6), num_codes=tf.constant(k),
+                                          seed=tf.constant(seed), temperature=tf.constant(1.0))
+        a, b, c = sample(3), sample(3), sample(4)
+        np.testing.assert_array_equal(a["codes"].numpy(), b["codes"].numpy())
+        np.testing.assert_array_equal(a["images"].numpy(), b["images"].numpy())
+        assert (a["codes"].numpy() != c["codes"].numpy()).mean() > 0.2
+        np.testing.assert_array_equal(sample(3, 2)["codes"].numpy()[:, :2], a["codes"].numpy()[:, :2])
+        out = sample(3, 2)
         assert out["images"].shape == (6, 8, 8, 1) and out["codes"].dtype == tf.int32
         assert (out["codes"].numpy()[:, 2:] == 0).all()
         assert 0.0 <= out["images"].numpy().min() and out["images"].numpy().max() <= 1.0

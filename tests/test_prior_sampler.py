@@ -1,15 +1,20 @@
-"""CodePrior and AnytimeSampler: cache equals full pass, fill beyond k, seeds, errors."""
+"""CodePrior, AnytimeSampler and ImageGenerator: cache equals full pass, fill beyond k,
+seeds, filters, budgets, errors."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from ordered_vqvae import configs, data, models, training
-from ordered_vqvae.prior import CodePrior, PriorConfig, prior_preset
-from ordered_vqvae.sampler import FILL_CODE, AnytimeSampler, filter_logits
+from ordered_vqvae import sampler as sampler_module
+from ordered_vqvae.budget import TimeBudget
+from ordered_vqvae.configs import PriorConfig, prior_preset
+from ordered_vqvae.generator import ImageGenerator
+from ordered_vqvae.prior import CodePrior
+from ordered_vqvae.sampler import FILL_CODE, AnytimeSampler, LogitFilter
 
 K, V = 8, 32
-AE_CONFIG = configs.preset("digits", hidden=(16,), latent_channels=K, num_embeddings=V)
+AE_CONFIG = configs.preset("digits", hidden=(16,), latent_channels=K, codebook_size=V)
 
 
 def _prior(seed=0, **kw):
@@ -26,18 +31,26 @@ def sampler():
     ae = models.OrderedVQVAE(AE_CONFIG.replace(fill="learned"))
     ae(tf.zeros((1, 8, 8, 1)))
     ae.truncation.fill_value.assign(tf.random.normal(ae.truncation.fill_value.shape, seed=1))
-    return AnytimeSampler(_prior(), ae)
+    return ImageGenerator(_prior(), ae)
 
 
 def test_cached_steps_equal_the_full_causal_pass():
     prior = _prior()
     codes = tf.random.stateless_uniform((3, K), (1, 2), 0, V, tf.int32)
-    tokens = prior.shift_right(codes)
+    tokens, labels = prior.next_code_pairs(codes)
+    np.testing.assert_array_equal(labels.numpy(), codes.numpy())
+    np.testing.assert_array_equal(tokens.numpy()[:, 0], [V] * 3)  # The start token.
+    np.testing.assert_array_equal(tokens.numpy()[:, 1:], codes.numpy()[:, :-1])
     full = prior(tokens).numpy()
     cache = prior.init_cache(3)
     for i in range(K):
-        logits, cache = prior.step(tokens[:, i], cache, tf.constant(i))
+        logits, cache = prior.next(tokens[:, i], cache, tf.constant(i))
         np.testing.assert_allclose(logits.numpy(), full[:, i], atol=1e-4)
+    # The same cache path also takes several positions per call (a prompt, then steps).
+    cache = prior.init_cache(3)
+    first, cache = prior.call_with_cache(tokens[:, :5], cache, tf.constant(0))
+    rest, cache = prior.call_with_cache(tokens[:, 5:], cache, tf.constant(5))
+    np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, atol=1e-4)
     # Causality: changing token j changes no logits before position j.
     changed = tokens.numpy().copy()
     changed[:, 5] = (changed[:, 5] + 1) % V
@@ -57,6 +70,11 @@ def test_short_samples_carry_the_fill_beyond_k_and_decode_like_the_autoencoder(s
         assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
         np.testing.assert_allclose(images.numpy(), sampler.autoencoder.decode(codes, k).numpy(),
                                    atol=1e-5)
+        # Codes beyond k are ignored, whatever they hold (even values outside the codebook).
+        padded = codes.copy()
+        padded[:, k:] = -1
+        np.testing.assert_allclose(sampler.autoencoder.decode(padded, k).numpy(),
+                                   images.numpy(), atol=1e-5)
 
 
 def test_seeds_reproduce_and_one_program_serves_every_k(sampler):
@@ -67,10 +85,11 @@ def test_seeds_reproduce_and_one_program_serves_every_k(sampler):
     assert (a != c).any()
     # A shorter code with the same seed is a prefix of the longer one.
     np.testing.assert_array_equal(sampler.sample_codes(6, 3, seed=11).numpy()[:, :3], a[:, :3])
-    traces = sampler._generate.experimental_get_tracing_count()
+    generate = sampler.sampler.generate
+    traces = generate.experimental_get_tracing_count()
     for k in (1, 2, 5, 7, K):
-        sampler.sample_codes(6, k, seed=k)
-    assert sampler._generate.experimental_get_tracing_count() == traces
+        sampler.sample_codes(6, k, seed=k, temperature=0.5 + k, top_k=k, top_p=0.9)
+    assert generate.experimental_get_tracing_count() == traces
 
 
 def test_progressive_and_priority_code_completion(sampler):
@@ -91,35 +110,88 @@ def test_greedy_top_k_1_matches_a_full_pass_argmax(sampler):
     codes = sampler.sample_codes(2, K, seed=0, top_k=1).numpy()
     prior = sampler.prior
     for i in range(K):
-        logits = prior(prior.shift_right(tf.constant(codes)))[:, i].numpy()
+        logits = prior(prior.next_code_pairs(tf.constant(codes))[0])[:, i].numpy()
         np.testing.assert_array_equal(codes[:, i], logits.argmax(-1))
 
 
-def test_filter_logits_matches_numpy():
+def _kept(logits):
+    return (np.asarray(logits) > sampler_module.MASKED / 2).tolist()
+
+
+def test_filters_match_numpy_and_break_ties_to_exactly_k():
     logits = tf.constant([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
-    out = filter_logits(logits, tf.constant(1.0), tf.constant(2), tf.constant(1.0)).numpy()
-    assert (out[0] > -1e29).tolist() == [False, True, True, False]
-    assert (out[1] > -1e29).tolist() == [False, False, True, True]
+    assert _kept(sampler_module.top_k(logits, tf.constant(2))) == [[False, True, True, False],
+                                                                  [False, False, True, True]]
     # top_p = 0.7: the first row keeps {3.0} (p=.67) and {2.0}; the second keeps only 5.0.
-    out = filter_logits(logits, tf.constant(1.0), tf.constant(0), tf.constant(0.7)).numpy()
-    assert (out[0] > -1e29).tolist() == [False, True, True, False]
-    assert (out[1] > -1e29).tolist() == [False, False, True, False]
-    np.testing.assert_allclose(
-        filter_logits(logits, tf.constant(2.0), tf.constant(0), tf.constant(1.0)).numpy(),
-        logits.numpy() / 2)
+    assert _kept(sampler_module.top_p(logits, tf.constant(0.7))) == [[False, True, True, False],
+                                                                     [False, False, True, False]]
+    np.testing.assert_allclose(sampler_module.temperature(logits, tf.constant(2.0)).numpy(),
+                               logits.numpy() / 2)
+    # Off settings change nothing.
+    np.testing.assert_array_equal(sampler_module.top_k(logits, tf.constant(0)), logits)
+    np.testing.assert_array_equal(sampler_module.top_p(logits, tf.constant(1.0)), logits)
+    # Ties: top_k keeps exactly k logits, the lower indices first.
+    tied = tf.constant([[2.0, 2.0, 2.0, 1.0], [0.0, 4.0, 4.0, 4.0]])
+    assert _kept(sampler_module.top_k(tied, tf.constant(1))) == [[True, False, False, False],
+                                                                [False, True, False, False]]
+    assert np.sum(_kept(sampler_module.top_k(tied, tf.constant(2))), axis=1).tolist() == [2, 2]
+    # Under XLA too, as the sampler runs them.
+    compiled = tf.function(sampler_module.top_k, jit_compile=True)
+    assert _kept(compiled(tied, tf.constant(1))) == [[True, False, False, False],
+                                                    [False, True, False, False]]
+
+
+def test_a_custom_filter_plugs_into_the_sampler():
+    """The sampler knows nothing of the model: any next() and any filter list."""
+    vocab, length = 5, 6
+
+    def next_fn(tokens, cache, index):  # Logits favour (previous token + 1) mod vocab.
+        return tf.one_hot((tokens + 1) % vocab, vocab) * 50.0, cache + 1
+
+    only_even = LogitFilter("only_even", lambda logits, on: tf.where(
+        tf.logical_and(on, tf.range(vocab) % 2 == 1), sampler_module.MASKED, logits),
+        False, tf.bool, lambda value, v: None)
+    s = AnytimeSampler(next_fn, lambda b: tf.zeros([b]), length, 0, vocab,
+                       filters=(only_even,), jit_compile=True)
+    np.testing.assert_array_equal(s.sample_codes(2, length).numpy(), [[1, 2, 3, 4, 0, 1]] * 2)
+    assert np.all(s.sample_codes(3, length, only_even=True).numpy() % 2 == 0)
+    with pytest.raises(ValueError, match=r"unknown sampling setting\(s\) \['top_k'\]"):
+        s.sample_codes(2, 3, top_k=1)
+
+
+class _ClockedGenerator:
+    """Stands in for an ImageGenerator whose sampling takes 20 ms + 5 ms per code."""
+
+    code_length = K
+
+    def sample(self, num_samples, num_codes, seed=0):
+        import time
+
+        time.sleep(0.02 + 0.005 * num_codes)
+        return tf.zeros([num_samples, 1]), None
+
+
+def test_timing_and_calibration_recover_a_known_cost():
+    from ordered_vqvae.budget import sampling_seconds
+
+    for k in (1, K):
+        seconds = sampling_seconds(_ClockedGenerator(), 2, k, repeats=2)
+        assert 0.02 + 0.005 * k <= seconds < 0.02 + 0.005 * k + 0.015
+    fixed, per_code = TimeBudget(_ClockedGenerator()).calibrate(2, repeats=2)
+    assert fixed == pytest.approx(0.02, abs=0.01)
+    assert per_code == pytest.approx(0.005, abs=0.002)
 
 
 def test_budgeted_sampling_picks_the_largest_k_that_fits(sampler):
-    sampler._calibration[3] = (0.1, 0.01)  # seconds(k) = 0.1 + 0.01 k
-    assert sampler.codes_within(0.15, 3) == 5
-    assert sampler.codes_within(0.01, 3) == 1
-    assert sampler.codes_within(10.0, 3) == K
-    images, codes, k = sampler.sample_within(0.13, 3, seed=2)
+    budget = TimeBudget(sampler)
+    budget.calibration[3] = (0.1, 0.01)  # seconds(k) = 0.1 + 0.01 k
+    assert budget.codes_within(0.15, 3) == 5
+    assert budget.codes_within(0.01, 3) == 1
+    assert budget.codes_within(10.0, 3) == K
+    images, codes, k = budget.sample_within(0.13, 3, seed=2)
     assert k == 3 and (codes.numpy()[:, 3:] == FILL_CODE).all()
-    fixed, per_code = sampler.calibrate(2, repeats=1)
-    assert per_code >= 0.0 and np.isfinite(fixed)
     with pytest.raises(ValueError, match="seconds=0"):
-        sampler.codes_within(0, 3)
+        budget.codes_within(0, 3)
 
 
 def test_bad_arguments_name_the_value(sampler):
@@ -136,13 +208,13 @@ def test_bad_arguments_name_the_value(sampler):
         sampler.sample(0, 3)
     ae = sampler.autoencoder
     with pytest.raises(ValueError, match="prior models K=6 codes but the autoencoder has K=8"):
-        AnytimeSampler(CodePrior(6, V, num_layers=1, width=16, num_heads=2, ffn_width=16), ae)
+        ImageGenerator(CodePrior(6, V, num_layers=1, width=16, num_heads=2, ffn_width=16), ae)
     with pytest.raises(ValueError, match="vocabulary is 64 codes but the autoencoder's codebook has 32"):
-        AnytimeSampler(CodePrior(K, 64, num_layers=1, width=16, num_heads=2, ffn_width=16), ae)
+        ImageGenerator(CodePrior(K, 64, num_layers=1, width=16, num_heads=2, ffn_width=16), ae)
     broken = _prior()
     broken.head.kernel.assign(tf.fill(broken.head.kernel.shape, np.nan))
     with pytest.raises(FloatingPointError, match="NaN or Inf logits"):
-        AnytimeSampler(broken, ae).sample(2, 3)
+        ImageGenerator(broken, ae).sample(2, 3)
     with pytest.raises(ValueError, match="width=30 is not divisible by num_heads=4"):
         PriorConfig(width=30, num_heads=4)
 
@@ -176,11 +248,14 @@ def test_cache_write_matches_its_fallback(monkeypatch):
     from ordered_vqvae import prior as prior_module
 
     cache = tf.random.normal((2, 3, 5, 4), seed=1)
-    update = tf.random.normal((2, 3, 1, 4), seed=2)
-    fast = prior_module.write_position(cache, update, tf.constant(3)).numpy()
-    expected = cache.numpy().copy()
-    expected[:, :, 3:4] = update.numpy()
-    np.testing.assert_array_equal(fast, expected)
-    monkeypatch.setattr(prior_module, "_update_slice", None)
-    np.testing.assert_allclose(prior_module.write_position(cache, update, tf.constant(3)).numpy(),
-                               expected, atol=1e-6)
+    for steps in (1, 2):
+        update = tf.random.normal((2, 3, steps, 4), seed=2)
+        expected = cache.numpy().copy()
+        expected[:, :, 3:3 + steps] = update.numpy()
+        fast = prior_module.write_positions(cache, update, tf.constant(3)).numpy()
+        np.testing.assert_array_equal(fast, expected)
+        with monkeypatch.context() as m:
+            m.setattr(prior_module, "_update_slice", None)
+            np.testing.assert_allclose(
+                prior_module.write_positions(cache, update, tf.constant(3)).numpy(),
+                expected, atol=1e-6)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from ordered_vqvae import configs, models
 from ordered_vqvae.prior import CodePrior
 from ordered_vqvae.quantizer import VectorQuantizer
-from ordered_vqvae.sampler import FILL_CODE, AnytimeSampler
+from ordered_vqvae.generator import ImageGenerator
+from ordered_vqvae.sampler import FILL_CODE
 from ordered_vqvae.training import TrainingData
 from ordered_vqvae.truncation import DISTRIBUTIONS, NestedTruncation
 
@@ -126,11 +127,11 @@ K, V = 6, 16
 @pytest.fixture(scope="module")
 def sampler():
     ae = models.OrderedVQVAE(configs.preset("digits", hidden=(16,), latent_channels=K,
-                                            num_embeddings=V, fill="learned"))
+                                            codebook_size=V, fill="learned"))
     ae(tf.zeros((1, 8, 8, 1)))
     prior = CodePrior(K, V, num_layers=1, num_heads=2, width=16, ffn_width=32, dropout=0.0)
     prior(tf.zeros((1, K), tf.int32))
-    return AnytimeSampler(prior, ae)
+    return ImageGenerator(prior, ae)
 
 
 @SETTINGS

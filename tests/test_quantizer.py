@@ -109,7 +109,7 @@ def test_config_round_trip_and_serialization():
 
 
 def test_bad_arguments_and_shapes():
-    with pytest.raises(ValueError, match="num_embeddings=1, expected a codebook size >= 2"):
+    with pytest.raises(ValueError, match="codebook_size=1, expected a codebook of >= 2 codewords"):
         VectorQuantizer(1, 4)
     with pytest.raises(ValueError, match="ema_decay=1.5"):
         VectorQuantizer(4, 4, ema_decay=1.5)

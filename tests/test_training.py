@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ordered_vqvae import configs, data, models, training
+from ordered_vqvae import configs, data, fit, models, training
 
-SMALL = configs.preset("digits", hidden=(16,), latent_channels=8, num_embeddings=32,
+SMALL = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=32,
                        batch_size=64, epochs=2)
 
 
@@ -80,7 +80,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, digit
         return loss + poison, recon, aux
 
     monkeypatch.setattr(models.OrderedVQVAE, "_nested_loss", poisoned)
-    with pytest.raises(training.TrainingDiverged,
+    with pytest.raises(fit.TrainingDiverged,
                        match=r"loss became NaN or Inf at step 31 \(epoch 2, batch 9\).*ckpt-22"):
         training.train_autoencoder(SMALL.replace(epochs=2), train, None, workdir, resume=True,
                                    verbose=0)
@@ -107,7 +107,7 @@ def test_ordered_beats_unordered_at_short_codes_on_real_mnist(tmp_path, mnist_di
     train = data.to_numpy(data.load("mnist", "train", path=mnist_dir, shuffle=True)[0],
                           limit=30000)[0]
     test = data.to_numpy(data.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
-    lengths = models.fraction_lengths(64)
+    lengths = sorted(configs.fraction_lengths(64).values())
     results = {}
     for truncation in ("uniform_per_example", "none"):
         config = configs.preset("mnist", truncation=truncation, epochs=3)

@@ -1,0 +1,120 @@
+"""The layout the architecture promises: no import cycles, a prior that knows nothing of the
+autoencoder, one module that renames files, and a command line that explains itself."""
+
+import ast
+import os
+import re
+
+import pytest
+
+from conftest import REPO, ovqvae
+from pipeline import cli, stages
+
+PACKAGES = ("ordered_vqvae", "pipeline")
+
+
+def _modules():
+    """{dotted name: path} of every module of the two packages."""
+    out = {}
+    for package in PACKAGES:
+        for name in sorted(os.listdir(os.path.join(REPO, package))):
+            if name.endswith(".py"):
+                module = package if name == "__init__.py" else f"{package}.{name[:-3]}"
+                out[module] = os.path.join(REPO, package, name)
+    return out
+
+
+def _imports(path, modules):
+    """The project modules a file imports anywhere in it (function-level imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in modules and n not in PACKAGES}
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph():
+    modules = _modules()
+    return {m: _imports(path, modules) for m, path in modules.items()}
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_no_module_imports_itself_through_others(graph):
+    assert len(graph) >= 20  # The walk found the packages.
+    assert "ordered_vqvae.models" in graph["ordered_vqvae.training"]  # ... and their imports.
+    cycles = sorted(m for m in graph if m in _reachable(graph, m))
+    assert cycles == [], f"modules on an import cycle: {cycles}"
+
+
+def test_the_prior_and_sampler_know_nothing_of_the_autoencoder(graph):
+    for module in ("ordered_vqvae.prior", "ordered_vqvae.sampler"):
+        reach = _reachable(graph, module)
+        assert not reach & {"ordered_vqvae.models", "ordered_vqvae.training",
+                            "ordered_vqvae.quantizer"}, (module, sorted(reach))
+    assert "pipeline.stages" not in _reachable(graph, "pipeline.report")
+
+
+def test_one_module_renames_files():
+    pattern = re.compile(r"os\.replace\(|os\.rename\(|gfile\.rename\(")
+    renaming = sorted(m for m, path in _modules().items() if pattern.search(open(path).read()))
+    assert renaming == ["ordered_vqvae.atomic"]
+
+
+def _clean_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+
+
+def test_help_lists_every_command_with_a_summary_and_no_tensorflow_lines():
+    proc = ovqvae("--help", check_rc=0, env=_clean_env())
+    assert proc.stderr == ""
+    listed = re.findall(r"^  (\w+)  +(\S.*)$", proc.stdout, re.M)
+    expected = ["demo", "run", "sample", "experiments", "train_autoencoder", "extract",
+                "train_prior", "export", "report"]
+    assert [name for name, _ in listed] == expected
+    assert [s.command for s in stages.STAGES] == expected[4:]  # Derived from the stages.
+    assert all(len(summary) > 20 for _, summary in listed)
+
+
+@pytest.mark.parametrize("command, flag, default", [
+    ("sample", "num_codes", "unset"), ("sample", "temperature", "1.0"),
+    ("train_autoencoder", "codebook_size", "unset"), ("train_prior", "prior_num_layers", "unset"),
+    ("extract", "num_shards", "4"), ("run", "checkpoint_every", "500"),
+])
+def test_command_help_lists_its_flags_with_defaults(command, flag, default):
+    proc = ovqvae(command, "--help", check_rc=0, env=_clean_env())
+    assert proc.stderr == ""
+    assert proc.stdout.startswith(f"usage: ovqvae {command} ")
+    assert f"  --{flag}  (default: {default})" in proc.stdout
+    flags = re.findall(r"^  --(\w+)  \(default", proc.stdout, re.M)
+    assert flags == [f for group in cli.COMMANDS[command].groups for f in cli.GROUPS[group]
+                     if f in flags] and len(flags) == len(set(flags))
+
+
+def test_sample_help_shows_only_its_flags():
+    out = ovqvae("sample", "--help", check_rc=0).stdout
+    assert "--num_codes" in out and "--prior_num_layers" not in out and "--dataset" not in out
+
+
+def test_a_command_prints_no_tensorflow_log_lines_unless_asked(finished_run, tmp_path):
+    args = ("sample", f"--workdir={finished_run}", "--num_samples=2",
+            f"--output={tmp_path / 'x.png'}")
+    quiet = ovqvae(*args, check_rc=0, env=_clean_env())
+    assert not re.search(r"^[IWE]\d{4} |oneDNN|cuInit|absl::InitializeLog", quiet.stderr, re.M), \
+        quiet.stderr
+    loud = ovqvae(*args, "--verbosity=0", check_rc=0, env=_clean_env())
+    assert re.search(r"^[IWE]\d{4} ", loud.stderr, re.M), loud.stderr
