@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 from ordered_vqvae.atomic import atomic_directory
 
@@ -26,7 +27,7 @@ def save_model_dir(model, config: dict, directory: str, config_name: str,
     return directory
 
 
-def read_model_dir(directory: str, config_name: str, weights_name: str):
+def _read_model_dir(directory: str, config_name: str, weights_name: str):
     """(config dict, weights path) of a directory written by `save_model_dir`."""
     for name in (config_name, weights_name):
         if not os.path.isfile(os.path.join(directory, name)):
@@ -39,11 +40,21 @@ def read_model_dir(directory: str, config_name: str, weights_name: str):
             raise ArtifactError(f"{path!r} is not valid JSON ({e})") from None
 
 
-def load_weights(model, weights_path: str, rebuild: str) -> None:
-    """Loads weights, turning a layout mismatch into an ArtifactError that says how to
-    rebuild the artifact (`rebuild`: the command)."""
+def load_model_dir(directory: str, config_name: str, weights_name: str,
+                   build: Callable[[dict], object], what: str, rebuild: str):
+    """Reads a directory written by `save_model_dir`: `build(config)` makes the model with
+    its weights created, then the weights load. A config or weights layout this version
+    cannot read is an ArtifactError naming the directory and `rebuild`, the command that
+    writes the artifact anew."""
+    config, weights = _read_model_dir(directory, config_name, weights_name)
     try:
-        model.load_weights(weights_path)
+        model = build(config)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{what} artifact {directory!r} has a config this version cannot "
+                            f"read ({e}); rebuild it with `{rebuild}`") from None
+    try:
+        model.load_weights(weights)
     except (ValueError, KeyError) as e:
-        raise ArtifactError(f"{weights_path!r} does not fit this version's model ({e}); "
-                            f"rebuild it with `{rebuild}`") from None
+        raise ArtifactError(f"{weights!r} does not fit this version's {what} ({e}); rebuild "
+                            f"it with `{rebuild}`") from None
+    return model

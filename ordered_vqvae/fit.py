@@ -22,7 +22,6 @@ import tensorflow as tf
 
 from ordered_vqvae.atomic import write_json
 
-
 NONFINITE_LOSS = "non-finite training loss"
 
 

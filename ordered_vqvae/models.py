@@ -359,14 +359,10 @@ def save_autoencoder(model: OrderedVQVAE, directory: str) -> str:
 
 def load_autoencoder(directory: str) -> OrderedVQVAE:
     """Reads a model written by `save_autoencoder` (by this or an earlier version)."""
-    config, weights = artifacts.read_model_dir(directory, AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS)
-    try:
-        config = AutoencoderConfig.from_dict(config)
-    except (TypeError, ValueError) as e:
-        raise artifacts.ArtifactError(
-            f"autoencoder artifact {directory!r} has a config this version cannot read ({e}); "
-            "rebuild it with `ovqvae train_autoencoder --force`") from None
-    model = OrderedVQVAE(config)
-    model(tf.zeros((1,) + tuple(config.image_shape)))
-    artifacts.load_weights(model, weights, "ovqvae train_autoencoder --force")
-    return model
+    def build(config: dict) -> OrderedVQVAE:
+        model = OrderedVQVAE(AutoencoderConfig.from_dict(config))
+        model(tf.zeros((1,) + tuple(model.image_shape)))
+        return model
+
+    return artifacts.load_model_dir(directory, AUTOENCODER_CONFIG, AUTOENCODER_WEIGHTS, build,
+                                    "autoencoder", "ovqvae train_autoencoder --force")

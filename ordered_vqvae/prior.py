@@ -252,13 +252,10 @@ def save_prior(prior: CodePrior, directory: str) -> str:
 
 def load_prior(directory: str) -> CodePrior:
     """Reads a prior written by `save_prior` (by this or an earlier version)."""
-    config, weights = artifacts.read_model_dir(directory, PRIOR_CONFIG, PRIOR_WEIGHTS)
-    try:
+    def build(config: dict) -> CodePrior:
         prior = CodePrior.from_config(config)
-    except (TypeError, ValueError) as e:
-        raise artifacts.ArtifactError(
-            f"prior artifact {directory!r} has a config this version cannot read ({e}); "
-            "rebuild it with `ovqvae train_prior --force`") from None
-    prior(tf.zeros((1, 1), tf.int32))
-    artifacts.load_weights(prior, weights, "ovqvae train_prior --force")
-    return prior
+        prior(tf.zeros((1, 1), tf.int32))
+        return prior
+
+    return artifacts.load_model_dir(directory, PRIOR_CONFIG, PRIOR_WEIGHTS, build, "prior",
+                                    "ovqvae train_prior --force")

@@ -22,7 +22,7 @@ import typing
 from absl import app, flags
 
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
-from pipeline.stages import BY_COMMAND, STAGES
+from pipeline.stages import BY_COMMAND, STAGES, artifact_path
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the run's artifacts (demo: workdir/digits).")
@@ -213,7 +213,7 @@ def _sample():
     from ordered_vqvae import export, figures
     from ordered_vqvae.atomic import atomic_file, check_writable_directory
 
-    path = FLAGS.saved_model or (os.path.join(FLAGS.workdir, "saved_model") if FLAGS.workdir else None)
+    path = FLAGS.saved_model or (artifact_path(FLAGS.workdir, "export") if FLAGS.workdir else None)
     if not path:
         raise UsageError("sample needs --saved_model (or --workdir)")
     if not FLAGS.output:
@@ -279,7 +279,7 @@ def main(argv):
             ablation_epochs=FLAGS.ablation_epochs), workdir, verbose=FLAGS.verbose)
     elif command in ("demo", "run"):
         stages.run_pipeline(config, workdir, force=FLAGS.force, verbose=FLAGS.verbose)
-        report = os.path.join(workdir, stages.BY_NAME["report"].artifact, "report.md")
+        report = os.path.join(artifact_path(workdir, "report"), "report.md")
         print(f"[{command}] done: the report is {report}", flush=True)
     else:
         stages.run_stage(config, workdir, BY_COMMAND[command].name, force=FLAGS.force,
