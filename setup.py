@@ -24,7 +24,9 @@ setup(
         "matplotlib",
         "scikit-learn",
         "pillow",
+        "aiohttp",
+        "prometheus-client",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "selenium"]},
     entry_points={"console_scripts": ["ovqvae = pipeline.cli:run"]},
 )

@@ -5,7 +5,9 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
   1. time(k) / time(K) for k = K/4, K/2, 3K/4 (linear cost: ~0.25/0.5/0.75 plus the
      decoder's fixed share);
   2. the cached XLA loop against naive sampling that reruns the whole prefix each step;
-  3. the cached loop with and without XLA.
+  3. the cached loop with and without XLA;
+  4. interruptible sampling (begin, then extend by chunks of 16, 8, 4 codes) against one
+     pass, both to k = K.
 
   .venv/bin/python bench/sampler_speed.py [--batch=64] [--repeats=3]
 """
@@ -22,7 +24,7 @@ from ordered_vqvae import configs, models
 from ordered_vqvae.configs import prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior
-from ordered_vqvae.sampler import FILL_CODE
+from ordered_vqvae.sampler import FILL_CODE, row_seeds
 
 
 def best_time(fn, repeats):
@@ -84,6 +86,19 @@ def main():
           f"{naive_codes:.3f} s: cache speed-up {naive_codes / cached_codes:.1f}x")
     no_xla = best_time(lambda: eager_loop.sample_codes(B, K).numpy(), args.repeats)
     print(f"3. cached loop without XLA {no_xla:.3f} s: XLA speed-up {no_xla / cached_codes:.1f}x")
+    sampler = xla.sampler
+    settings, seeds, limits = sampler.settings(), row_seeds(0, B), tf.fill([B], K)
+
+    def chunked(chunk):
+        state = sampler.begin(B)
+        for _ in range(-(-K // chunk)):
+            state = sampler.extend(state, tf.constant(chunk), seeds, limits, settings)
+        return state.codes.numpy()
+
+    print("4. interruptible sampling to k=K in chunks (one compiled call per chunk):")
+    for chunk in (16, 8, 4):
+        t = best_time(lambda: chunked(chunk), args.repeats)
+        print(f"   chunks of {chunk:2d}: {t:.3f} s, {t / cached_codes:.2f}x the one-pass time")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""Wall-clock budgets for anytime sampling: how long k codes take, and the largest k that fits.
+"""Wall-clock budgets for anytime sampling: how long a chunk of codes and a decode take.
 
-The choice is a prediction from a calibration taken before sampling (seconds(k) = a + b k
-for one batch size); the clock is not looked at again while sampling.
+`CostModel` predicts, per batch size and filter setting, the seconds of extending a sampling
+state by c codes and of decoding it. It learns online from the times actually observed
+(each `extend` and `decode` reports its own), fits seconds = a + b * c by least squares over
+a window of recent calls and adds an upper quantile of the residuals, so that a prediction
+errs long rather than short. The slope never drops below `min_slope`, so a budget never
+buys unbounded codes from timing noise. It is a prediction: a machine that slows down
+mid-chunk (another process, a page fault, a first call that compiles) can still overrun.
 """
 
 from __future__ import annotations
 
+import collections
 import time
-from typing import Dict
+from typing import Deque, Dict, Hashable, Optional, Tuple
 
 import numpy as np
 
@@ -22,38 +28,69 @@ def sampling_seconds(generator, num_samples: int, num_codes: int, repeats: int =
     return best
 
 
-class TimeBudget:
-    """Picks k for an `ImageGenerator` from a per-batch-size linear cost model."""
+class CostModel:
+    """Online predictions of chunk and decode times.
 
-    def __init__(self, generator):
-        self.generator = generator
-        self.code_length = generator.code_length
-        self.calibration: Dict[int, tuple] = {}  # batch size -> (seconds fixed, per code)
+    Args:
+      window: how many recent observations per key to fit.
+      quantile: the residual quantile added to the fit (0.9: nine in ten calls fit).
+      min_slope: seconds per code never predicted below this.
+    """
 
-    def calibrate(self, num_samples: int, repeats: int = 3) -> tuple:
-        """Measures seconds(k) = a + b*k for this batch size (k = 1 and K, best of
-        `repeats`, after compiling) and keeps it. Returns (a, b)."""
-        sampling_seconds(self.generator, num_samples, 1, repeats=1)  # Compile.
-        t1 = sampling_seconds(self.generator, num_samples, 1, repeats)
-        tk = sampling_seconds(self.generator, num_samples, self.code_length, repeats)
-        slope = max(tk - t1, 0.0) / max(self.code_length - 1, 1)
-        self.calibration[num_samples] = (t1 - slope, slope)
-        return self.calibration[num_samples]
+    def __init__(self, window: int = 64, quantile: float = 0.9, min_slope: float = 1e-5):
+        self.window, self.quantile, self.min_slope = window, quantile, min_slope
+        self._extend: Dict[Hashable, Deque[Tuple[int, float]]] = {}
+        self._decode: Dict[Hashable, Deque[float]] = {}
+        self._compiled = set()  # (table, key) whose first, compiling call was seen.
 
-    def codes_within(self, seconds: float, num_samples: int) -> int:
-        """The largest k whose calibrated cost fits in `seconds` (at least 1)."""
-        if seconds <= 0:
-            raise ValueError(f"seconds={seconds}, expected a positive time budget")
-        if num_samples not in self.calibration:
-            self.calibrate(num_samples)
-        fixed, per_code = self.calibration[num_samples]
-        if per_code <= 0:
-            return self.code_length
-        fits = np.floor((seconds - fixed) / per_code + 1e-9)  # Tolerate float round-off.
-        return int(np.clip(fits, 1, self.code_length))
+    def _series(self, table, key):
+        return table.setdefault(key, collections.deque(maxlen=self.window))
 
-    def sample_within(self, seconds: float, num_samples: int, seed: int = 0, **settings):
-        """Samples with the largest k that fits the time budget. Returns (images, codes, k)."""
-        k = self.codes_within(seconds, num_samples)
-        images, codes = self.generator.sample(num_samples, k, seed, **settings)
-        return images, codes, k
+    def observe_extend(self, key: Hashable, codes: int, seconds: float) -> None:
+        """Records that advancing a batch (`key`: batch size, filters) by `codes` took
+        `seconds`. The first call of a key is not kept: it compiles."""
+        self._keep(self._extend, key, (int(codes), float(seconds)))
+
+    def observe_decode(self, key: Hashable, seconds: float) -> None:
+        self._keep(self._decode, key, float(seconds))
+
+    def _keep(self, table, key, value):
+        if (id(table), key) not in self._compiled:
+            self._compiled.add((id(table), key))
+            return
+        self._series(table, key).append(value)
+
+    def extend_seconds(self, key: Hashable, codes: int) -> Optional[float]:
+        """Predicted seconds for `codes` more codes, or None before any observation."""
+        points = self._extend.get(key)
+        if not points:
+            return None
+        c = np.array([p[0] for p in points], np.float64)
+        t = np.array([p[1] for p in points], np.float64)
+        if len(set(c)) >= 2:
+            slope, intercept = np.polyfit(c, t, 1)
+        else:  # One chunk length seen so far: all of the time counts as per-code cost.
+            slope, intercept = t.mean() / max(c.mean(), 1.0), 0.0
+        slope = max(slope, self.min_slope)
+        intercept = max(intercept, 0.0)
+        margin = max(np.quantile(t - (intercept + slope * c), self.quantile), 0.0)
+        return float(intercept + slope * codes + margin)
+
+    def decode_seconds(self, key: Hashable) -> Optional[float]:
+        times = self._decode.get(key)
+        return None if not times else float(np.quantile(np.array(times), self.quantile))
+
+    def affordable_codes(self, key: Hashable, seconds: float, limit: int,
+                         decode_key: Optional[Hashable] = None) -> Optional[int]:
+        """The most codes (up to `limit`) whose predicted time plus a decode (of
+        `decode_key`, by default `key`) fits in `seconds`; None while nothing has been
+        observed."""
+        decode = self.decode_seconds(key if decode_key is None else decode_key)
+        if self.extend_seconds(key, 1) is None or decode is None:
+            return None
+        best = 0
+        for c in range(1, limit + 1):  # Predictions grow with c: stop at the first miss.
+            if self.extend_seconds(key, c) + decode > seconds:
+                break
+            best = c
+        return best

@@ -10,6 +10,23 @@ project. The contract (names and dtypes exactly):
       -> {"images": float32 [N,H,W,C] in [0,1], "codes": int32 [N,K]}
       the XLA anytime sampler; codes beyond num_codes are FILL_CODE (0)
 
+Interruptible sampling, for a server that batches requests and stops each at its deadline:
+
+  begin(num_samples: int32, seed: int32)
+      -> {"codes": int32 [N,K], "cache": float32 [L,2,N,heads,K,head_dim],
+          "position": int32 [N], "seeds": int32 [N]}
+      a fresh state; `seeds` are the rows' random streams (row i of a request with `seed`)
+  extend(codes, cache, position, seeds, temperature: float32 [N] > 0, limit: int32 [N],
+         steps: int32) -> {"codes", "cache", "position", "finite": bool}
+      advances each row with position < limit by up to `steps` codes (both clipped to
+      [0, K]); rows of different requests may share a call, each drawing from its own
+      stream; one XLA program per batch size
+  decode_at(codes: int32 [N,K], num_codes: int32 [N]) -> {"images": float32 [N,H,W,C]}
+      row n decoded from its first num_codes[n] codes
+
+A row's codes depend only on (seed, row): `begin` + `extend` to k give the codes `sample`
+gives for k.
+
 and attributes `code_length`, `codebook_size` and `image_shape` (int32 variables).
 Out-of-range arguments fail inside the signature with a message naming the value.
 """
@@ -23,9 +40,10 @@ import tensorflow as tf
 
 from ordered_vqvae.atomic import atomic_directory
 from ordered_vqvae.generator import ImageGenerator
+from ordered_vqvae.sampler import SamplingState, row_seeds
 from ordered_vqvae.validation import check_num_codes
 
-SIGNATURES = ("encode", "decode", "sample")
+SIGNATURES = ("encode", "decode", "sample", "begin", "extend", "decode_at")
 
 
 class AnytimeModel(tf.Module):
@@ -55,6 +73,22 @@ class AnytimeModel(tf.Module):
             tf.TensorSpec([], tf.int32, name="num_codes"),
             tf.TensorSpec([], tf.int32, name="seed"),
             tf.TensorSpec([], tf.float32, name="temperature")])
+        heads = prior.num_heads
+        cache_shape = [len(prior.blocks), 2, None, heads, K, prior.width // heads]
+        self.begin = tf.function(self._begin, input_signature=[
+            tf.TensorSpec([], tf.int32, name="num_samples"),
+            tf.TensorSpec([], tf.int32, name="seed")])
+        self.extend = tf.function(self._extend, jit_compile=True, input_signature=[
+            tf.TensorSpec([None, K], tf.int32, name="codes"),
+            tf.TensorSpec(cache_shape, tf.float32, name="cache"),
+            tf.TensorSpec([None], tf.int32, name="position"),
+            tf.TensorSpec([None], tf.int32, name="seeds"),
+            tf.TensorSpec([None], tf.float32, name="temperature"),
+            tf.TensorSpec([None], tf.int32, name="limit"),
+            tf.TensorSpec([], tf.int32, name="steps")])
+        self.decode_at = tf.function(self._decode_at, input_signature=[
+            tf.TensorSpec([None, K], tf.int32, name="codes"),
+            tf.TensorSpec([None], tf.int32, name="num_codes")])
 
     def _encode(self, images):
         return {"codes": self.autoencoder.encode(images)}
@@ -71,14 +105,41 @@ class AnytimeModel(tf.Module):
         num_codes = check_num_codes(num_codes, self._K)
         with tf.control_dependencies(checks):
             prefix = tf.zeros([num_samples, self._K], tf.int32)
-        sampler = self.generator.sampler
-        settings = {f.name: tf.constant(f.default, f.dtype) for f in sampler.filters}
-        settings["temperature"] = temperature
-        codes, finite = sampler.generate(prefix, tf.constant(0), num_codes, seed, settings)
+        codes, finite = self.generator.sampler.generate(prefix, tf.constant(0), num_codes, seed,
+                                                        self._settings(temperature))
         with tf.control_dependencies([tf.debugging.Assert(finite, ["the prior produced NaN or "
                                                                    "Inf logits"])]):
             images = self.autoencoder.decode(codes, num_codes)
         return {"images": images, "codes": codes}
+
+
+    def _settings(self, temperature):
+        sampler = self.generator.sampler
+        settings = {f.name: tf.constant(f.default, f.dtype) for f in sampler.filters}
+        settings["temperature"] = temperature
+        return settings
+
+    def _begin(self, num_samples, seed):
+        with tf.control_dependencies([tf.debugging.Assert(
+                num_samples >= 1, ["num_samples=", num_samples, "must be >= 1"])]):
+            state = self.generator.sampler.begin(num_samples)
+        return {"codes": state.codes, "cache": tf.stack([tf.stack(kv) for kv in state.cache]),
+                "position": state.position, "seeds": row_seeds(seed, num_samples)}
+
+    def _extend(self, codes, cache, position, seeds, temperature, limit, steps):
+        # Compiled whole with XLA, where assertions do not run: limits and steps are
+        # clipped to [0, K]; the caller (the server) checks temperatures.
+        limit = tf.clip_by_value(limit, 0, self._K)
+        steps = tf.clip_by_value(steps, 0, self._K)
+        state = SamplingState(codes, [tuple(tf.unstack(kv)) for kv in tf.unstack(cache)],
+                              position, tf.constant(True))
+        state = self.generator.sampler.extend(state, steps, seeds, limit,
+                                              self._settings(temperature))
+        return {"codes": state.codes, "cache": tf.stack([tf.stack(kv) for kv in state.cache]),
+                "position": state.position, "finite": state.finite}
+
+    def _decode_at(self, codes, num_codes):
+        return {"images": self.autoencoder.decode(codes, num_codes)}
 
 
 def export(autoencoder, prior, path: str) -> str:

@@ -2,18 +2,21 @@
 
 `ImageGenerator` pairs an `AnytimeSampler` over the prior with the autoencoder's decoder:
 sample k codes, decode them with the autoencoder's own truncation fill, exactly as in
-training. One pass can be decoded at several k (`sample_progressive`), and a fixed
-"priority" prefix can be completed (`complete`).
+training. One pass can be decoded at several k (`sample_progressive`), refined chunk by
+chunk (`refine`), stopped when a deadline is near (`sample_until`), and a fixed "priority"
+prefix can be completed (`complete`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import time
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
-from ordered_vqvae.sampler import AnytimeSampler
+from ordered_vqvae.budget import CostModel
+from ordered_vqvae.sampler import AnytimeSampler, row_seeds
 from ordered_vqvae.validation import check_num_codes
 
 
@@ -71,3 +74,70 @@ class ImageGenerator:
         codes = self.sampler.sample_codes(len(prefix), num_codes, seed, prefix=prefix,
                                           num_fixed=num_fixed, **settings)
         return self.decode(codes, tf.constant(num_codes, tf.int32)), codes
+
+    # -- interruptible sampling
+
+    def _check_range(self, min_codes: int, max_codes: Optional[int]) -> int:
+        max_codes = self.code_length if max_codes is None else int(max_codes)
+        check_num_codes(max_codes, self.code_length)
+        if not 1 <= min_codes <= max_codes:
+            raise ValueError(f"min_codes={min_codes}, expected 1 <= min_codes <= "
+                             f"max_codes={max_codes}")
+        return max_codes
+
+    def refine(self, num_samples: int, seed: int = 0, chunk: int = 4,
+               max_codes: Optional[int] = None, **settings
+               ) -> Iterator[Tuple[int, tf.Tensor, tf.Tensor]]:
+        """Samples `chunk` codes at a time and yields (k, images, codes) after each chunk,
+        until k = max_codes (K by default): a sample that refines as codes arrive. The
+        codes at every k are those `sample` gives for that k and seed."""
+        max_codes = self._check_range(1, max_codes)
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk}, expected >= 1")
+        values = self.sampler.settings(**settings)
+        state = self.sampler.begin(num_samples)
+        seeds, limits = row_seeds(seed, num_samples), tf.fill([num_samples], max_codes)
+        k = 0
+        while k < max_codes:
+            state = self.sampler.extend(state, tf.constant(chunk), seeds, limits, values)
+            k = int(state.position[0])
+            yield k, self.decode(state.codes, tf.constant(k)), state.codes
+
+    def sample_until(self, seconds: float, num_samples: int, seed: int = 0, chunk: int = 4,
+                     min_codes: int = 1, max_codes: Optional[int] = None,
+                     costs: Optional[CostModel] = None, **settings):
+        """Samples for at most about `seconds` (wall time, decoding included): extends by
+        chunks while the predicted time of the next chunk plus the decode still fits, and
+        always reaches `min_codes`. The prediction comes from `costs` (a CostModel, which
+        this call also teaches; keep one per generator to learn across calls).
+        Returns (images, codes, k)."""
+        start = time.perf_counter()
+        max_codes = self._check_range(min_codes, max_codes)
+        if not seconds > 0:
+            raise ValueError(f"seconds={seconds}, expected a positive time budget")
+        costs = costs if costs is not None else CostModel()
+        key = (num_samples, tuple(sorted(settings.items())))
+        values = self.sampler.settings(**settings)
+        state = self.sampler.begin(num_samples)
+        seeds, limits = row_seeds(seed, num_samples), tf.fill([num_samples], max_codes)
+        k = 0
+        while k < max_codes:
+            left = seconds - (time.perf_counter() - start)
+            fits = costs.affordable_codes(key, left, min(chunk, max_codes - k))
+            steps = max(min_codes - k, 0) if fits == 0 else (fits or 1)
+            if steps == 0:
+                break
+            tick = time.perf_counter()
+            state = self.sampler.extend(state, tf.constant(steps), seeds, limits, values)
+            k = int(state.position[0])
+            costs.observe_extend(key, steps, time.perf_counter() - tick)
+            if fits is None:  # Nothing known yet: learn the decode cost too, once.
+                tick = time.perf_counter()
+                self.decode(state.codes, tf.constant(k)).numpy()
+                costs.observe_decode(key, time.perf_counter() - tick)
+        tick = time.perf_counter()
+        images = self.decode(state.codes, tf.constant(k))
+        images.numpy()
+        costs.observe_decode(key, time.perf_counter() - tick)
+        return images, state.codes, k
+

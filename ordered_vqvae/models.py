@@ -317,14 +317,16 @@ class OrderedVQVAE(_Ordered):
         return self.quantizer(tokens, training=False)["indices"]
 
     def decode(self, codes, num_codes=None):
-        """codes int [N,K] -> images float32 [N,H,W,C] in [0,1] from the first `num_codes` (k,
-        an int or int32 scalar tensor; K by default). Codes at positions >= k are ignored,
-        whatever they hold, exactly as truncation ignores them in training."""
+        """codes int [N,K] -> images float32 [N,H,W,C] in [0,1] from the first `num_codes` (k:
+        an int, an int32 scalar tensor or int32 [N], one k per row; K by default). Codes at
+        positions >= k are ignored, whatever they hold, exactly as truncation ignores them
+        in training."""
         K = self.code_length
         num_codes = check_num_codes(K if num_codes is None else num_codes, K)
         codes = check_codes(tf.convert_to_tensor(codes), K, self.codebook_size, num_codes)
-        codes = tf.where(tf.range(K)[None, :] < num_codes, codes, 0)
-        cut, _ = self.truncation(self.quantizer.lookup(codes), num_codes=num_codes)
+        lengths = tf.broadcast_to(num_codes, tf.shape(codes)[:1])
+        codes = tf.where(tf.range(K)[None, :] < lengths[:, None], codes, 0)
+        cut, _ = self.truncation.apply(self.quantizer.lookup(codes), lengths)
         return self._postprocess(self._decode_tokens(cut))
 
     def mse_by_length(self, images, lengths, batch_size: int = 500) -> dict:

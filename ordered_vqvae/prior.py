@@ -85,20 +85,33 @@ class DecoderBlock(keras.layers.Layer):
         Without `cache`, position t attends to 0..t. With `cache` = (keys, values), each
         [B, heads, K, head_dim], and `cache_index` (int32 scalar), x holds positions
         cache_index..cache_index+T-1: they are written into the cache and attend to every
-        cached position up to their own. Returns (y, updated cache) then.
+        cached position up to their own. Returns (y, updated cache) then. `cache_index` may
+        also be int32 [B], one position per row (T = 1): rows at different positions share
+        one call, as continuous batching needs.
         """
         q, k, v = (self._heads(t) for t in tf.split(self.qkv(self.norm1(x)), 3, axis=-1))
         steps = tf.shape(x)[1]
         if cache is None:
             keys, values = k, v
             visible = tf.linalg.band_part(tf.ones((steps, steps), tf.bool), -1, 0)
+        elif cache_index.shape.rank == 1:  # One position per row: a scatter of [B*h] rows.
+            batch, length = tf.shape(k)[0], tf.shape(cache[0])[2]
+            rows = tf.repeat(tf.range(batch), self.num_heads)
+            heads = tf.tile(tf.range(self.num_heads), [batch])
+            at = tf.stack([rows, heads, tf.repeat(cache_index, self.num_heads)], axis=1)
+            keys = tf.tensor_scatter_nd_update(cache[0], at, tf.reshape(k, [-1, self.head_dim]))
+            values = tf.tensor_scatter_nd_update(cache[1], at, tf.reshape(v, [-1, self.head_dim]))
+            visible = tf.range(length)[None, :] <= cache_index[:, None]  # [B, K]
+            visible = visible[:, None, None, :]
         else:
             keys = write_positions(cache[0], k, cache_index)
             values = write_positions(cache[1], v, cache_index)
             visible = (tf.range(tf.shape(keys)[2])[None, :]
                        <= cache_index + tf.range(steps)[:, None])  # [T, K]
+        if visible.shape.rank == 2:
+            visible = visible[None, None]
         scores = tf.einsum("bhqd,bhkd->bhqk", q, keys) / math.sqrt(self.head_dim)
-        scores = tf.where(visible[None, None], scores, tf.constant(NEG_INF, scores.dtype))
+        scores = tf.where(visible, scores, tf.constant(NEG_INF, scores.dtype))
         attn = self.drop(tf.nn.softmax(scores, axis=-1), training=training)
         out = tf.transpose(tf.einsum("bhqk,bhkd->bhqd", attn, values), [0, 2, 1, 3])
         x = x + self.drop(self.proj(tf.reshape(out, tf.shape(x))), training=training)
@@ -165,15 +178,19 @@ class CodePrior(keras.Model):
         return tf.concat([start, codes[:, :-1]], axis=1), codes
 
     def _embed(self, tokens, first_position, training):
+        """tokens [B, T] at positions first_position.. (a scalar, or [B] with T = 1)."""
         # A gather, not a slice: under XLA a slice starting at the loop index read the
         # wrong rows here (TF 2.21).
-        positions = tf.gather(self.position_embedding,
-                              first_position + tf.range(tf.shape(tokens)[1]))
-        return self.embed_drop(self.token_embedding(tokens) + positions[None], training=training)
+        if first_position.shape.rank == 1:
+            positions = tf.gather(self.position_embedding, first_position)[:, None]
+        else:
+            positions = tf.gather(self.position_embedding,
+                                  first_position + tf.range(tf.shape(tokens)[1]))[None]
+        return self.embed_drop(self.token_embedding(tokens) + positions, training=training)
 
     def call(self, tokens, training=False):
         """tokens int [B, T<=K] (start token first) -> logits float32 [B, T, codebook_size]."""
-        x = self._embed(tokens, 0, training)
+        x = self._embed(tokens, tf.constant(0), training)
         for block in self.blocks:
             x = block(x, training=training)
         return self.head(self.final_norm(x))
@@ -183,7 +200,9 @@ class CodePrior(keras.Model):
         return [(tf.zeros(shape), tf.zeros(shape)) for _ in self.blocks]
 
     def call_with_cache(self, tokens, cache, cache_index):
-        """tokens int [B, T] at positions cache_index.. -> (logits [B, T, V], updated cache)."""
+        """tokens int [B, T] at positions cache_index.. -> (logits [B, T, V], updated cache).
+        `cache_index`: an int32 scalar, or int32 [B] (one position per row, T = 1)."""
+        cache_index = tf.convert_to_tensor(cache_index, tf.int32)
         x = self._embed(tokens, cache_index, False)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
@@ -192,7 +211,8 @@ class CodePrior(keras.Model):
         return self.head(self.final_norm(x)), new_cache
 
     def next(self, tokens, cache, index):
-        """The sampler's step: the token [B] at position `index` -> (logits [B, V], cache)."""
+        """The sampler's step: the token [B] at position `index` (a scalar, or [B] per row)
+        -> (logits [B, V], cache)."""
         logits, cache = self.call_with_cache(tokens[:, None], cache, index)
         return logits[:, 0], cache
 

@@ -7,15 +7,20 @@ logits through pluggable filters (temperature, top-k, top-p, or your own `LogitF
 It knows nothing of images either: decoding and wall-clock budgets live in
 `ordered_vqvae.generator` and `ordered_vqvae.budget`.
 
-The loop's trip count is the runtime value `num_codes`, and filter settings are runtime
-tensors: one compiled program per batch size serves every k and every setting, and its
-cost grows linearly with k. Tokens k+1..K are left at FILL_CODE.
+Sampling is interruptible: a `SamplingState` (codes so far, the key/value cache, each
+row's position) advances by a chunk of codes per compiled call (`extend`) and can stop
+between any two chunks, to be decoded at whatever k it reached. Every row keeps its own
+position, limit and random stream, so rows of different requests can share one call and
+join or leave between chunks (continuous batching), and a row's codes depend only on its
+seed, never on which rows it shares a call with. Chunk length, limits and filter settings
+are runtime tensors: one compiled program per batch size serves every k and setting, and
+its cost grows linearly with the codes generated. Tokens beyond a row's k stay FILL_CODE.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -33,31 +38,88 @@ def logit_ranks(logits):
     return tf.argsort(order, axis=-1, stable=True)
 
 
+def _per_row(value):
+    """A setting as a column: a scalar broadcasts to every row, [B] gives one per row."""
+    return tf.reshape(value, [-1, 1])
+
+
 def temperature(logits, value):
-    """Scales logits [B, V] by 1 / value (value > 0)."""
-    return logits / value
+    """Scales logits [B, V] by 1 / value (value > 0; a scalar or one per row)."""
+    return logits / _per_row(value)
 
 
 def top_k(logits, value):
-    """Keeps exactly the `value` largest logits per row (0: off)."""
+    """Keeps exactly the `value` largest logits per row (0: off; a scalar or one per row)."""
     def keep():
-        return tf.where(logit_ranks(logits) < value, logits, tf.constant(MASKED, logits.dtype))
+        k = _per_row(value)
+        kept = tf.logical_or(logit_ranks(logits) < k, k <= 0)
+        return tf.where(kept, logits, tf.constant(MASKED, logits.dtype))
 
-    return tf.cond(value > 0, keep, lambda: logits)
+    return tf.cond(tf.reduce_any(value > 0), keep, lambda: logits)
 
 
 def top_p(logits, value):
-    """Keeps the smallest set of largest logits whose probability reaches `value` (1: off),
-    at least one per row."""
+    """Keeps the smallest set of largest logits whose probability reaches `value` (1: off;
+    a scalar or one per row), at least one per row."""
     def keep():
         order = tf.argsort(logits, axis=-1, direction="DESCENDING", stable=True)
         probs = tf.nn.softmax(tf.gather(logits, order, batch_dims=1), axis=-1)
         before = tf.cumsum(probs, axis=-1, exclusive=True)
-        kept = tf.maximum(tf.reduce_sum(tf.cast(before < value, tf.int32), axis=-1), 1)
+        kept = tf.maximum(tf.reduce_sum(tf.cast(before < _per_row(value), tf.int32), -1), 1)
         return tf.where(logit_ranks(logits) < kept[:, None], logits,
                         tf.constant(MASKED, logits.dtype))
 
-    return tf.cond(value < 1.0, keep, lambda: logits)
+    return tf.cond(tf.reduce_any(value < 1.0), keep, lambda: logits)
+
+
+# -- per-row random streams: a counter-based hash of (row seed, position, token)
+
+def _mix(x):
+    """A 32-bit integer hash (lowbias32): uint32 -> uint32, well spread."""
+    shift = tf.bitwise.right_shift
+    x = tf.bitwise.bitwise_xor(x, shift(x, tf.constant(16, tf.uint32)))
+    x = x * tf.constant(0x7FEB352D, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, shift(x, tf.constant(15, tf.uint32)))
+    x = x * tf.constant(0x846CA68B, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, shift(x, tf.constant(16, tf.uint32)))
+
+
+def row_seeds(seed, num_rows):
+    """int32 [num_rows]: the random streams of rows 0..num_rows-1 of a request with `seed`.
+    Row i of a request always gets the same stream, wherever it sits in a batch."""
+    seed = tf.bitcast(tf.cast(seed, tf.int32), tf.uint32)
+    rows = tf.cast(tf.range(num_rows), tf.uint32)
+    return tf.bitcast(_mix(_mix(seed) + rows * tf.constant(0x9E3779B9, tf.uint32)), tf.int32)
+
+
+def row_uniforms(seeds, positions, vocabulary_size):
+    """float32 [B, V] in (0, 1): the uniforms row b uses at `positions[b]`."""
+    base = _mix(tf.bitcast(seeds, tf.uint32) + _mix(tf.cast(positions, tf.uint32)))
+    tokens = tf.cast(tf.range(vocabulary_size), tf.uint32)
+    bits = _mix(base[:, None] ^ (tokens[None, :] * tf.constant(0x85EBCA6B, tf.uint32)))
+    top24 = tf.cast(tf.bitwise.right_shift(bits, tf.constant(8, tf.uint32)), tf.float32)
+    return (top24 + 0.5) / float(1 << 24)
+
+
+def draw(logits, seeds, positions):
+    """One token per row from logits [B, V] (Gumbel-max on the row's own stream)."""
+    gumbel = -tf.math.log(-tf.math.log(row_uniforms(seeds, positions, tf.shape(logits)[1])))
+    return tf.argmax(logits + gumbel, axis=-1, output_type=tf.int32)
+
+
+class SamplingState(NamedTuple):
+    """Where an interrupted sampling pass stands.
+
+    codes: int32 [B, K], FILL_CODE beyond each row's position.
+    cache: the model's cache (a nest of tensors with batch axis B).
+    position: int32 [B], the codes each row has so far (its k).
+    finite: bool scalar, whether every logit so far was finite.
+    """
+
+    codes: tf.Tensor
+    cache: object
+    position: tf.Tensor
+    finite: tf.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +181,9 @@ class AnytimeSampler:
         self.code_length, self.start_token = int(code_length), int(start_token)
         self.vocabulary_size = int(vocabulary_size)
         self.filters = tuple(filters)
-        # Public and traceable: (prefix, num_fixed, num_codes, seed, filter settings) ->
-        # (codes int32 [B, K], whether every logit was finite). No argument checks.
-        self.generate = tf.function(self._loop, jit_compile=jit_compile)
+        # Public and traceable, no argument checks (see their methods' docstrings).
+        self.extend = tf.function(self._extend, jit_compile=jit_compile)
+        self.generate = tf.function(self._generate, jit_compile=jit_compile)
 
     @classmethod
     def for_prior(cls, prior, **kwargs) -> "AnytimeSampler":
@@ -129,28 +191,64 @@ class AnytimeSampler:
         return cls(prior.next, prior.init_cache, prior.code_length, prior.start_token,
                    prior.codebook_size, **kwargs)
 
-    def _loop(self, prefix, num_fixed, num_codes, seed, settings):
-        """prefix int32 [B, K] (tokens forced for i < num_fixed) -> (codes [B, K], finite)."""
-        batch = tf.shape(prefix)[0]
-        prefix_t = tf.transpose(prefix)  # [K, B]: one scatter row per step.
+    def begin(self, batch_size) -> SamplingState:
+        """A fresh state: no codes yet, an empty cache, every row at position 0."""
+        return SamplingState(tf.fill([batch_size, self.code_length], FILL_CODE),
+                             self.init_cache(batch_size), tf.zeros([batch_size], tf.int32),
+                             tf.constant(True))
 
-        def body(i, tokens, codes_t, cache, finite):
-            logits, cache = self.next_fn(tokens, cache, i)
+    def _extend(self, state: SamplingState, steps, seeds, limits, settings,
+                prefix=None, num_fixed=0, in_step: bool = False) -> SamplingState:
+        """Advances every row with position < its limit by up to `steps` codes.
+
+        Args:
+          steps: int32 scalar, the chunk length (at most K).
+          seeds: int32 [B], each row's random stream (`row_seeds`).
+          limits: int32 [B], the k at which each row stops (rows at their limit stay).
+          settings: {filter name: scalar or [B] tensor}.
+          prefix, num_fixed: codes [B, K] that rows copy instead of sampling for positions
+            < num_fixed (a scalar or [B]); the priority code.
+          in_step: every row is at the same position with the same limit (a fresh batch
+            sampled in one pass): the model gets one scalar position, and its cache is
+            written in place rather than blended row by row (same codes, faster).
+        """
+        K = self.code_length
+        if prefix is None:
+            prefix = tf.zeros_like(state.codes)
+        num_fixed = tf.broadcast_to(tf.cast(num_fixed, tf.int32), tf.shape(limits))
+        slots = tf.range(K)[None, :]
+
+        def body(i, codes, cache, position, finite):
+            active = position < limits
+            at = tf.minimum(position, K - 1)  # Rows that are done write nowhere they read.
+            previous = tf.gather(codes, tf.maximum(at - 1, 0), batch_dims=1)
+            tokens = tf.where(at == 0, self.start_token, previous)
+            logits, cache = self.next_fn(tokens, cache, at[0] if in_step else at)
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(logits)))
             for f in self.filters:
                 logits = f.apply(logits, settings[f.name])
-            drawn = tf.random.stateless_categorical(logits, 1, tf.stack([seed, i]),
-                                                    dtype=tf.int32)[:, 0]
-            chosen = tf.where(i < num_fixed, prefix_t[i], drawn)
-            codes_t = tf.tensor_scatter_nd_update(codes_t, [[i]], chosen[None])
-            return i + 1, chosen, codes_t, cache, finite
+            chosen = tf.where(at < num_fixed, tf.gather(prefix, at, batch_dims=1),
+                              draw(logits, seeds, at))
+            write = tf.logical_and(active[:, None], slots == at[:, None])
+            codes = tf.where(write, chosen[:, None], codes)
+            return i + 1, codes, cache, position + tf.cast(active, tf.int32), finite
 
-        loop_vars = (tf.constant(0), tf.fill([batch], self.start_token),
-                     tf.fill([self.code_length, batch], FILL_CODE), self.init_cache(batch),
-                     tf.constant(True))
-        _, _, codes_t, _, finite = tf.while_loop(lambda i, *_: i < num_codes, body, loop_vars,
-                                                 maximum_iterations=self.code_length)
-        return tf.transpose(codes_t), finite
+        def more(i, codes, cache, position, finite):
+            return tf.logical_and(i < steps, tf.reduce_any(position < limits))
+
+        _, codes, cache, position, finite = tf.while_loop(
+            more, body, (tf.constant(0), state.codes, state.cache, state.position, state.finite),
+            maximum_iterations=K)
+        return SamplingState(codes, cache, position, finite)
+
+    def _generate(self, prefix, num_fixed, num_codes, seed, settings):
+        """One pass: prefix int32 [B, K] (copied for positions < num_fixed), k = num_codes,
+        row streams from `seed` -> (codes [B, K], all logits finite)."""
+        batch = tf.shape(prefix)[0]
+        state = self._extend(self.begin(batch), tf.constant(self.code_length),
+                             row_seeds(seed, batch), tf.fill([batch], num_codes), settings,
+                             prefix, num_fixed, in_step=True)
+        return state.codes, state.finite
 
     def settings(self, **values) -> Dict[str, tf.Tensor]:
         """The filter settings as tensors: the given values (checked), defaults for the rest."""

@@ -8,6 +8,7 @@ NumPy arrays and Python numbers are checked eagerly (ValueError); tensors inside
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -39,8 +40,8 @@ def check_between(name: str, value, low, high, low_open: bool = False,
 
 
 def check_num_codes(num_codes, code_length: int):
-    """Validates k against K: 1 <= k <= K. Python ints raise ValueError at once; tensors get
-    an in-graph assertion. Returns k as an int32 tensor."""
+    """Validates k against K: 1 <= k <= K. Python ints raise ValueError at once; tensors (a
+    scalar, or one k per row) get an in-graph assertion. Returns k as an int32 tensor."""
     import tensorflow as tf
 
     if isinstance(num_codes, (int, np.integer)) or num_codes is None:
@@ -48,7 +49,7 @@ def check_num_codes(num_codes, code_length: int):
             raise ValueError(f"num_codes={num_codes}, expected 1 <= num_codes <= {code_length}")
         return tf.constant(int(num_codes), tf.int32)
     num_codes = tf.cast(num_codes, tf.int32)
-    ok = tf.logical_and(num_codes >= 1, num_codes <= code_length)
+    ok = tf.reduce_all(tf.logical_and(num_codes >= 1, num_codes <= code_length))
     check = tf.debugging.Assert(ok, ["num_codes=", num_codes, "is out of range, expected "
                                      f"1 <= num_codes <= {code_length}"])
     with tf.control_dependencies([check]):
@@ -119,8 +120,9 @@ def check_image_tensor(images, image_shape):
 
 def check_codes(codes, code_length: int, codebook_size: int, num_codes=None,
                 what: str = "codes"):
-    """Validates codes [N, K] in 0..codebook_size-1. With `num_codes` (k) only the first k
-    positions are checked: what follows is ignored by decoding, whatever it holds.
+    """Validates codes [N, K] in 0..codebook_size-1. With `num_codes` (k: a scalar, or one
+    per row for tensors) only the first k positions are checked: what follows is ignored by
+    decoding, whatever it holds.
 
     NumPy arrays and lists raise ValueError at once (returns int32 [N, K]); tensors are
     checked in-graph (returns them as int32)."""
@@ -142,7 +144,11 @@ def check_codes(codes, code_length: int, codebook_size: int, num_codes=None,
     if not codes.dtype.is_integer:
         raise ValueError(f"{what} have dtype {codes.dtype.name}, expected an integer type")
     codes = tf.cast(codes, tf.int32)
-    kept = codes if num_codes is None else codes[:, :num_codes]
+    if num_codes is not None:
+        codes_kept = tf.range(code_length)[None, :] < tf.reshape(num_codes, [-1, 1])
+        kept = tf.where(codes_kept, codes, 0)
+    else:
+        kept = codes
     flat = tf.concat([tf.reshape(kept, [-1]), [0]], 0)  # The 0 keeps an empty batch valid.
     lo, hi = tf.reduce_min(flat), tf.reduce_max(flat)
     check = tf.debugging.Assert(
@@ -150,3 +156,14 @@ def check_codes(codes, code_length: int, codebook_size: int, num_codes=None,
         [f"{what} must be in [0, codebook_size={codebook_size}), got min", lo, "max", hi])
     with tf.control_dependencies([check]):
         return tf.identity(codes)
+
+
+def op_error_text(error) -> str:
+    """A TensorFlow op error's message without graph plumbing: function and node names,
+    `[Op:...]` suffixes and the nested `[[...]]` context lines."""
+    lines = []
+    for line in error.message.strip().splitlines():
+        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
+        if line and not line.startswith("[["):
+            lines.append(line)
+    return " ".join(lines) or error.message

@@ -22,6 +22,7 @@ import typing
 from absl import app, flags
 
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
+from ordered_vqvae.validation import op_error_text
 from pipeline.stages import BY_COMMAND, STAGES, artifact_path
 
 FLAGS = flags.FLAGS
@@ -59,6 +60,14 @@ flags.DEFINE_string("inception_weights", None, "Local InceptionV3 notop weights 
 flags.DEFINE_integer("classifier_epochs", 3, "Epochs of the domain classifier for the FD.")
 flags.DEFINE_integer("ablation_max_train_images", None, "Training images of each ablation variant.")
 flags.DEFINE_integer("ablation_epochs", None, "Autoencoder epochs of each ablation variant.")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (serve).")
+flags.DEFINE_integer("port", 8501, "Port to listen on (serve; TF Serving's REST port).")
+flags.DEFINE_string("model_name", "ovqvae", "The {name} in /v1/models/{name} (serve).")
+flags.DEFINE_integer("max_batch", 64, "Rows (samples) sampled together at most (serve).")
+flags.DEFINE_integer("max_samples", None, "num_samples of one request at most (serve; "
+                     "unset: --max_batch).")
+flags.DEFINE_integer("max_queue", 256, "Anytime requests waiting at most; more get 503 (serve).")
+flags.DEFINE_integer("max_chunk", 8, "Codes per compiled call at most (serve).")
 flags.DEFINE_string("output", None, "PNG grid to write (sample); codes and images go beside "
                     "it as .npz.")
 
@@ -77,6 +86,8 @@ GROUPS = {
     "prior": [],
     "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",
                "output"],
+    "serve": ["saved_model", "workdir", "host", "port", "model_name", "max_batch",
+              "max_samples", "max_queue", "max_chunk"],
     "experiments": ["experiments", "eval_samples", "inception_weights", "classifier_epochs",
                     "ablation_max_train_images", "ablation_epochs"],
 }
@@ -98,6 +109,8 @@ COMMANDS = {c.name: c for c in (
             ALL_STAGE_GROUPS, beam_options=True),
     Command("sample", "draw samples from a SavedModel at k codes: a PNG grid and an .npz",
             ("sample",)),
+    Command("serve", "serve a SavedModel: TF Serving's REST API, :anytime with deadlines, "
+            "a page at /", ("serve",)),
     Command("experiments", "the paper's comparisons (ordered vs unordered, time, ...)",
             ALL_STAGE_GROUPS + ("experiments",), beam_options=True),
     *(Command(s.command, s.summary, ("common",) + s.flag_groups,
@@ -244,6 +257,27 @@ def _sample():
           f"k={k} of K={K})", flush=True)
 
 
+def _serve():
+    from pipeline import serve
+
+    path = FLAGS.saved_model or (artifact_path(FLAGS.workdir, "export") if FLAGS.workdir else None)
+    if not path:
+        raise UsageError("serve needs --saved_model (or --workdir)")
+    max_samples = FLAGS.max_batch if FLAGS.max_samples is None else FLAGS.max_samples
+    for name, value in (("max_batch", FLAGS.max_batch), ("max_samples", max_samples),
+                        ("max_queue", FLAGS.max_queue), ("max_chunk", FLAGS.max_chunk)):
+        if value < 1:
+            raise UsageError(f"--{name}={value}, expected >= 1")
+    if max_samples > FLAGS.max_batch:
+        raise UsageError(f"--max_samples={max_samples} exceeds --max_batch={FLAGS.max_batch}")
+    if not 0 <= FLAGS.port <= 65535:
+        raise UsageError(f"--port={FLAGS.port}, expected 0 <= port <= 65535")
+    serve.serve(serve.ServeConfig(
+        saved_model=path, model_name=FLAGS.model_name, host=FLAGS.host, port=FLAGS.port,
+        max_batch=FLAGS.max_batch, max_samples=max_samples, max_queue=FLAGS.max_queue,
+        max_chunk=FLAGS.max_chunk))
+
+
 def main(argv):
     from absl import logging
 
@@ -261,6 +295,8 @@ def main(argv):
         raise UsageError(f"unknown flag(s) {unknown} for command {command}")
     if command == "sample":
         return _sample()
+    if command == "serve":
+        return _serve()
     from pipeline import stages
 
     workdir = FLAGS.workdir or ("workdir/digits" if command == "demo" else None)
@@ -292,17 +328,6 @@ def _parse(argv):
     except flags.Error as e:
         print(f"ovqvae: usage error: {e}\nTry 'ovqvae --help'.", file=sys.stderr)
         sys.exit(2)
-
-
-def op_error_text(error) -> str:
-    """A TensorFlow op error's message without graph plumbing: function and node names,
-    `[Op:...]` suffixes and the nested `[[...]]` context lines."""
-    lines = []
-    for line in error.message.strip().splitlines():
-        line = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\].*$", "", line).strip()
-        if line and not line.startswith("[["):
-            lines.append(line)
-    return " ".join(lines) or error.message
 
 
 def _main_with_exit_codes(argv):

@@ -83,10 +83,10 @@ def test_help_lists_every_command_with_a_summary_and_no_tensorflow_lines():
     proc = ovqvae("--help", check_rc=0, env=_clean_env())
     assert proc.stderr == ""
     listed = re.findall(r"^  (\w+)  +(\S.*)$", proc.stdout, re.M)
-    expected = ["demo", "run", "sample", "experiments", "train_autoencoder", "extract",
-                "train_prior", "export", "report"]
+    expected = ["demo", "run", "sample", "serve", "experiments", "train_autoencoder",
+                "extract", "train_prior", "export", "report"]
     assert [name for name, _ in listed] == expected
-    assert [s.command for s in stages.STAGES] == expected[4:]  # Derived from the stages.
+    assert [s.command for s in stages.STAGES] == expected[5:]  # Derived from the stages.
     assert all(len(summary) > 20 for _, summary in listed)
 
 
@@ -94,6 +94,7 @@ def test_help_lists_every_command_with_a_summary_and_no_tensorflow_lines():
     ("sample", "num_codes", "unset"), ("sample", "temperature", "1.0"),
     ("train_autoencoder", "codebook_size", "unset"), ("train_prior", "prior_num_layers", "unset"),
     ("extract", "num_shards", "4"), ("run", "checkpoint_every", "500"),
+    ("serve", "port", "8501"), ("serve", "model_name", "'ovqvae'"),
 ])
 def test_command_help_lists_its_flags_with_defaults(command, flag, default):
     proc = ovqvae(command, "--help", check_rc=0, env=_clean_env())

@@ -68,7 +68,8 @@ def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
     script = textwrap.dedent(f"""
         import sys, numpy as np, tensorflow as tf
         m = tf.saved_model.load({os.path.join(workdir, "saved_model")!r})
-        assert sorted(m.signatures) == ["decode", "encode", "sample"], list(m.signatures)
+        assert sorted(m.signatures) == ["begin", "decode", "decode_at", "encode", "extend",
+                                        "sample"], list(m.signatures)
         K = int(m.code_length)
         assert (K, int(m.codebook_size), m.image_shape.numpy().tolist()) == (8, 32, [8, 8, 1])
         x = np.load({str(tmp_path / "x.npy")!r})
@@ -94,6 +95,25 @@ def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
         np.testing.assert_array_equal(a["images"].numpy(), b["images"].numpy())
         assert (a["codes"].numpy() != c["codes"].numpy()).mean() > 0.2
         np.testing.assert_array_equal(sample(3, 2)["codes"].numpy()[:, :2], a["codes"].numpy()[:, :2])
+        # Interrupted sampling: chunks of 3 codes give the one-pass codes; decode per row.
+        state = m.signatures["begin"](num_samples=tf.constant(6), seed=tf.constant(3))
+        assert state["cache"].shape[2] == 6 and state["position"].numpy().tolist() == [0] * 6
+        ks = []
+        while int(tf.reduce_min(state["position"])) < K:
+            out = m.signatures["extend"](
+                codes=state["codes"], cache=state["cache"], position=state["position"],
+                seeds=state["seeds"], temperature=tf.ones([6]), limit=tf.fill([6], K),
+                steps=tf.constant(3))
+            state = dict(state, **{{n: out[n] for n in ("codes", "cache", "position")}})
+            assert bool(out["finite"])
+            ks.append(int(state["position"][0]))
+        assert ks == [3, 6, 8]
+        np.testing.assert_array_equal(state["codes"].numpy(), a["codes"].numpy())
+        per_row = m.signatures["decode_at"](codes=state["codes"],
+                                            num_codes=tf.constant([1, 2, 3, 4, 5, 8]))["images"]
+        for row, k in enumerate([1, 2, 3, 4, 5, 8]):
+            one = m.signatures["decode"](codes=state["codes"][row:row + 1], num_codes=tf.constant(k))
+            np.testing.assert_allclose(per_row.numpy()[row], one["images"].numpy()[0], atol=1e-6)
         out = sample(3, 2)
         assert out["images"].shape == (6, 8, 8, 1) and out["codes"].dtype == tf.int32
         assert (out["codes"].numpy()[:, 2:] == 0).all()

@@ -7,7 +7,6 @@ import tensorflow as tf
 
 from ordered_vqvae import configs, data, models, training
 from ordered_vqvae import sampler as sampler_module
-from ordered_vqvae.budget import TimeBudget
 from ordered_vqvae.configs import PriorConfig, prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior
@@ -171,27 +170,12 @@ class _ClockedGenerator:
         return tf.zeros([num_samples, 1]), None
 
 
-def test_timing_and_calibration_recover_a_known_cost():
+def test_timing_recovers_a_known_cost():
     from ordered_vqvae.budget import sampling_seconds
 
     for k in (1, K):
         seconds = sampling_seconds(_ClockedGenerator(), 2, k, repeats=2)
         assert 0.02 + 0.005 * k <= seconds < 0.02 + 0.005 * k + 0.015
-    fixed, per_code = TimeBudget(_ClockedGenerator()).calibrate(2, repeats=2)
-    assert fixed == pytest.approx(0.02, abs=0.01)
-    assert per_code == pytest.approx(0.005, abs=0.002)
-
-
-def test_budgeted_sampling_picks_the_largest_k_that_fits(sampler):
-    budget = TimeBudget(sampler)
-    budget.calibration[3] = (0.1, 0.01)  # seconds(k) = 0.1 + 0.01 k
-    assert budget.codes_within(0.15, 3) == 5
-    assert budget.codes_within(0.01, 3) == 1
-    assert budget.codes_within(10.0, 3) == K
-    images, codes, k = budget.sample_within(0.13, 3, seed=2)
-    assert k == 3 and (codes.numpy()[:, 3:] == FILL_CODE).all()
-    with pytest.raises(ValueError, match="seconds=0"):
-        budget.codes_within(0, 3)
 
 
 def test_bad_arguments_name_the_value(sampler):
@@ -259,3 +243,99 @@ def test_cache_write_matches_its_fallback(monkeypatch):
             np.testing.assert_allclose(
                 prior_module.write_positions(cache, update, tf.constant(3)).numpy(),
                 expected, atol=1e-6)
+
+
+def test_per_row_positions_match_one_position_at_a_time():
+    prior = _prior()
+    codes = tf.random.stateless_uniform((3, K), (3, 4), 0, V, tf.int32)
+    tokens = prior.next_code_pairs(codes)[0]
+    full = prior(tokens).numpy()
+    # Row b is fed position order[b][t] at call t: rows at different positions in one call.
+    cache = prior.init_cache(3)
+    for t in range(K + 2):
+        at = tf.constant([min(t, K - 1), min(max(t - 1, 0), K - 1), min(max(t - 2, 0), K - 1)])
+        logits, cache = prior.next(tf.gather(tokens, at, batch_dims=1), cache, at)
+        for b in range(3):
+            np.testing.assert_allclose(logits.numpy()[b], full[b, int(at[b])], atol=1e-4)
+
+
+def test_chunked_sampling_equals_one_pass_and_ignores_batch_mates(sampler):
+    s = sampler.sampler
+    settings = s.settings(temperature=0.8)
+    one_pass = s.sample_codes(3, K, seed=5, temperature=0.8).numpy()
+    state = s.begin(3)
+    seeds = sampler_module.row_seeds(5, 3)
+    for _ in range(4):  # Chunks of 3: 3, 6, 8 (capped by the limit), then nothing to do.
+        state = s.extend(state, tf.constant(3), seeds, tf.fill([3], K), settings)
+    np.testing.assert_array_equal(state.codes.numpy(), one_pass)
+    np.testing.assert_array_equal(state.position.numpy(), [K] * 3)
+    # The same request joins a batch mid-way, beside rows of another request with other
+    # seeds, limits and positions: its codes do not change.
+    other = s.begin(2)
+    other_seeds = sampler_module.row_seeds(99, 2)
+    other = s.extend(other, tf.constant(4), other_seeds, tf.constant([6, 3]), settings)
+    fresh = s.begin(3)
+    mixed = sampler_module.SamplingState(
+        tf.concat([other.codes, fresh.codes], 0),
+        [tuple(tf.concat([a, b], 0) for a, b in zip(x, y)) for x, y in zip(other.cache, fresh.cache)],
+        tf.concat([other.position, fresh.position], 0), tf.constant(True))
+    mixed_seeds = tf.concat([other_seeds, seeds], 0)
+    limits = tf.constant([6, 3, K, K, K])
+    while bool(tf.reduce_any(mixed.position < limits)):
+        mixed = s.extend(mixed, tf.constant(2), mixed_seeds, limits, settings)
+    np.testing.assert_array_equal(mixed.codes.numpy()[2:], one_pass)
+    np.testing.assert_array_equal(mixed.position.numpy(), [6, 3, K, K, K])
+    assert (mixed.codes.numpy()[1, 3:] == FILL_CODE).all()
+
+
+def test_refine_yields_growing_k_with_the_one_pass_codes(sampler):
+    steps = list(sampler.refine(2, seed=7, chunk=3, max_codes=7))
+    assert [k for k, _, _ in steps] == [3, 6, 7]
+    full = sampler.sample_codes(2, 7, seed=7).numpy()
+    for k, images, codes in steps:
+        np.testing.assert_array_equal(codes.numpy()[:, :k], full[:, :k])
+        np.testing.assert_allclose(images.numpy(), sampler.decode(full, k).numpy(), atol=1e-6)
+    # Per-row k: each row decodes at its own k.
+    rows = sampler.autoencoder.decode(full, tf.constant([2, 7]))
+    np.testing.assert_allclose(rows.numpy()[0], sampler.decode(full, 2).numpy()[0], atol=1e-6)
+    np.testing.assert_allclose(rows.numpy()[1], sampler.decode(full, 7).numpy()[1], atol=1e-6)
+
+
+def test_cost_model_learns_an_upper_bound_with_a_positive_slope():
+    from ordered_vqvae.budget import CostModel
+
+    costs = CostModel(quantile=0.9, min_slope=1e-4)
+    assert costs.extend_seconds("b", 4) is None and costs.affordable_codes("b", 1.0, 8) is None
+    costs.observe_extend("b", 4, 99.0)  # The first call compiles: not kept.
+    costs.observe_decode("b", 99.0)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        c = int(rng.integers(1, 9))
+        costs.observe_extend("b", c, 0.010 + 0.002 * c + rng.uniform(0, 0.001))
+        costs.observe_decode("b", 0.005 + rng.uniform(0, 0.001))
+    for c in (1, 4, 8):  # Above the mean cost, below the worst case plus a little.
+        assert 0.010 + 0.002 * c + 0.0005 < costs.extend_seconds("b", c) < 0.010 + 0.002 * c + 0.0015
+    assert 0.0055 < costs.decode_seconds("b") <= 0.006
+    # 0.0300 s: 8 codes need ~0.0266 + decode ~0.0059 -> too much; 7 codes ~0.0246 fit.
+    assert costs.affordable_codes("b", 0.0310, 8) == 7
+    assert costs.affordable_codes("b", 0.001, 8) == 0
+    flat = CostModel(min_slope=1e-3)  # Noise that makes longer chunks look free.
+    flat.observe_extend("f", 1, 0.0)
+    for c, t in ((1, 0.02), (8, 0.019), (1, 0.021), (8, 0.018)):
+        flat.observe_extend("f", c, t)
+    assert flat.extend_seconds("f", 64) >= flat.extend_seconds("f", 1) + 63 * 1e-3
+
+
+def test_sample_until_spends_the_budget_and_learns(sampler):
+    from ordered_vqvae.budget import CostModel
+
+    costs = CostModel()
+    for _ in range(3):  # Learn the costs of this batch size.
+        sampler.sample_until(5.0, 2, seed=1, chunk=2, costs=costs)
+    images, codes, k = sampler.sample_until(5.0, 2, seed=1, chunk=2, costs=costs)
+    assert k == K and images.shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(codes.numpy(), sampler.sample_codes(2, K, seed=1).numpy())
+    _, codes, k = sampler.sample_until(1e-6, 2, seed=1, chunk=2, min_codes=3, costs=costs)
+    assert k == 3 and (codes.numpy()[:, 3:] == FILL_CODE).all()
+    with pytest.raises(ValueError, match="min_codes=9"):
+        sampler.sample_until(1.0, 2, min_codes=9, max_codes=K)
