@@ -165,7 +165,8 @@ class AnytimeSampler:
     """Generates token sequences [B, K] of which the first k are sampled.
 
     Args:
-      next_fn: `next(tokens int32 [B], cache, index int32 scalar) -> (logits [B, V], cache)`.
+      next_fn: `next(tokens int32 [B], cache, index) -> (logits [B, V], cache)`; index is
+        int32 [B], each row's position, or a scalar when every row is at the same one.
       init_cache: `init_cache(batch_size) -> cache`, the nested tensors `next_fn` carries.
       code_length: K, the length of a full sequence.
       start_token: the token fed at position 0.
