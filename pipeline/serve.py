@@ -93,8 +93,6 @@ class Model:
         self.module = tf.saved_model.load(path)
         self.signatures = self.module.signatures
         self.code_length = int(self.module.code_length)
-        self.codebook_size = int(self.module.codebook_size)
-        self.image_shape = tuple(int(v) for v in self.module.image_shape.numpy())
 
     def begin(self, num_samples: int, seed: int) -> dict:
         tf = self.tf
@@ -118,21 +116,15 @@ class Model:
             codes=tf.constant(codes, tf.int32),
             num_codes=tf.constant(num_codes, tf.int32))["images"].numpy()
 
-    # -- batch bookkeeping on state dicts (codes [B,K], cache [L,2,B,...], position, seeds)
+    # -- batch bookkeeping on state dicts: the batch axis of each part of a state
+    BATCH_AXIS = {"codes": 0, "cache": 2, "position": 0, "seeds": 0}
 
     def take(self, state: dict, rows) -> dict:
-        tf = self.tf
-        rows = tf.constant(rows, tf.int32)
-        return {"codes": tf.gather(state["codes"], rows), "cache": tf.gather(state["cache"], rows, axis=2),
-                "position": tf.gather(state["position"], rows),
-                "seeds": tf.gather(state["seeds"], rows)}
+        rows = self.tf.constant(rows, self.tf.int32)
+        return {k: self.tf.gather(state[k], rows, axis=a) for k, a in self.BATCH_AXIS.items()}
 
     def join(self, states: List[dict]) -> dict:
-        tf = self.tf
-        return {"codes": tf.concat([s["codes"] for s in states], 0),
-                "cache": tf.concat([s["cache"] for s in states], 2),
-                "position": tf.concat([s["position"] for s in states], 0),
-                "seeds": tf.concat([s["seeds"] for s in states], 0)}
+        return {k: self.tf.concat([s[k] for s in states], a) for k, a in self.BATCH_AXIS.items()}
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -148,29 +140,23 @@ def png_base64(image: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- requests
 
 
-def _integer(body: dict, name: str, low: int, high: int, default=None) -> int:
+def _field(body: dict, name: str, low, high, default=None, integer: bool = False,
+           low_open: bool = False):
+    """body[name] (or `default`), checked to be a JSON number (an integer if asked) in the
+    range; RequestError naming the field, its value and the range otherwise."""
     value = body.get(name, default)
+    shown = str if integer else (lambda v: f"{v:g}")
+    expected = (f"expected {'an integer' if integer else 'a number'} in "
+                f"{'(' if low_open else '['}{shown(low)}, {shown(high)}]")
     if value is None:
-        raise RequestError(f"missing field {name!r}: expected an integer in [{low}, {high}]")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not value.is_integer()):
-        raise RequestError(f"{name}={json.dumps(value)}, expected an integer in [{low}, {high}]")
-    if not low <= value <= high:
-        raise RequestError(f"{name}={json.dumps(value)}, expected an integer in [{low}, {high}]")
-    return int(value)
-
-
-def _number(body: dict, name: str, low: float, high: float, default=None,
-            low_open: bool = False) -> float:
-    value = body.get(name, default)
-    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-    if value is None:
-        raise RequestError(f"missing field {name!r}: expected a number in {bounds}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"{name}={json.dumps(value)}, expected a number in {bounds}")
-    if (value <= low if low_open else value < low) or value > high:
-        raise RequestError(f"{name}={json.dumps(value)}, expected a number in {bounds}")
-    return float(value)
+        raise RequestError(f"missing field {name!r}: {expected}")
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and (isinstance(value, int)  # Any size: no float conversion to overflow.
+               or (math.isfinite(value) and (not integer or value.is_integer())))
+          and (value > low if low_open else value >= low) and value <= high)
+    if not ok:
+        raise RequestError(f"{name}={json.dumps(value)}, {expected}")
+    return int(value) if integer else float(value)
 
 
 @dataclasses.dataclass(eq=False)
@@ -198,16 +184,16 @@ class AnytimeRequest:
         unknown = sorted(set(body) - known)
         if unknown:
             raise RequestError(f"unknown field(s) {unknown}, expected some of {sorted(known)}")
-        max_codes = _integer(body, "max_codes", 1, code_length, default=code_length)
+        max_codes = _field(body, "max_codes", 1, code_length, code_length, integer=True)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError(f"stream={json.dumps(stream)}, expected true or false")
-        return cls(num_samples=_integer(body, "num_samples", 1, config.max_samples),
-                   deadline=now + (_number(body, "deadline_ms", 0, 600_000, low_open=True)
+        return cls(num_samples=_field(body, "num_samples", 1, config.max_samples, integer=True),
+                   deadline=now + (_field(body, "deadline_ms", 0, 600_000, low_open=True)
                                    - config.deadline_margin_ms) / 1e3,
-                   seed=_integer(body, "seed", 0, INT32_MAX, default=0),
-                   temperature=_number(body, "temperature", 0, 100, default=1.0, low_open=True),
-                   min_codes=_integer(body, "min_codes", 1, max_codes, default=1),
+                   seed=_field(body, "seed", 0, INT32_MAX, 0, integer=True),
+                   temperature=_field(body, "temperature", 0, 100, 1.0, low_open=True),
+                   min_codes=_field(body, "min_codes", 1, max_codes, 1, integer=True),
                    max_codes=max_codes, stream=stream, arrived=now)
 
 

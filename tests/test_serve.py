@@ -194,6 +194,8 @@ def test_a_stream_refines_until_the_final_event(server):
      "min_codes=5, expected an integer in [1, 3]"),
     ({"num_samples": 1, "deadline_ms": 100, "stream": "yes"}, 'stream="yes"'),
     ({"num_samples": True, "deadline_ms": 100}, "num_samples=true"),
+    ({"num_samples": 1, "deadline_ms": 10**400}, "expected a number in (0, 600000]"),
+    ({"num_samples": 2.5, "deadline_ms": 100}, "num_samples=2.5, expected an integer in [1, 16]"),
     ([1, 2], "expected a JSON object"),
 ])
 def test_anytime_errors_name_the_field(server, body, message):
@@ -311,16 +313,12 @@ def test_sigterm_drains_requests_in_flight(finished_run):
     assert "[serve] drained and stopped" in "".join(s.lines)
 
 
-def _chromium():
-    for binary, driver in (("/usr/bin/chromium", "/usr/bin/chromedriver"),):
-        if os.path.exists(binary) and os.path.exists(driver):
-            return binary, driver
-    return None
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromedriver")  # Debian's packages.
 
 
 def test_the_page_shows_samples_refining(server, tmp_path):
-    found = _chromium()
-    if found is None:
+    found = CHROMIUM
+    if not all(os.path.exists(path) for path in found):
         pytest.skip("Chromium and chromedriver are not installed (.ci/run installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
