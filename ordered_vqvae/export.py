@@ -46,6 +46,11 @@ from ordered_vqvae.validation import check_num_codes
 SIGNATURES = ("encode", "decode", "sample", "begin", "extend", "decode_at")
 
 
+def _stacked(cache):
+    """The prior's cache, a (keys, values) pair per layer, as one [L, 2, B, ...] tensor."""
+    return tf.stack([tf.stack(kv) for kv in cache])
+
+
 class AnytimeModel(tf.Module):
     """The exported module: an OrderedVQVAE and its CodePrior, through their public APIs."""
 
@@ -86,7 +91,7 @@ class AnytimeModel(tf.Module):
             tf.TensorSpec([None], tf.float32, name="temperature"),
             tf.TensorSpec([None], tf.int32, name="limit"),
             tf.TensorSpec([], tf.int32, name="steps")])
-        self.decode_at = tf.function(self._decode_at, input_signature=[
+        self.decode_at = tf.function(self._decode, input_signature=[  # One k per row.
             tf.TensorSpec([None, K], tf.int32, name="codes"),
             tf.TensorSpec([None], tf.int32, name="num_codes")])
 
@@ -123,7 +128,7 @@ class AnytimeModel(tf.Module):
         with tf.control_dependencies([tf.debugging.Assert(
                 num_samples >= 1, ["num_samples=", num_samples, "must be >= 1"])]):
             state = self.generator.sampler.begin(num_samples)
-        return {"codes": state.codes, "cache": tf.stack([tf.stack(kv) for kv in state.cache]),
+        return {"codes": state.codes, "cache": _stacked(state.cache),
                 "position": state.position, "seeds": row_seeds(seed, num_samples)}
 
     def _extend(self, codes, cache, position, seeds, temperature, limit, steps):
@@ -135,11 +140,8 @@ class AnytimeModel(tf.Module):
                               position, tf.constant(True))
         state = self.generator.sampler.extend(state, steps, seeds, limit,
                                               self._settings(temperature))
-        return {"codes": state.codes, "cache": tf.stack([tf.stack(kv) for kv in state.cache]),
+        return {"codes": state.codes, "cache": _stacked(state.cache),
                 "position": state.position, "finite": state.finite}
-
-    def _decode_at(self, codes, num_codes):
-        return {"images": self.autoencoder.decode(codes, num_codes)}
 
 
 def export(autoencoder, prior, path: str) -> str:
