@@ -85,6 +85,11 @@ class ImageGenerator:
                              f"max_codes={max_codes}")
         return max_codes
 
+    def _start(self, num_samples: int, seed: int, max_codes: int, settings: dict):
+        """(fresh state, row seeds, row limits, filter settings) of an interruptible pass."""
+        return (self.sampler.begin(num_samples), row_seeds(seed, num_samples),
+                tf.fill([num_samples], max_codes), self.sampler.settings(**settings))
+
     def refine(self, num_samples: int, seed: int = 0, chunk: int = 4,
                max_codes: Optional[int] = None, **settings
                ) -> Iterator[Tuple[int, tf.Tensor, tf.Tensor]]:
@@ -94,9 +99,7 @@ class ImageGenerator:
         max_codes = self._check_range(1, max_codes)
         if chunk < 1:
             raise ValueError(f"chunk={chunk}, expected >= 1")
-        values = self.sampler.settings(**settings)
-        state = self.sampler.begin(num_samples)
-        seeds, limits = row_seeds(seed, num_samples), tf.fill([num_samples], max_codes)
+        state, seeds, limits, values = self._start(num_samples, seed, max_codes, settings)
         k = 0
         while k < max_codes:
             state = self.sampler.extend(state, tf.constant(chunk), seeds, limits, values)
@@ -117,9 +120,7 @@ class ImageGenerator:
             raise ValueError(f"seconds={seconds}, expected a positive time budget")
         costs = costs if costs is not None else CostModel()
         key = (num_samples, tuple(sorted(settings.items())))
-        values = self.sampler.settings(**settings)
-        state = self.sampler.begin(num_samples)
-        seeds, limits = row_seeds(seed, num_samples), tf.fill([num_samples], max_codes)
+        state, seeds, limits, values = self._start(num_samples, seed, max_codes, settings)
         k = 0
         while k < max_codes:
             left = seconds - (time.perf_counter() - start)
