@@ -219,6 +219,15 @@ def pipeline_config():
         raise UsageError(str(e)) from None
 
 
+def _saved_model_path(command: str) -> str:
+    """--saved_model, or the export stage's artifact under --workdir."""
+    if FLAGS.saved_model:
+        return FLAGS.saved_model
+    if not FLAGS.workdir:
+        raise UsageError(f"{command} needs --saved_model (or --workdir)")
+    return artifact_path(FLAGS.workdir, "export")
+
+
 def _sample():
     import numpy as np
     import tensorflow as tf
@@ -226,9 +235,7 @@ def _sample():
     from ordered_vqvae import export, figures
     from ordered_vqvae.atomic import atomic_file, check_writable_directory
 
-    path = FLAGS.saved_model or (artifact_path(FLAGS.workdir, "export") if FLAGS.workdir else None)
-    if not path:
-        raise UsageError("sample needs --saved_model (or --workdir)")
+    path = _saved_model_path("sample")
     if not FLAGS.output:
         raise UsageError("sample needs --output=PATH.png")
     export.check_saved_model_dir(path)
@@ -260,9 +267,7 @@ def _sample():
 def _serve():
     from pipeline import serve
 
-    path = FLAGS.saved_model or (artifact_path(FLAGS.workdir, "export") if FLAGS.workdir else None)
-    if not path:
-        raise UsageError("serve needs --saved_model (or --workdir)")
+    path = _saved_model_path("serve")
     max_samples = FLAGS.max_batch if FLAGS.max_samples is None else FLAGS.max_samples
     for name, value in (("max_batch", FLAGS.max_batch), ("max_samples", max_samples),
                         ("max_queue", FLAGS.max_queue), ("max_chunk", FLAGS.max_chunk)):
