@@ -11,9 +11,12 @@ next) at 1, 2, 4, 8, 16 and 32 concurrent clients, for three servings of one Sav
             request's samples, so requests never share a chunk.
 
 Per row: p50 and p99 latency at the client, deadline misses (answers later than the
-deadline), mean k and samples per second. Writes a plot of latency and mean k against
-concurrency. The model is the MNIST preset (K = 64) with untrained weights (latency does
-not depend on what the weights learnt), with the small prior preset or `--prior=reference`.
+deadline), mean k, samples per second and codes per second (samples x k: the work
+done). Last, the model's own gain from batching: row-codes per second of `extend` at 16
+requests' rows against one request's, an upper bound on what continuous batching can add.
+Writes a plot of latency and mean k against concurrency. The model is the MNIST preset
+(K = 64) with untrained weights (latency does not depend on what the weights learnt), with
+the small prior preset or `--prior=reference`, or `--saved_model`.
 
   .venv/bin/python bench/serve_load.py [--prior=mnist|reference] [--seconds=8]
       [--num_samples=4] [--deadline_ms=D] [--plot=docs/serve_load.png]
@@ -59,9 +62,10 @@ class Server:
              "--port=0", *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, env={**os.environ, "PYTHONPATH": REPO})
         for line in self.proc.stdout:
-            found = re.search(r"on http://([\d.]+):(\d+)/", line)
+            found = re.search(r"on http://([\d.]+):(\d+)/ \(K=(\d+)\)", line)
             if found:
-                self.host, self.port = found.group(1), int(found.group(2))
+                self.host, self.port, self.code_length = (
+                    found.group(1), int(found.group(2)), int(found.group(3)))
                 threading.Thread(target=lambda: [None for _ in self.proc.stdout],
                                  daemon=True).start()
                 return
@@ -98,6 +102,30 @@ def closed_loop(server, clients, seconds, path, make_body):
     return results
 
 
+def batching_gain(saved_model, rows, factor=16, repeats=3):
+    """Row-codes per second of the SavedModel's `extend` at rows * factor over rows: what
+    sharing chunk calls can gain at most on this machine."""
+    import numpy as np
+
+    from pipeline.serve import Model
+
+    model = Model(saved_model)
+    K = model.code_length
+
+    def rate(batch):
+        ones, limit = np.ones(batch, np.float32), np.full(batch, K, np.int32)
+        model.extend(model.begin(batch, 0), ones, limit, 8)  # Compile.
+        best = float("inf")
+        for _ in range(repeats):
+            state, start = model.begin(batch, 0), time.perf_counter()
+            for _ in range(-(-K // 8)):
+                state = model.extend(state, ones, limit, 8)
+            best = min(best, time.perf_counter() - start)
+        return batch * K / best
+
+    return rate(rows * factor) / rate(rows)
+
+
 def summarise(results, seconds, num_samples, deadline, code_length):
     ok = [(t, a) for t, status, a in results if status == 200]
     latencies = sorted(t for t, _ in ok)
@@ -108,15 +136,17 @@ def summarise(results, seconds, num_samples, deadline, code_length):
     return {"requests": len(ok), "refused": len(results) - len(ok), "p50_ms": 1e3 * p(0.5),
             "p99_ms": 1e3 * p(0.99),
             "miss": (sum(t > deadline for t in latencies) / len(latencies)) if deadline else None,
-            "mean_k": statistics.mean(ks), "samples_per_s": len(ok) * num_samples / seconds}
+            "mean_k": statistics.mean(ks), "samples_per_s": len(ok) * num_samples / seconds,
+            "codes_per_s": sum(ks) * num_samples / seconds}
 
 
 def row(name, clients, s, deadline_ms):
     if not s["requests"]:
-        return f"| {name} | {clients} | - | - | - | - | - | {s['refused']} |"
+        return f"| {name} | {clients} | - | - | - | - | - | - | {s['refused']} |"
     miss = "" if s["miss"] is None else f"{100 * s['miss']:.1f}%"
     return (f"| {name} | {clients} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {miss} | "
-            f"{s['mean_k']:.1f} | {s['samples_per_s']:.1f} | {s['refused']} |")
+            f"{s['mean_k']:.1f} | {s['samples_per_s']:.1f} | {s['codes_per_s']:.0f} | "
+            f"{s['refused']} |")
 
 
 def main():
@@ -134,8 +164,8 @@ def main():
     print(f"MNIST preset, prior preset '{args.prior}', {n} samples per request, "
           f"{args.seconds:g} s per row, {os.cpu_count()} CPUs", flush=True)
 
-    server = Server(saved, "--max_batch=64")
-    K = 64
+    server = Server(saved)
+    K = server.code_length
     fixed = {}
     try:
         def fixed_body(seed):
@@ -166,8 +196,8 @@ def main():
 
     print(f"\ndeadline {deadline_ms:.0f} ms (half the fixed-k median latency at 16 clients)")
     print("| serving | clients | p50 ms | p99 ms | missed deadline | mean k | samples/s | "
-          "refused |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "codes/s | refused |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = {}
     for c in CONCURRENCY:
         summary[("fixed", c)] = summarise(fixed[c], args.seconds, n, deadline, K)
@@ -183,7 +213,10 @@ def main():
     print(f"\nat 16 clients: {100 * within / max(at16['requests'], 1):.1f}% of anytime answers "
           f"within 1.25 x deadline + 10 ms; mean k {at16['mean_k']:.1f} of {K}; continuous "
           f"batching {at16['samples_per_s'] / max(alone['samples_per_s'], 1e-9):.1f}x the "
-          "samples/s of one request at a time")
+          f"samples/s and {at16['codes_per_s'] / max(alone['codes_per_s'], 1e-9):.1f}x the "
+          "codes/s of one request at a time")
+    print(f"the model's own batching gain, {16 * n} rows against {n}: "
+          f"{batching_gain(saved, n):.1f}x row-codes/s")
     if args.plot:
         plot(summary, deadline_ms, args.plot, args.prior)
 

@@ -12,6 +12,7 @@ mid-chunk (another process, a page fault, a first call that compiles) can still 
 from __future__ import annotations
 
 import collections
+import math
 import time
 from typing import Deque, Dict, Hashable, Optional, Tuple
 
@@ -42,6 +43,10 @@ class CostModel:
         self._extend: Dict[Hashable, Deque[Tuple[int, float]]] = {}
         self._decode: Dict[Hashable, Deque[float]] = {}
         self._compiled = set()  # (table, key) whose first, compiling call was seen.
+        # Fits are refitted only when a key gets a new observation: a scheduler asks for
+        # predictions many times per chunk.
+        self._fits: Dict[Hashable, Tuple[float, float]] = {}     # key -> (a + margin, b)
+        self._decodes: Dict[Hashable, float] = {}
 
     def _series(self, table, key):
         return table.setdefault(key, collections.deque(maxlen=self.window))
@@ -50,9 +55,11 @@ class CostModel:
         """Records that advancing a batch (`key`: batch size, filters) by `codes` took
         `seconds`. The first call of a key is not kept: it compiles."""
         self._keep(self._extend, key, (int(codes), float(seconds)))
+        self._fits.pop(key, None)
 
     def observe_decode(self, key: Hashable, seconds: float) -> None:
         self._keep(self._decode, key, float(seconds))
+        self._decodes.pop(key, None)
 
     def _keep(self, table, key, value):
         if (id(table), key) not in self._compiled:
@@ -60,8 +67,10 @@ class CostModel:
             return
         self._series(table, key).append(value)
 
-    def extend_seconds(self, key: Hashable, codes: int) -> Optional[float]:
-        """Predicted seconds for `codes` more codes, or None before any observation."""
+    def _fit(self, key: Hashable) -> Optional[Tuple[float, float]]:
+        """(fixed seconds + margin, seconds per code), or None before any observation."""
+        if key in self._fits:
+            return self._fits[key]
         points = self._extend.get(key)
         if not points:
             return None
@@ -74,23 +83,27 @@ class CostModel:
         slope = max(slope, self.min_slope)
         intercept = max(intercept, 0.0)
         margin = max(np.quantile(t - (intercept + slope * c), self.quantile), 0.0)
-        return float(intercept + slope * codes + margin)
+        self._fits[key] = fit = (float(intercept + margin), float(slope))
+        return fit
+
+    def extend_seconds(self, key: Hashable, codes: int) -> Optional[float]:
+        """Predicted seconds for `codes` more codes, or None before any observation."""
+        fit = self._fit(key)
+        return None if fit is None else fit[0] + fit[1] * codes
 
     def decode_seconds(self, key: Hashable) -> Optional[float]:
-        times = self._decode.get(key)
-        return None if not times else float(np.quantile(np.array(times), self.quantile))
+        if key not in self._decodes and self._decode.get(key):
+            self._decodes[key] = float(np.quantile(np.array(self._decode[key]), self.quantile))
+        return self._decodes.get(key)
 
     def affordable_codes(self, key: Hashable, seconds: float, limit: int,
                          decode_key: Optional[Hashable] = None) -> Optional[int]:
         """The most codes (up to `limit`) whose predicted time plus a decode (of
         `decode_key`, by default `key`) fits in `seconds`; None while nothing has been
         observed."""
+        fit = self._fit(key)
         decode = self.decode_seconds(key if decode_key is None else decode_key)
-        if self.extend_seconds(key, 1) is None or decode is None:
+        if fit is None or decode is None:
             return None
-        best = 0
-        for c in range(1, limit + 1):  # Predictions grow with c: stop at the first miss.
-            if self.extend_seconds(key, c) + decode > seconds:
-                break
-            best = c
-        return best
+        codes = math.floor((seconds - decode - fit[0]) / fit[1] + 1e-9)
+        return int(min(max(codes, 0), limit))

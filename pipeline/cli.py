@@ -63,9 +63,9 @@ flags.DEFINE_integer("ablation_epochs", None, "Autoencoder epochs of each ablati
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (serve).")
 flags.DEFINE_integer("port", 8501, "Port to listen on (serve; TF Serving's REST port).")
 flags.DEFINE_string("model_name", "ovqvae", "The {name} in /v1/models/{name} (serve).")
-flags.DEFINE_integer("max_batch", 64, "Rows (samples) sampled together at most (serve).")
+flags.DEFINE_integer("max_batch", 128, "Rows (samples) sampled together at most (serve).")
 flags.DEFINE_integer("max_samples", None, "num_samples of one request at most (serve; "
-                     "unset: --max_batch).")
+                     "unset: 64, or --max_batch if smaller).")
 flags.DEFINE_integer("max_queue", 256, "Anytime requests waiting at most; more get 503 (serve).")
 flags.DEFINE_integer("max_chunk", 8, "Codes per compiled call at most (serve).")
 flags.DEFINE_string("output", None, "PNG grid to write (sample); codes and images go beside "
@@ -268,7 +268,7 @@ def _serve():
     from pipeline import serve
 
     path = _saved_model_path("serve")
-    max_samples = FLAGS.max_batch if FLAGS.max_samples is None else FLAGS.max_samples
+    max_samples = min(64, FLAGS.max_batch) if FLAGS.max_samples is None else FLAGS.max_samples
     for name, value in (("max_batch", FLAGS.max_batch), ("max_samples", max_samples),
                         ("max_queue", FLAGS.max_queue), ("max_chunk", FLAGS.max_chunk)):
         if value < 1:

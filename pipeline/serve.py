@@ -67,7 +67,7 @@ class ServeConfig:
     model_name: str = "ovqvae"
     host: str = "127.0.0.1"
     port: int = 8501
-    max_batch: int = 64          # Rows (samples) sampled together at most.
+    max_batch: int = 128         # Rows (samples) sampled together at most.
     max_samples: int = 64        # num_samples of one request at most.
     max_queue: int = 256         # Requests waiting to join the batch at most.
     max_chunk: int = 8           # Codes per compiled call at most.
@@ -94,21 +94,27 @@ class Model:
         self.signatures = self.module.signatures
         self.code_length = int(self.module.code_length)
 
+    # A state is a dict: "codes" int32 [B, K], "position" int32 [B] and "seeds" int32 [B]
+    # as NumPy arrays (small, edited in place when a request takes rows), and "cache", the
+    # KV cache, as a tensor that only the signatures read and write.
+
     def begin(self, num_samples: int, seed: int) -> dict:
         tf = self.tf
-        return dict(self.signatures["begin"](num_samples=tf.constant(num_samples, tf.int32),
-                                             seed=tf.constant(seed, tf.int32)))
+        out = self.signatures["begin"](num_samples=tf.constant(num_samples, tf.int32),
+                                       seed=tf.constant(seed, tf.int32))
+        return {k: v if k == "cache" else np.array(v) for k, v in out.items()}
 
     def extend(self, state: dict, temperature, limit, steps: int) -> dict:
         tf = self.tf
         out = self.signatures["extend"](
-            codes=state["codes"], cache=state["cache"], position=state["position"],
-            seeds=state["seeds"], temperature=tf.constant(temperature, tf.float32),
+            codes=tf.constant(state["codes"]), cache=state["cache"],
+            position=tf.constant(state["position"]), seeds=tf.constant(state["seeds"]),
+            temperature=tf.constant(temperature, tf.float32),
             limit=tf.constant(limit, tf.int32), steps=tf.constant(steps, tf.int32))
         if not bool(out["finite"]):
             raise FloatingPointError("the prior produced NaN or Inf logits")
-        return {**state, "codes": out["codes"], "cache": out["cache"],
-                "position": out["position"]}
+        return {**state, "codes": np.array(out["codes"]), "cache": out["cache"],
+                "position": np.array(out["position"])}
 
     def decode_at(self, codes, num_codes) -> np.ndarray:
         tf = self.tf
@@ -116,15 +122,16 @@ class Model:
             codes=tf.constant(codes, tf.int32),
             num_codes=tf.constant(num_codes, tf.int32))["images"].numpy()
 
-    # -- batch bookkeeping on state dicts: the batch axis of each part of a state
-    BATCH_AXIS = {"codes": 0, "cache": 2, "position": 0, "seeds": 0}
-
     def take(self, state: dict, rows) -> dict:
-        rows = self.tf.constant(rows, self.tf.int32)
-        return {k: self.tf.gather(state[k], rows, axis=a) for k, a in self.BATCH_AXIS.items()}
+        """The rows `rows` of a state (the cache's batch axis is 2)."""
+        rows = np.asarray(rows, np.int32)
+        return {**{k: state[k][rows] for k in ("codes", "position", "seeds")},
+                "cache": self.tf.gather(state["cache"], rows, axis=2)}
 
     def join(self, states: List[dict]) -> dict:
-        return {k: self.tf.concat([s[k] for s in states], a) for k, a in self.BATCH_AXIS.items()}
+        return {**{k: np.concatenate([s[k] for s in states])
+                   for k in ("codes", "position", "seeds")},
+                "cache": self.tf.concat([s["cache"] for s in states], 2)}
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -313,15 +320,15 @@ class Scheduler:
 
     async def _step(self):
         now = time.monotonic()
+        self.active = [r for r in self.active if not r.cancelled]  # Their rows are free.
         await self._join_waiting(now)
-        self.active = [r for r in self.active if not r.cancelled]
-        await self._compact()
+        await self._shrink()
         if not self.active:
             return
-        self.overhead.append(time.monotonic() - now)  # Joining and compacting, per step.
+        self.overhead.append(time.monotonic() - now)  # Joining and shrinking, per step.
         reserve = float(np.quantile(self.overhead, 0.9))
         rows = self._active_rows()
-        key = bucket_for(rows)
+        key = len(self.state["position"])
         # Whom the deadline stops now, and how long a chunk every other request affords.
         # The decode is budgeted at the size of the whole batch: requests that retire
         # together are decoded together.
@@ -339,8 +346,8 @@ class Scheduler:
             await self._retire(retire)
             return
         steps = max(1, min(steps, self.config.max_chunk))
-        limits = np.zeros(len(self.state["position"]), np.int32)
-        temperature = np.ones(len(limits), np.float32)
+        limits = np.zeros(key, np.int32)  # Free rows stay where they are.
+        temperature = np.ones(key, np.float32)
         for r in self.active:
             limits[r.rows] = r.max_codes
             temperature[r.rows] = r.temperature
@@ -351,7 +358,7 @@ class Scheduler:
         self.costs.observe_extend(key, steps, seconds)
         self.metrics.chunk_seconds.observe(seconds)
         self.metrics.batch_rows.observe(rows)
-        position = np.asarray(self.state["position"])
+        position = self.state["position"]
         refined = []
         for r in self.active:
             k = int(position[r.rows[0]])
@@ -384,54 +391,55 @@ class Scheduler:
         self.metrics.queue_depth.set(len(self.queue))
         if not joining:
             return
-        previous = self._active_rows_list()
-        self.state = await self._call(self._with_new_rows, self.state, previous, joining)
+        taken = [i for r in self.active for i in r.rows]
+        self.state = await self._call(self._place, self.state, taken, joining)
         self.active.extend(joining)
-        self._renumber()
+        self.metrics.active_rows.set(self._active_rows())
 
-    def _active_rows_list(self) -> List[int]:
-        return [i for r in self.active if r.rows is not None for i in r.rows]
+    def _place(self, state: Optional[dict], taken: List[int], joining) -> dict:
+        """(Worker thread.) Gives each joining request free rows of `state`, growing it to a
+        larger bucket when too few are free, and starts them: no codes, position 0, the
+        request's own random streams. Rows in use stay where they are, so joining copies
+        no cache unless the batch grows."""
+        size = 0 if state is None else len(state["position"])
+        needed = len(taken) + sum(r.num_samples for r in joining)
+        if needed > size:
+            fresh = self.model.begin(bucket_for(needed) - size, 0)
+            state = fresh if state is None else self.model.join([state, fresh])
+        free = sorted(set(range(len(state["position"]))) - set(taken))
+        for r in joining:
+            r.rows, free = free[:r.num_samples], free[r.num_samples:]
+            start = self.model.begin(r.num_samples, r.seed)
+            for part in ("codes", "position", "seeds"):
+                state[part][r.rows] = start[part]
+        return state
 
-    def _with_new_rows(self, state, rows: List[int], joining) -> dict:
-        """(Worker thread.) The rows `rows` of `state`, then fresh rows for `joining`,
-        padded to a bucket."""
-        parts = ([self.model.take(state, rows)] if state is not None and rows else [])
-        parts += [self.model.begin(r.num_samples, r.seed) for r in joining]
-        return self._pad(self.model.join(parts) if len(parts) > 1 else parts[0])
-
-    def _renumber(self):
+    async def _shrink(self):
+        """Moves the active rows into the smallest bucket that holds them, when that is
+        smaller than the batch and no request waits to join (it copies the cache, so not at
+        every departure)."""
+        if not self.active:
+            self.state = None
+            self.metrics.active_rows.set(0)
+            return
+        rows = [i for r in self.active for i in r.rows]
+        size = bucket_for(len(rows))
+        if self.queue or size >= len(self.state["position"]):
+            return
+        padding = [rows[0]] * (size - len(rows))  # Free rows: they never advance.
+        self.state = await self._call(self.model.take, self.state, rows + padding)
         start = 0
         for r in self.active:
             r.rows = list(range(start, start + r.num_samples))
             start += r.num_samples
         self.metrics.active_rows.set(start)
 
-    def _pad(self, state: dict) -> dict:
-        """Pads to the bucket size with rows that never advance (limit 0)."""
-        rows = int(state["position"].shape[0])
-        extra = bucket_for(rows) - rows
-        if not extra:
-            return state
-        return self.model.join([state, self.model.take(state, [0] * extra)])
-
-    async def _compact(self):
-        """Drops the rows of requests that left; shrinks to a smaller bucket when it can."""
-        if not self.active:
-            self.state = None
-            self.metrics.active_rows.set(0)
-            return
-        rows = self._active_rows_list()
-        if rows != list(range(len(rows))) or bucket_for(len(rows)) < len(self.state["position"]):
-            self.state = await self._call(lambda: self._pad(self.model.take(self.state, rows)))
-            self._renumber()
-
     def _finish(self, state, requests, final: bool):
         """(Worker thread.) Decodes the requests' rows at their k and serialises what goes
         out: an event per streaming request, the answer body when final. Returns
         [(event bytes or None, body bytes or None)]. Its time is the decode cost the
         scheduler budgets for."""
-        rows = [i for r in requests for i in r.rows]
-        codes = np.asarray(self.model.take(state, rows)["codes"])
+        codes = state["codes"][[i for r in requests for i in r.rows]]
         images = self.model.decode_at(codes, [r.k for r in requests for _ in r.rows])
         out, at = [], 0
         for r in requests:
@@ -470,7 +478,7 @@ class Scheduler:
     async def _retire(self, requests: List[AnytimeRequest]):
         await self._decode_and_send(requests, final=True)
         self.active = [r for r in self.active if r not in requests]
-        await self._compact()
+        self.metrics.active_rows.set(self._active_rows())
 
     def in_flight(self) -> int:
         return len(self.active) + len(self.queue)
