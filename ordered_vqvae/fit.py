@@ -14,13 +14,14 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from ordered_vqvae.atomic import write_json
+from ordered_vqvae.examples import ExampleFile
 
 NONFINITE_LOSS = "non-finite training loss"
 
@@ -48,10 +49,14 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 @dataclasses.dataclass
 class TrainingData:
-    """In-memory training examples [N, ...] and how they are batched, as a pure function of
-    (seed, epoch): each epoch is a fresh permutation drawn from that pair, so a run resumed
+    """Training examples [N, ...] and how they are batched, as a pure function of (seed,
+    epoch): each epoch is a fresh permutation drawn from that pair, so a run resumed
     mid-epoch and a distributed run see exactly the global batches of an uninterrupted
     single-device run.
+
+    `examples` is an array in memory, or an `ExampleFile` (`ordered_vqvae.examples`) whose
+    rows each batch reads from disk: then memory holds a few batches and the permutation's
+    indices (8 bytes per example), whatever N.
 
     `side(step, batch_size)`, when given, returns per-example extras for one global batch
     (the autoencoder's code lengths); elements are then {"image": batch, **extras}. Extras
@@ -60,7 +65,7 @@ class TrainingData:
     `train_step` takes (the prior's (inputs, labels) pairs).
     """
 
-    examples: np.ndarray
+    examples: Union[np.ndarray, ExampleFile]
     batch_size: int
     seed: int = 0
     steps_per_epoch: Optional[int] = None
@@ -82,8 +87,19 @@ class TrainingData:
         n, gb, spe = len(self.examples), self.batch_size, self.steps_per_epoch
         if gb % num_shards:
             raise ValueError(f"batch_size={gb} does not split into {num_shards} input pipelines")
-        examples = tf.constant(self.examples)
         seed = tf.constant(self.seed, tf.int64)
+        if isinstance(self.examples, ExampleFile):
+            source = self.examples
+            row_shape, dtype = source.shape[1:], tf.as_dtype(source.dtype)
+
+            def gather(index):
+                rows = tf.numpy_function(source.read, [index], dtype)
+                return tf.ensure_shape(rows, (None,) + row_shape)
+        else:
+            examples = tf.constant(self.examples)
+
+            def gather(index):
+                return tf.gather(examples, index)
 
         def epoch(e):
             perm = tf.argsort(tf.random.stateless_uniform([n], tf.stack([seed, e])))
@@ -93,7 +109,7 @@ class TrainingData:
         lo, hi = shard * gb // num_shards, (shard + 1) * gb // num_shards
 
         def element(step, index):
-            batch = tf.gather(examples, index[lo:hi])
+            batch = gather(index[lo:hi])
             if self.side is None:
                 return batch
             extras = self.side(tf.stack([seed, step]), gb)

@@ -330,11 +330,15 @@ class OrderedVQVAE(_Ordered):
         return self._postprocess(self._decode_tokens(cut))
 
     def mse_by_length(self, images, lengths, batch_size: int = 500) -> dict:
-        """Mean squared error on the [0,1] scale of reconstructions from k codes, per k."""
+        """Mean squared error on the [0,1] scale of reconstructions from k codes, per k, over
+        images [N,H,W,C] or an iterable of such batches (a stream of any length)."""
+        batches = images
+        if hasattr(images, "shape"):
+            batches = (images[s:s + batch_size] for s in range(0, len(images), batch_size))
         totals = {k: 0.0 for k in lengths}
         n = 0
-        for start in range(0, len(images), batch_size):
-            x = tf.convert_to_tensor(images[start:start + batch_size], tf.float32)
+        for batch in batches:
+            x = tf.convert_to_tensor(batch, tf.float32)
             codes = self.encode(x)
             for k in lengths:
                 err = tf.reduce_sum(tf.reduce_mean(tf.square(self.decode(codes, k) - x), [1, 2, 3]))

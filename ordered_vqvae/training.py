@@ -10,17 +10,26 @@ checkpoints with exact resume, `tf.distribute`, and a NaN guard.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from ordered_vqvae.configs import QUARTERS, AutoencoderConfig, fraction_label, fraction_lengths
+from ordered_vqvae.examples import ExampleFile
 from ordered_vqvae.fit import Stage, TrainingData, fit_stages
 from ordered_vqvae.models import OrderedVQVAE
 from ordered_vqvae.prior import CodePrior
 from ordered_vqvae.validation import check_codes, check_images
+
+
+def _check_file(examples: ExampleFile, shape: tuple, what: str, kind) -> None:
+    """The shape and dtype of examples on disk (their values were checked when written)."""
+    if examples.shape[1:] != shape or not np.issubdtype(examples.dtype, kind):
+        raise ValueError(f"{what} in {examples.path!r} are {examples.dtype} of shape "
+                         f"{examples.shape}, expected [N, {', '.join(map(str, shape))}] of "
+                         f"{kind.__name__}")
 
 
 class _CodeLengthMSE(keras.callbacks.Callback):
@@ -67,11 +76,12 @@ def autoencoder_stream(model: OrderedVQVAE, images: np.ndarray,
                             n, seed=tf.cast(seed, tf.int32))})
 
 
-def train_autoencoder(config: AutoencoderConfig, train_images: np.ndarray,
+def train_autoencoder(config: AutoencoderConfig, train_images: Union[np.ndarray, ExampleFile],
                       val_images: Optional[np.ndarray], workdir: str, resume: bool = False,
                       verbose: int = 1, steps_per_epoch: Optional[int] = None,
                       checkpoint_every: int = 0, strategy=None) -> OrderedVQVAE:
-    """Trains an ordered VQ-VAE on images [N,H,W,C] in [0,1]; checkpoints under workdir.
+    """Trains an ordered VQ-VAE on images [N,H,W,C] in [0,1], in memory or in an
+    `ExampleFile` read a batch at a time; checkpoints under workdir.
 
     Args:
       resume: continue from the latest checkpoint in `workdir/checkpoints` (model,
@@ -84,7 +94,10 @@ def train_autoencoder(config: AutoencoderConfig, train_images: np.ndarray,
     Returns:
       The trained model. `workdir/history.json` holds the per-epoch logs.
     """
-    check_images(train_images, config.image_shape, "training images")
+    if isinstance(train_images, ExampleFile):
+        _check_file(train_images, tuple(config.image_shape), "training images", np.floating)
+    else:
+        check_images(train_images, config.image_shape, "training images")
     if val_images is not None:
         check_images(val_images, config.image_shape, "validation images")
     keras.utils.set_random_seed(config.seed)
@@ -115,17 +128,23 @@ class InverseSqrtSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps}
 
 
-def train_prior(config, code_length: int, codebook_size: int, train_codes: np.ndarray,
+def train_prior(config, code_length: int, codebook_size: int,
+                train_codes: Union[np.ndarray, ExampleFile],
                 val_codes: Optional[tf.data.Dataset], workdir: str, resume: bool = False,
                 verbose: int = 1, steps_per_epoch: Optional[int] = None,
                 checkpoint_every: int = 0, strategy=None):
-    """Trains a CodePrior (a `prior.PriorConfig`) on codes int32 [N, K] held in memory.
+    """Trains a CodePrior (a `prior.PriorConfig`) on codes int32 [N, K], in memory or in an
+    `ExampleFile`.
 
     AdamW (0.9, 0.98) with an inverse-square-root warm-up, as in the reference; validation
     negative log-likelihood (batches of codes) is logged as `val_bits_per_code`.
     Checkpoints, `resume`, `checkpoint_every` and `strategy` as for the autoencoder.
     """
-    train_codes = check_codes(train_codes, code_length, codebook_size, what="training codes")
+    if isinstance(train_codes, ExampleFile):
+        _check_file(train_codes, (code_length,), "training codes", np.integer)
+    else:
+        train_codes = check_codes(train_codes, code_length, codebook_size,
+                                  what="training codes")
     keras.utils.set_random_seed(config.seed)
 
     def make_optimizer():

@@ -79,9 +79,11 @@ def image_problems(images: np.ndarray, image_shape) -> list:
     return reasons
 
 
-def check_images(images: np.ndarray, image_shape, what: str = "images") -> None:
+def check_images(images: np.ndarray, image_shape, what: str = "images",
+                 first_index: int = 0) -> None:
     """Raises ValueError naming the first problem when images are not a non-empty
-    float [N, *image_shape] array in [0, 1]."""
+    float [N, *image_shape] array in [0, 1]; image indices count from `first_index` (the
+    position of a batch in a stream)."""
     images = np.asarray(images)
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
         raise ValueError(f"{what} have shape {images.shape}, expected [N, "
@@ -90,9 +92,9 @@ def check_images(images: np.ndarray, image_shape, what: str = "images") -> None:
         raise ValueError(f"{what} are empty, expected at least one image")
     for index, problem in enumerate(image_problems(images, image_shape)):
         if problem == "NaN or Inf":
-            raise ValueError(f"{what} contain NaN or Inf at image index {index}")
+            raise ValueError(f"{what} contain NaN or Inf at image index {first_index + index}")
         if problem:
-            raise ValueError(f"{what} have {problem} (image index {index})")
+            raise ValueError(f"{what} have {problem} (image index {first_index + index})")
 
 
 def check_image_tensor(images, image_shape):

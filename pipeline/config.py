@@ -8,7 +8,7 @@ from typing import Optional
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig, preset, prior_preset
 
 # Which architecture preset a dataset uses by default.
-DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10",
+DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10", "celeba": "celeb_a",
                    "tfds:mnist": "mnist", "tfds:fashion_mnist": "mnist",
                    "tfds:cifar10": "cifar10", "tfds:celeb_a": "celeb_a"}
 
@@ -28,14 +28,56 @@ class DataConfig:
     def limit(self, split: str) -> Optional[int]:
         return self.max_train if split == "train" else self.max_test
 
-    def arrays(self, split: str, seed: int = 0):
-        """(images float32 [N,H,W,C], labels, ids) of a split, shuffled with `seed` for train."""
+    def dataset(self, split: str, seed: int = 0):
+        """The split as a tf.data stream of {"image", "label", "id"} (its first max_train or
+        max_test elements), shuffled with `seed` for train."""
         from ordered_vqvae import data
 
         ds, _ = data.load(self.source, split, path=self.path, data_dir=self.data_dir,
                           image_size=self.image_size, shuffle=split == "train", seed=seed,
                           download=self.download)
-        return data.to_numpy(ds, limit=self.limit(split))
+        return ds if self.limit(split) is None else ds.take(self.limit(split))
+
+    def image_batches(self, split: str, seed: int = 0, batch_size: int = 512,
+                      limit: Optional[int] = None):
+        """Yields images float32 [B,H,W,C] of the split (the first `limit` when given), a
+        batch at a time: memory holds one batch whatever the split's size."""
+        import tensorflow as tf
+
+        ds = self.dataset(split, seed)
+        if limit is not None:
+            ds = ds.take(limit)
+        try:
+            for batch in ds.batch(batch_size).as_numpy_iterator():
+                yield batch["image"]
+        except tf.errors.InvalidArgumentError as e:  # A file that does not decode.
+            raise self._bad_file(split, e) from None
+
+    def _bad_file(self, split: str, error) -> Exception:
+        """The DataError naming the first file of a split that does not decode to the
+        source's shape (found by decoding each file alone), or `error` itself."""
+        from ordered_vqvae import data
+
+        if self.source not in ("image_folder", "celeba"):
+            return error
+        ds, info = data.load(self.source, split, path=self.path, image_size=self.image_size,
+                             decode=False)
+        resize = self.image_size is not None or self.source == "celeba"
+        crop = data.CELEBA_CROP if self.source == "celeba" else None
+        for element in ds.as_numpy_iterator():
+            try:
+                data.decode_encoded(element["encoded"], element["id"].decode(),
+                                    info.image_shape, resize, crop)
+            except data.DataError as bad:
+                return bad
+        return error
+
+    def arrays(self, split: str, seed: int = 0):
+        """(images float32 [N,H,W,C], labels, ids) of a split, shuffled with `seed` for train,
+        all in memory (experiments on small data; the stages stream)."""
+        from ordered_vqvae import data
+
+        return data.to_numpy(self.dataset(split, seed))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -134,12 +134,17 @@ def code_dataset(directory: str, split: str, batch_size: Optional[int] = None,
     return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
-def read_codes(directory: str, split: str, limit: int = 0, **checks) -> np.ndarray:
-    """The codes of a split as int32 [N, K] in memory (`checks`: code_length, codebook_size),
-    the first `limit` records when > 0. A corrupt shard is named in the SchemaError."""
-    ds = code_dataset(directory, split, batch_size=4096, limit=limit, **checks)
+def code_batches(directory: str, split: str, limit: int = 0, batch_size: int = 4096,
+                 **checks) -> Iterator[np.ndarray]:
+    """Yields the codes of a split as int32 [B, K] batches (`checks`: code_length,
+    codebook_size), the first `limit` records when > 0. A corrupt shard is named in the
+    SchemaError; a split without records is one."""
+    ds = code_dataset(directory, split, batch_size=batch_size, limit=limit, **checks)
+    empty = True
     try:
-        parts = list(ds.as_numpy_iterator())
+        for batch in ds.as_numpy_iterator():
+            empty = False
+            yield batch
     except tf.errors.DataLossError:
         for path in shard_paths(directory, split):  # Which one?
             try:
@@ -149,6 +154,10 @@ def read_codes(directory: str, split: str, limit: int = 0, **checks) -> np.ndarr
                 raise SchemaError(f"code shard {path!r} is corrupt ({detail}); rerun the "
                                   "extract stage (ovqvae extract --force)") from None
         raise
-    if not parts:
+    if empty:
         raise SchemaError(f"code directory {directory!r} holds no {split!r} records")
-    return np.concatenate(parts)
+
+
+def read_codes(directory: str, split: str, limit: int = 0, **checks) -> np.ndarray:
+    """The codes of a split as int32 [N, K] in memory (see `code_batches`)."""
+    return np.concatenate(list(code_batches(directory, split, limit, **checks)))

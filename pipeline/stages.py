@@ -56,23 +56,53 @@ class Stage:
 # ----------------------------------------------------------------------------- run functions
 
 
+def _training_file(ctx: Context, stage: str, name: str, write: Callable):
+    """The training examples streamed to `name` in the stage's scratch area, once: a resumed
+    run reuses the file (the scratch area is per input hash, so it holds the same data)."""
+    from ordered_vqvae.examples import ExampleFile
+
+    path = os.path.join(ctx.scratch, name)
+    if os.path.exists(path):
+        return ExampleFile(path)
+    start = time.time()
+    examples = write(path)
+    print(f"[{stage}] {len(examples)} training "
+          f"examples streamed to {path} ({os.path.getsize(path) / 2**20:.1f} MiB) in "
+          f"{time.time() - start:.1f} s", flush=True)
+    return examples
+
+
 def _train_autoencoder(config: PipelineConfig, ctx: Context) -> dict:
+    import numpy as np
+
     from ordered_vqvae import models, training
+    from ordered_vqvae.examples import write_examples
+    from ordered_vqvae.validation import check_images
     from pipeline import evaluate
 
     ae_config = config.autoencoder
+    shape = tuple(ae_config.image_shape)
+
+    def checked(batches):
+        seen = 0
+        for batch in batches:
+            check_images(batch, shape, f"{config.data.source} training images", seen)
+            seen += len(batch)
+            yield batch
+
     print(f"[autoencoder] loading {config.data.source} ...", flush=True)
-    train_x, _, _ = config.data.arrays("train", seed=ae_config.seed)
-    test_x, _, _ = config.data.arrays("test")
-    print(f"[autoencoder] {len(train_x)} train / {len(test_x)} test images of shape "
-          f"{train_x.shape[1:]}; K={ae_config.code_length} codes, codebook_size="
+    train = _training_file(ctx, "autoencoder", "train_images.npy", lambda path: write_examples(
+        path, checked(config.data.image_batches("train", seed=ae_config.seed)), np.float32))
+    val_x = np.concatenate(list(config.data.image_batches("test", limit=2000)))
+    print(f"[autoencoder] {len(train)} train images of shape {train.shape[1:]}, read from "
+          f"disk a batch at a time; K={ae_config.code_length} codes, codebook_size="
           f"{ae_config.codebook_size}", flush=True)
-    model = training.train_autoencoder(ae_config, train_x, test_x[:2000], ctx.scratch,
+    model = training.train_autoencoder(ae_config, train, val_x, ctx.scratch,
                                        resume=True, verbose=ctx.verbose,
                                        checkpoint_every=config.checkpoint_every,
                                        strategy=config.distribution())
     models.save_autoencoder(model, ctx.artifact("autoencoder"))
-    return evaluate.reconstruction(model, test_x)
+    return evaluate.reconstruction(model, config.data.image_batches("test"))
 
 
 def _extract(config: PipelineConfig, ctx: Context) -> dict:
@@ -86,7 +116,10 @@ def _extract(config: PipelineConfig, ctx: Context) -> dict:
 
 
 def _train_prior(config: PipelineConfig, ctx: Context) -> dict:
+    import numpy as np
+
     from ordered_vqvae import training
+    from ordered_vqvae.examples import write_examples
     from ordered_vqvae.prior import save_prior
     from pipeline import schema
 
@@ -94,8 +127,9 @@ def _train_prior(config: PipelineConfig, ctx: Context) -> dict:
     meta = schema.read_metadata(codes_dir)
     K, size = meta["code_length"], meta["codebook_size"]
     cfg = config.prior
-    train = schema.read_codes(codes_dir, "train", limit=cfg.max_train_sequences, code_length=K,
-                              codebook_size=size)
+    train = _training_file(ctx, "prior", "train_codes.npy", lambda path: write_examples(
+        path, schema.code_batches(codes_dir, "train", limit=cfg.max_train_sequences,
+                                  code_length=K, codebook_size=size), np.int32))
     val = schema.code_dataset(codes_dir, "test", batch_size=256, code_length=K, codebook_size=size)
     print(f"[prior] {len(train)} training sequences of K={K} codes, codebook_size={size}",
           flush=True)

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from ordered_vqvae import configs, data, fit, training  # noqa: E402
 from ordered_vqvae.configs import prior_preset  # noqa: E402
+from ordered_vqvae.examples import write_examples  # noqa: E402
 
 AUTOENCODER = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=32,
                              batch_size=64, epochs=2)
@@ -42,12 +43,18 @@ def main(mode, optimizer, workdir, out):
                 "mirrored": lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
                 "multi_worker": tf.distribute.MultiWorkerMirroredStrategy}[mode]()
     images = data.to_numpy(data.load("digits", "train", shuffle=True)[0])[0]
-    ae = training.train_autoencoder(AUTOENCODER, images, None, os.path.join(workdir, "ae"),
-                                    verbose=0, strategy=strategy)
     rng = np.random.default_rng(0)  # Codes with structure, independent of the autoencoder.
     codes = rng.integers(0, 32, size=(1024, 8)) // rng.integers(1, 4, size=(1024, 1))
-    prior = training.train_prior(PRIOR, 8, 32, codes, None, os.path.join(workdir, "prior"),
-                                 verbose=0, strategy=strategy)
+    # Both stages read their examples from disk, each worker its own rows of every batch.
+    os.makedirs(workdir, exist_ok=True)
+    on_disk = {name: write_examples(os.path.join(workdir, f"{name}-{os.getpid()}.npy"),
+                                    [array], dtype)
+               for name, array, dtype in (("images", images, np.float32),
+                                          ("codes", codes, np.int32))}
+    ae = training.train_autoencoder(AUTOENCODER, on_disk["images"], None,
+                                    os.path.join(workdir, "ae"), verbose=0, strategy=strategy)
+    prior = training.train_prior(PRIOR, 8, 32, on_disk["codes"], None,
+                                 os.path.join(workdir, "prior"), verbose=0, strategy=strategy)
     if not fit.is_chief(strategy):
         return
     weights = {f"ae/{w.path}": w.numpy() for w in ae.weights}
