@@ -7,6 +7,8 @@ Every source yields dicts ``{"image": float32 [H,W,C] in [0,1], "label": int64,
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (real, offline).
 - ``mnist``: a directory holding the four standard IDX files, gzipped or not.
 - ``image_folder``: a directory or ``.tar.gz`` of ``<split>/<class>/<file>`` images.
+- ``celeba``: CelebA's own files (``img_align_celeba/`` and its partition file), in a
+  directory or a tarball; center-cropped to 140 and resized to 64x64, as TFDS does.
 - ``tfds:<name>``: a TFDS dataset already prepared under ``data_dir``.
 
 Nothing here downloads unless ``download=True`` is passed for a TFDS source.
@@ -156,27 +158,53 @@ def load_mnist_arrays(directory: str, split: str):
 # ----------------------------------------------------------------------------- image folder
 
 
-def _split_and_class(relpath: str, split: str) -> Optional[str]:
-    """The class of `.../<split>/<class>/<file>`, or None when the path is elsewhere."""
+def split_class(relpath: str, split: str) -> Optional[str]:
+    """The class of `.../<split>/<class>/<file>` (an image), or None when the path is elsewhere."""
     parts = relpath.replace("\\", "/").split("/")
     if len(parts) >= 3 and parts[-3] == split and relpath.lower().endswith(IMAGE_EXTENSIONS):
         return parts[-2]
     return None
 
 
-def _folder_entries(root: str, split: str):
-    """(relative path, class, encoded bytes or None) for a split of a directory or tarball."""
+def is_tarball(path: str) -> bool:
+    return bool(path) and path.endswith((".tar.gz", ".tgz", ".tar")) and tf.io.gfile.exists(path)
+
+
+def tar_members(path: str, accept):
+    """Yields (name, bytes) of a tarball's files whose name `accept(name)` takes, in the
+    tarball's order, one member in memory at a time."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile() and accept(member.name):
+                    yield member.name, tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read tarball {path!r}: {e}") from None
+
+
+def tarball_members(path: str, split: str, names: Optional[set] = None):
+    """Yields (member name, class, bytes) of a tarball's split images (only those in `names`
+    when given), one member in memory at a time."""
+    for name, content in tar_members(path, lambda n: split_class(n, split) is not None
+                                     and (names is None or n in names)):
+        yield name, split_class(name, split), content
+
+
+def _folder_entries(root: str, split: str, read_bytes: bool = True):
+    """(relative path, class, payload) for a split of a directory or tarball, sorted by path:
+    the payload is the file's full path (directory), its bytes (tarball, `read_bytes`) or
+    None. Raises DataError for a missing root, empty class folders or no images."""
     entries = []
     if tf.io.gfile.isdir(root):
         for dirpath, _, files in tf.io.gfile.walk(root):
             for name in files:
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, root)
-                cls = _split_and_class(rel, split)
+                cls = split_class(rel, split)
                 if cls is not None:
                     entries.append((rel, cls, full))
         all_classes = _class_dirs(root, split)
-    elif root.endswith((".tar.gz", ".tgz", ".tar")) and tf.io.gfile.exists(root):
+    elif is_tarball(root):
         all_classes = set()
         try:
             with tf.io.gfile.GFile(root, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
@@ -186,10 +214,11 @@ def _folder_entries(root: str, split: str):
                         all_classes.add(parts[-1])
                     if not member.isfile():
                         continue
-                    cls = _split_and_class(member.name, split)
+                    cls = split_class(member.name, split)
                     if cls is not None:
                         all_classes.add(cls)
-                        entries.append((member.name, cls, tar.extractfile(member).read()))
+                        entries.append((member.name, cls, tar.extractfile(member).read()
+                                        if read_bytes else None))
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"cannot read tarball {root!r}: {e}") from None
     else:
@@ -205,6 +234,22 @@ def _folder_entries(root: str, split: str):
                         f"<split>/<class>/<image> with extensions {IMAGE_EXTENSIONS}")
     entries.sort(key=lambda e: e[0])
     return entries
+
+
+def folder_listing(root: str, split: str):
+    """(sorted relative paths of the split's images, sorted class names) of a directory or
+    tarball, without reading any image."""
+    entries = _folder_entries(root, split, read_bytes=False)
+    return [e[0] for e in entries], sorted({e[1] for e in entries})
+
+
+def folder_patterns(root: str, split: str) -> list:
+    """Glob patterns, one per class folder of the split, that match its files (a directory)."""
+    patterns = []
+    for dirpath, subdirs, _ in tf.io.gfile.walk(root):
+        if os.path.basename(os.path.normpath(dirpath)) == split:
+            patterns += [os.path.join(dirpath, d, "*") for d in sorted(subdirs)]
+    return patterns
 
 
 def _class_dirs(root: str, split: str) -> set:
@@ -236,22 +281,28 @@ def _resize_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.image.resize_with_crop_or_pad(image, size, size)
 
 
-def _decode_tensor(data, channels: int, image_size: Optional[int]):
-    """Encoded PNG/JPEG bytes -> float32 [H,W,channels] in [0,1], resized when asked."""
+def _decode_tensor(data, channels: int, image_size: Optional[int], crop: Optional[int] = None):
+    """Encoded PNG/JPEG bytes -> float32 [H,W,channels] in [0,1], center-cropped to
+    crop x crop first and then resized when asked."""
     image = tf.io.decode_image(data, channels=channels, expand_animations=False)
     image = tf.cast(image, tf.float32) / 255.0
+    if crop:
+        image = tf.image.resize_with_crop_or_pad(image, crop, crop)
     if image_size:
         image = tf.clip_by_value(_resize_center_crop(image, image_size), 0.0, 1.0)
     return image
 
 
-def decode_encoded(data: bytes, record_id: str, image_shape, resize: bool = False) -> np.ndarray:
+def decode_encoded(data: bytes, record_id: str, image_shape, resize: bool = False,
+                   crop: Optional[int] = None) -> np.ndarray:
     """Eagerly decodes one encoded image to `image_shape` (the SourceInfo's of a
-    `decode=False` load; `resize` as its image_size was given). Raises DataError naming
-    the record when the bytes are not an image or the size is wrong."""
+    `decode=False` load; `resize` as its image_size was given; `crop` a center crop before,
+    as for CelebA). Raises DataError naming the record when the bytes are not an image or
+    the size is wrong."""
     height, width, channels = image_shape
     try:
-        image = _decode_tensor(tf.constant(data), channels, height if resize else None).numpy()
+        image = _decode_tensor(tf.constant(data), channels, height if resize else None,
+                               crop).numpy()
     except tf.errors.OpError as e:
         raise DataError(f"cannot decode image {record_id!r}: {e.message}") from None
     if image.shape != tuple(image_shape):
@@ -312,12 +363,134 @@ def load_image_folder(root: str, split: str, image_size: Optional[int] = None,
     return ds, info
 
 
+# ----------------------------------------------------------------------------- celeba
+# CelebA as distributed: img_align_celeba/000001.jpg ... 202599.jpg (178x218) and
+# list_eval_partition.txt ("000001.jpg 0": 0 train, 1 validation, 2 test), in a directory
+# or a tarball. Images are center-cropped to 140x140 and resized, as TFDS's loader does.
+
+CELEBA_FOLDER = "img_align_celeba"
+CELEBA_PARTITION = "list_eval_partition.txt"
+CELEBA_SPLIT_CODES = {"train": "0", "test": "2"}  # The validation part (1) is not used.
+CELEBA_RANGES = {"train": (1, 162770), "test": (182638, 202599)}  # The same, by number.
+
+
+def _celeba_partition(text: str, where: str) -> dict:
+    partition = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+            raise DataError(f"{where} line {number} is {line!r}, expected '<file> <0|1|2>'")
+        partition[parts[0]] = parts[1]
+    return partition
+
+
+def celeba_files(root: str, split: str):
+    """(sorted member names of the split's images, payload per name: the full path in a
+    directory, None in a tarball). The split comes from list_eval_partition.txt when the
+    root (or, for a tarball, the tarball or its directory) holds one, else from the
+    official ranges of image numbers."""
+    _check_split(split)
+    names, partition, where = [], None, None
+    if tf.io.gfile.isdir(root):
+        images = root if os.path.basename(os.path.normpath(root)) == CELEBA_FOLDER else \
+            os.path.join(root, CELEBA_FOLDER)
+        if not tf.io.gfile.isdir(images):
+            raise DataError(f"CelebA folder {root!r} holds no {CELEBA_FOLDER}/ directory")
+        names = [f"{CELEBA_FOLDER}/{n}" for n in tf.io.gfile.listdir(images)
+                 if n.lower().endswith(".jpg")]
+        for candidate in (os.path.join(root, CELEBA_PARTITION),
+                          os.path.join(os.path.dirname(os.path.normpath(images)),
+                                       CELEBA_PARTITION)):
+            if tf.io.gfile.exists(candidate):
+                with tf.io.gfile.GFile(candidate) as f:
+                    partition, where = _celeba_partition(f.read(), candidate), candidate
+                break
+        base = os.path.dirname(os.path.normpath(images))
+        payload = {n: os.path.join(base, n) for n in names}
+    elif is_tarball(root):
+        try:
+            with tf.io.gfile.GFile(root, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for member in tar:
+                    parts = member.name.split("/")
+                    if not member.isfile():
+                        continue
+                    if parts[-1] == CELEBA_PARTITION:
+                        where = f"{root}:{member.name}"
+                        partition = _celeba_partition(
+                            tar.extractfile(member).read().decode(), where)
+                    elif (len(parts) >= 2 and parts[-2] == CELEBA_FOLDER
+                          and parts[-1].lower().endswith(".jpg")):
+                        names.append(member.name)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"cannot read tarball {root!r}: {e}") from None
+        beside = os.path.join(os.path.dirname(root), CELEBA_PARTITION)
+        if partition is None and tf.io.gfile.exists(beside):
+            with tf.io.gfile.GFile(beside) as f:
+                partition, where = _celeba_partition(f.read(), beside), beside
+        payload = {n: None for n in names}
+    else:
+        raise DataError(f"CelebA path {root!r} does not exist (expected a directory or a "
+                        f".tar.gz holding {CELEBA_FOLDER}/*.jpg)")
+    if partition is not None:
+        code = CELEBA_SPLIT_CODES[split]
+        kept = [n for n in names if partition.get(n.split("/")[-1]) == code]
+    else:
+        low, high = CELEBA_RANGES[split]
+        kept = [n for n in names
+                if n.split("/")[-1][:-4].isdigit() and low <= int(n.split("/")[-1][:-4]) <= high]
+    if not kept:
+        raise DataError(f"no CelebA {split} images under {root!r} ({len(names)} images in "
+                        f"{CELEBA_FOLDER}/; split from "
+                        f"{where or 'the official ranges of image numbers'})")
+    kept.sort()
+    return kept, payload
+
+
+def load_celeba(root: str, split: str, image_size: Optional[int] = None,
+                shuffle: bool = False, seed: int = 0, decode: bool = True):
+    """CelebA from its files (see `celeba_files`) as a dataset of 64x64 (or image_size)
+    RGB images, label -1, id the member name. A tarball's split is read into memory; a
+    directory is read file by file."""
+    size = image_size or CELEBA_SIZE
+    names, payload = celeba_files(root, split)
+    if is_tarball(root):
+        wanted = set(names)
+        data = dict(tar_members(root, wanted.__contains__))
+        payloads = [data[n] for n in names]
+    else:
+        payloads = [payload[n] for n in names]
+    order = _permutation(len(names), shuffle, seed)
+    shape = (size, size, 3)
+    in_memory = is_tarball(root)
+    ds = tf.data.Dataset.from_tensor_slices({
+        "id": np.array(names, dtype=object)[order].astype(bytes),
+        "payload": np.array(payloads, dtype=object)[order].astype(bytes if in_memory else str)})
+
+    def read(ex):
+        encoded = ex["payload"] if in_memory else tf.io.read_file(ex["payload"])
+        return {"encoded": encoded, "label": tf.constant(-1, tf.int64), "id": ex["id"]}
+
+    def decode_one(ex):
+        image = _decode_tensor(ex["encoded"], 3, size, CELEBA_CROP)
+        return {"image": tf.ensure_shape(image, shape), "label": ex["label"], "id": ex["id"]}
+
+    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if decode:
+        ds = ds.map(decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds, SourceInfo("celeba", shape, len(names), ())
+
+
 # ----------------------------------------------------------------------------- tfds
 
 
 def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool = False,
-              image_size: Optional[int] = None, shuffle: bool = False, seed: int = 0):
-    """A prepared TFDS dataset; refuses to download unless `download` is True."""
+              image_size: Optional[int] = None, shuffle: bool = False, seed: int = 0,
+              subsplit: Optional[tuple] = None):
+    """A prepared TFDS dataset; refuses to download unless `download` is True. `subsplit`
+    (start, stop) reads only those examples of the split (TFDS split slicing), with the
+    ids they have in the whole split."""
     _check_split(split)
     if name not in TFDS_NAMES:
         raise DataError(f"tfds:{name} is not supported, expected one of "
@@ -333,7 +506,9 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool = F
         builder.download_and_prepare()
     tfds_split = {"train": "train", "test": "test"}[split]
     read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=1)
-    ds = builder.as_dataset(split=tfds_split, shuffle_files=shuffle, read_config=read_config)
+    first = subsplit[0] if subsplit else 0
+    ds = builder.as_dataset(split=f"{tfds_split}[{first}:{subsplit[1]}]" if subsplit
+                            else tfds_split, shuffle_files=shuffle, read_config=read_config)
     if shuffle:
         ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=False)
     splits = builder.info.splits
@@ -354,7 +529,7 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool = F
         ident = tf.strings.join([f"{name}/{split}/", tf.strings.as_string(i)])
         return {"image": tf.ensure_shape(image, shape), "label": label, "id": ident}
 
-    ds = ds.enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.enumerate(first).map(convert, num_parallel_calls=tf.data.AUTOTUNE,
                                               deterministic=True)
     return ds, SourceInfo(name=f"tfds:{name}", image_shape=shape, num_examples=num,
                           class_names=class_names)
@@ -369,9 +544,10 @@ def load(source: str, split: str, *, path: Optional[str] = None, data_dir: Optio
     """Loads a split of a source.
 
     Args:
-      source: "digits", "mnist", "image_folder" or "tfds:<name>".
+      source: "digits", "mnist", "image_folder", "celeba" or "tfds:<name>".
       split: "train" or "test".
-      path: the MNIST IDX directory, or the image folder / tarball.
+      path: the MNIST IDX directory, the image folder / tarball, or CelebA's directory or
+        tarball (img_align_celeba/ and list_eval_partition.txt).
       data_dir: the TFDS data directory (tfds sources only).
       image_size: resize (short side) and center-crop to this square size.
       shuffle, seed: a deterministic, seeded permutation of the whole split.
@@ -398,10 +574,15 @@ def load(source: str, split: str, *, path: Optional[str] = None, data_dir: Optio
         if not path:
             raise DataError("source 'image_folder' needs a path (directory or .tar.gz)")
         return load_image_folder(path, split, image_size, shuffle, seed, decode)
+    if source == "celeba":
+        if not path:
+            raise DataError("source 'celeba' needs a path (a directory or .tar.gz holding "
+                            f"{CELEBA_FOLDER}/)")
+        return load_celeba(path, split, image_size, shuffle, seed, decode)
     if source.startswith("tfds:"):
         return load_tfds(source[len("tfds:"):], split, data_dir, download, image_size, shuffle, seed)
     raise DataError(f"unknown data source {source!r}, expected one of 'digits', 'mnist', "
-                    f"'image_folder', 'tfds:<name>' with name in {TFDS_NAMES}")
+                    f"'image_folder', 'celeba', 'tfds:<name>' with name in {TFDS_NAMES}")
 
 
 def to_numpy(ds: tf.data.Dataset, limit: Optional[int] = None, batch_size: int = 1024):
@@ -416,3 +597,135 @@ def to_numpy(ds: tf.data.Dataset, limit: Optional[int] = None, batch_size: int =
     if not images:
         raise DataError("the dataset is empty")
     return np.concatenate(images), np.concatenate(labels), ids
+
+
+# ----------------------------------------------------------------------------- reading in pieces
+# The extraction job reads a split in pieces that a Beam runner spreads over its workers:
+# index ranges for in-memory, IDX and TFDS sources, one file each for image folders.
+
+
+def split_size(source: str, split: str, path: Optional[str] = None,
+               data_dir: Optional[str] = None, download: bool = False) -> int:
+    """The number of examples of an index-addressed source's split (digits, mnist, tfds:*),
+    read from headers and metadata only."""
+    _check_split(split)
+    if source == "digits":
+        return len(load_digits_arrays(split)[2])
+    if source == "mnist":
+        if not path or not tf.io.gfile.isdir(path):
+            raise DataError(f"MNIST directory {path!r} does not exist")
+        image_stem, label_stem = _IDX_FILES[split]
+        images = _idx_header(_find_idx(path, image_stem), 3)[0]
+        labels = _idx_header(_find_idx(path, label_stem), 1)[0]
+        if images != labels:
+            raise DataError(f"MNIST {split} in {path!r} has {images} images but {labels} labels")
+        return images
+    if source.startswith("tfds:"):
+        _, info = load_tfds(source[len("tfds:"):], split, data_dir, download)
+        if info.num_examples is None:
+            raise DataError(f"{source} {split} does not record its size")
+        return info.num_examples
+    raise DataError(f"source {source!r} is not read by index ranges")
+
+
+def load_range(source: str, split: str, start: int, stop: int, *, path: Optional[str] = None,
+               data_dir: Optional[str] = None, image_size: Optional[int] = None,
+               download: bool = False):
+    """Examples start..stop-1 of a split (in `load`'s unshuffled order, with its ids) as
+    (images float32 [n,H,W,C], labels int64 [n], ids), reading only those examples where
+    the format allows (IDX rows by offset, TFDS by split slicing)."""
+    if source == "digits":
+        images, labels, ids = load_digits_arrays(split)
+        return (images[start:stop].astype(np.float32) / 16.0, labels[start:stop].astype(np.int64),
+                ids[start:stop])
+    if source == "mnist":
+        image_stem, label_stem = _IDX_FILES[split]
+        images = read_idx_rows(_find_idx(path, image_stem), 3, start, stop)
+        labels = read_idx_rows(_find_idx(path, label_stem), 1, start, stop)
+        return (images[..., None].astype(np.float32) / 255.0, labels.astype(np.int64),
+                [f"mnist/{split}/{i:05d}" for i in range(start, stop)])
+    if source.startswith("tfds:"):
+        ds, _ = load_tfds(source[len("tfds:"):], split, data_dir, download,
+                          image_size=image_size, subsplit=(start, stop))
+        return to_numpy(ds)
+    raise DataError(f"source {source!r} is not read by index ranges")
+
+
+def _idx_open(path: str):
+    """A file object over an IDX file's bytes (decompressed when gzipped) and what closes it."""
+    raw = tf.io.gfile.GFile(path, "rb")
+    return (gzip.GzipFile(fileobj=raw, mode="rb"), raw) if path.endswith(".gz") else (raw, raw)
+
+
+def _idx_read_header(f, path: str, ndim: int) -> tuple:
+    header = f.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim:
+        raise DataError(f"{path!r} is too short ({len(header)} bytes) for an IDX header")
+    magic = struct.unpack(">I", header[:4])[0]
+    if magic != _IDX_MAGIC[ndim]:
+        raise DataError(f"{path!r} has IDX magic number {magic}, expected {_IDX_MAGIC[ndim]} "
+                        f"(uint8 data with {ndim} dimensions)")
+    return struct.unpack(">" + "I" * ndim, header[4:])
+
+
+def _idx_header(path: str, ndim: int) -> tuple:
+    f, raw = _idx_open(path)
+    try:
+        return _idx_read_header(f, path, ndim)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path!r} is not a complete gzip file ({e})") from None
+    finally:
+        f.close()
+        raw.close()
+
+
+def read_idx_rows(path: str, ndim: int, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of an IDX file (gzipped or not), read by offset."""
+    f, raw = _idx_open(path)
+    try:
+        dims = _idx_read_header(f, path, ndim)
+        if not 0 <= start <= stop <= dims[0]:
+            raise DataError(f"rows {start}..{stop - 1} of {path!r}, which holds {dims[0]}")
+        row = int(np.prod(dims[1:], dtype=np.int64))
+        f.seek(4 + 4 * ndim + start * row)  # Gzip streams skip by decompressing.
+        body = f.read((stop - start) * row)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path!r} is not a complete gzip file ({e})") from None
+    finally:
+        f.close()
+        raw.close()
+    if len(body) != (stop - start) * row:
+        raise DataError(f"{path!r} ends before row {stop - 1} of its {dims[0]}: it is truncated")
+    return np.frombuffer(body, np.uint8).reshape((stop - start,) + tuple(dims[1:]))
+
+
+def image_folder_info(root: str, split: str, image_size: Optional[int] = None) -> SourceInfo:
+    """The SourceInfo of an image folder's split from its listing and its first image (no
+    other image is read)."""
+    files, classes = folder_listing(root, split)
+    if is_tarball(root):
+        first = next(tarball_members(root, split, {files[0]}))[2]
+    else:
+        with tf.io.gfile.GFile(os.path.join(root, files[0]), "rb") as f:
+            first = f.read()
+    height, width, channels = _probe_image(first, os.path.join(root, files[0]))
+    shape = (image_size, image_size, channels) if image_size else (height, width, channels)
+    return SourceInfo("image_folder", shape, len(files), tuple(classes))
+
+
+def source_info(source: str, split: str, *, path: Optional[str] = None,
+                data_dir: Optional[str] = None, image_size: Optional[int] = None) -> SourceInfo:
+    """A split's SourceInfo from headers, listings and metadata: no split is loaded."""
+    if source == "image_folder":
+        if not path:
+            raise DataError("source 'image_folder' needs a path (directory or .tar.gz)")
+        return image_folder_info(path, split, image_size)
+    if source == "celeba":
+        size = image_size or CELEBA_SIZE
+        return SourceInfo("celeba", (size, size, 3), len(celeba_files(path, split)[0]), ())
+    if source in ("digits", "mnist"):
+        size = split_size(source, split, path)
+        shape = ((8, 8, 1) if source == "digits" else
+                 tuple(_idx_header(_find_idx(path, _IDX_FILES[split][0]), 3)[1:]) + (1,))
+        return SourceInfo(source, shape, size, tuple(str(d) for d in range(10)))
+    return load(source, split, path=path, data_dir=data_dir, image_size=image_size)[1]

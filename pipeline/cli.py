@@ -27,8 +27,10 @@ from pipeline.stages import BY_COMMAND, STAGES, artifact_path
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the run's artifacts (demo: workdir/digits).")
-flags.DEFINE_string("dataset", "digits", "digits | mnist | cifar10 | image_folder | tfds:<name>.")
-flags.DEFINE_string("data_path", None, "MNIST IDX directory, or image folder / .tar.gz.")
+flags.DEFINE_string("dataset", "digits", "digits | mnist | cifar10 | image_folder | celeba | "
+                    "tfds:<name>.")
+flags.DEFINE_string("data_path", None, "MNIST IDX directory, image folder / .tar.gz, or CelebA "
+                    "directory / .tar.gz (img_align_celeba/, list_eval_partition.txt).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds:<name> datasets).")
 flags.DEFINE_bool("download", False, "Allow TFDS to download a missing dataset.")
 flags.DEFINE_integer("image_size", None, "Resize and center-crop folder/TFDS images to this size.")
@@ -200,11 +202,12 @@ def pipeline_config():
 
     dataset = FLAGS.dataset
     source = "image_folder" if dataset == "cifar10" else dataset
-    if source in ("mnist", "image_folder") and not FLAGS.data_path:
+    if source in ("mnist", "image_folder", "celeba") and not FLAGS.data_path:
         raise UsageError(f"--dataset={dataset} needs --data_path")
-    if not (source in ("digits", "mnist", "image_folder") or source.startswith("tfds:")):
+    if not (source in ("digits", "mnist", "image_folder", "celeba")
+            or source.startswith("tfds:")):
         raise UsageError(f"--dataset={dataset} is not supported, expected digits, mnist, "
-                         "cifar10, image_folder or tfds:<name>")
+                         "cifar10, image_folder, celeba or tfds:<name>")
     data = DataConfig(source=source, path=FLAGS.data_path, data_dir=FLAGS.data_dir,
                       image_size=FLAGS.image_size, download=FLAGS.download,
                       max_train=FLAGS.max_train_images, max_test=FLAGS.max_test_images)

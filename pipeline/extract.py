@@ -1,17 +1,31 @@
 """Stage 2: encode a dataset into TFRecords of code indices, as an Apache Beam job.
 
-  read shards of the source -> decode + validate (failures -> dead letter) -> batch ->
-  encode (encoder loaded once per worker) -> key by hash(id) -> write sorted shards
+  read the split in pieces -> decode + validate (failures -> dead letter) ->
+  RunInference (the encoder, batched by BatchElements) -> key by hash(id) -> write sorted shards
+
+Reads are pieces that the runner spreads over its workers, so the parallelism is the
+runner's: an index range of 2,048 examples (digits, MNIST's IDX files by offset, TFDS by
+split slicing) or one image file (folders, listed by `fileio.MatchAll` per class folder and
+read by `fileio.ReadMatches`). A tarball is one gzip stream without random access: one
+worker reads it and a Reshuffle spreads the decoding and encoding. Encoding is Beam's
+`RunInference` with a model handler for the encoder (one model per worker process, shared
+by its threads; Beam's inference metrics under "ovqvae.encoder").
 
 The job writes into a staging directory beside the output and moves it into place only
 after checking that every record read was written or dead-lettered, so a failed or killed
 run never leaves a partial output under the final name. Output is deterministic: a record's
 shard is a hash of its id and each shard is sorted by id, so two runs write identical bytes
-whatever the runner and its parallelism.
+whatever the runner and its parallelism. Sorting holds one shard's serialized records in a
+worker's memory: about 2 x K + 60 bytes each (CelebA, K=64, 4 shards: 9 MB); more
+--num_shards lower that bound.
 
-Runs on the DirectRunner by default (named explicitly, so nothing tries to fetch a
-portable-runner binary); any other Beam options pass through unchanged, e.g.
+Runs on the FnApiRunner by default: the DirectRunner's batch engine, named explicitly
+because the DirectRunner first tries to fetch and start the Prism binary. Any other Beam
+options pass through unchanged, e.g.
+  --direct_num_workers=2 --direct_running_mode=multi_processing (local processes)
   --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py
+  --runner=PortableRunner --job_endpoint=embed --environment_type=LOOPBACK (Flink, Spark and
+    Dataflow Runner v2 run through this portability layer)
 """
 
 from __future__ import annotations
@@ -28,7 +42,10 @@ from typing import Iterable, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
+                                           RunInference)
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from ordered_vqvae.atomic import publish_directory
@@ -89,92 +106,193 @@ def shard_of(record_id: str, num_shards: int) -> int:
     return zlib.crc32(record_id.encode("utf-8")) % num_shards
 
 
-class _ReadShard(beam.DoFn):
-    """Reads the `index`-th of `num_read_shards` slices of a source split, in batches
-    (lists of records) so that the steps after it work on arrays."""
+RANGE_SIZE = 2048  # Examples per index range: the unit a worker reads from IDX, TFDS, digits.
 
-    def __init__(self, spec: DataConfig, split: str, num_read_shards: int, batch_size: int):
-        self.spec, self.split, self.num_read_shards = spec, split, num_read_shards
-        self.batch_size = batch_size
+
+def _record(record_id: str, label: int, **payload) -> dict:
+    return {"id": record_id, "label": int(label), **payload}
+
+
+class _ReadRange(beam.DoFn):
+    """Reads one index range of a digits, MNIST (IDX) or TFDS split: decoded images."""
+
+    def __init__(self, spec: DataConfig, split: str):
+        self.spec, self.split = spec, split
         self.read = Metrics.counter(NAMESPACE, "records_read")
 
-    def process(self, index: int):
+    def process(self, bounds):
         from ordered_vqvae import data
 
-        ds, _ = data.load(self.spec.source, self.split, path=self.spec.path,
-                          data_dir=self.spec.data_dir, image_size=self.spec.image_size,
-                          decode=False)
-        if self.spec.limit(self.split):
-            ds = ds.take(self.spec.limit(self.split))
-        for arrays in ds.shard(self.num_read_shards, index).batch(self.batch_size).as_numpy_iterator():
-            self.read.inc(len(arrays["id"]))
-            yield {"ids": [i.decode("utf-8") for i in arrays["id"]], "labels": arrays["label"],
-                   **{k: arrays[k] for k in ("image", "encoded") if k in arrays}}
+        images, labels, ids = data.load_range(
+            self.spec.source, self.split, *bounds, path=self.spec.path,
+            data_dir=self.spec.data_dir, image_size=self.spec.image_size,
+            download=self.spec.download)
+        self.read.inc(len(ids))
+        for image, label, record_id in zip(images, labels, ids):
+            yield _record(record_id, label, image=image)
+
+
+class _ReadFile(beam.DoFn):
+    """Reads one image file (a `fileio.ReadableFile`): encoded bytes, with the path relative
+    to `root` as id. `classes` None: CelebA (label -1), the files are the split's already."""
+
+    def __init__(self, root: str, split: str, classes: Optional[Sequence[str]]):
+        self.root, self.split = root, split
+        self.classes = None if classes is None else list(classes)
+        self.read = Metrics.counter(NAMESPACE, "records_read")
+
+    def process(self, readable):
+        from ordered_vqvae import data
+
+        relative = os.path.relpath(readable.metadata.path, self.root)
+        label = -1
+        if self.classes is not None:
+            cls = data.split_class(relative, self.split)
+            if cls is None:  # Not an image of this split (another extension, a stray file).
+                return
+            label = self.classes.index(cls)
+        self.read.inc()
+        yield _record(relative, label, encoded=readable.read())
+
+
+class _ReadTarball(beam.DoFn):
+    """Streams a tarball's images of the split (those in `names` when given): a gzip stream
+    has no random access, so one worker reads it (a Reshuffle then spreads the decoding and
+    encoding). `classes` None: CelebA (label -1)."""
+
+    def __init__(self, split: str, classes: Optional[Sequence[str]], names: Optional[set]):
+        self.split, self.names = split, names
+        self.classes = None if classes is None else list(classes)
+        self.read = Metrics.counter(NAMESPACE, "records_read")
+
+    def _accept(self, name: str) -> bool:
+        from ordered_vqvae import data
+
+        if self.names is not None:
+            return name in self.names
+        return data.split_class(name, self.split) is not None
+
+    def process(self, path: str):
+        from ordered_vqvae import data
+
+        for name, encoded in data.tar_members(path, self._accept):
+            self.read.inc()
+            label = (-1 if self.classes is None
+                     else self.classes.index(data.split_class(name, self.split)))
+            yield _record(name, label, encoded=encoded)
+
+
+@beam.ptransform_fn
+def ReadSplit(begin, spec: DataConfig, split: str):
+    """PBegin -> records {"id", "label", "image" (float32) or "encoded" (file bytes)}, in
+    pieces the runner spreads over its workers: index ranges, one image file each, or (a
+    tarball) one stream. With max_train/max_test only the first records of the split (in
+    `data.load`'s order) are read."""
+    from ordered_vqvae import data
+
+    limit = spec.limit(split)
+    if spec.source == "celeba":
+        names, payload = data.celeba_files(spec.path, split)
+        names = names[:limit] if limit else names
+        if data.is_tarball(spec.path):
+            return (begin | "Tarball" >> beam.Create([spec.path])
+                    | "Stream" >> beam.ParDo(_ReadTarball(split, None, set(names)))
+                    | "Spread" >> beam.Reshuffle())
+        base = os.path.dirname(os.path.dirname(payload[names[0]]))
+        return (begin | "Files" >> beam.Create([payload[n] for n in names])
+                | "Spread" >> beam.Reshuffle() | "Open" >> fileio.ReadMatches()
+                | "Read" >> beam.ParDo(_ReadFile(base, split, None)))
+    if spec.source == "image_folder":
+        files, classes = data.folder_listing(spec.path, split)
+        if data.is_tarball(spec.path):
+            keep = set(files[:limit]) if limit else None
+            return (begin | "Tarball" >> beam.Create([spec.path])
+                    | "Stream" >> beam.ParDo(_ReadTarball(split, classes, keep))
+                    | "Spread" >> beam.Reshuffle())
+        if limit:  # The first files in load's (sorted) order.
+            paths = begin | "Files" >> beam.Create(
+                [os.path.join(spec.path, relative) for relative in files[:limit]])
+        else:  # Matched by the workers, one pattern per class folder.
+            paths = (begin | "Patterns" >> beam.Create(data.folder_patterns(spec.path, split))
+                     | "Match" >> fileio.MatchAll())
+        return (paths | "Spread" >> beam.Reshuffle() | "Open" >> fileio.ReadMatches()
+                | "Read" >> beam.ParDo(_ReadFile(spec.path, split, classes)))
+    size = data.split_size(spec.source, split, path=spec.path, data_dir=spec.data_dir,
+                           download=spec.download)
+    size = min(size, limit) if limit else size
+    ranges = [(start, min(start + RANGE_SIZE, size)) for start in range(0, size, RANGE_SIZE)]
+    return (begin | "Ranges" >> beam.Create(ranges) | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadRange(spec, split)))
 
 
 class _DecodeAndValidate(beam.DoFn):
-    """Decodes encoded files and checks shape, finiteness and range. Each failing record
-    goes to the dead-letter output with the reason; the rest go on as one array batch."""
+    """Decodes encoded files and checks shape, finiteness and range. A failing record goes
+    to the dead-letter output with the reason; the rest go on as ((id, label), image)."""
 
-    def __init__(self, image_shape: Sequence[int], resize: bool):
-        self.image_shape, self.resize = tuple(image_shape), resize
+    def __init__(self, image_shape: Sequence[int], resize: bool, crop: Optional[int] = None):
+        self.image_shape, self.resize, self.crop = tuple(image_shape), resize, crop
         self.rejected = Metrics.counter(NAMESPACE, "records_rejected")
 
-    def _decode(self, batch: dict):
+    def process(self, record: dict):
         from ordered_vqvae import data
 
-        images, reasons = [], []
-        for record_id, encoded in zip(batch["ids"], batch["encoded"]):
+        reason, image = None, None
+        if "encoded" in record:
             try:
-                images.append(data.decode_encoded(encoded, record_id, self.image_shape, self.resize))
-                reasons.append(None)
+                image = data.decode_encoded(record["encoded"], record["id"], self.image_shape,
+                                            self.resize, self.crop)
             except data.DataError as e:
-                images.append(np.zeros(self.image_shape, np.float32))
-                reasons.append(str(e))
-        return np.stack(images), reasons
-
-    def process(self, batch: dict):
-        if "encoded" in batch:
-            images, reasons = self._decode(batch)
+                reason = str(e)
         else:
-            images, reasons = np.asarray(batch["image"], np.float32), [None] * len(batch["ids"])
-        checks = image_problems(images, self.image_shape)
-        reasons = [r or c for r, c in zip(reasons, checks)]
-        for record_id, reason in zip(batch["ids"], reasons):
-            if reason:
-                self.rejected.inc()
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": record_id, "reason": reason})
-        keep = [i for i, r in enumerate(reasons) if r is None]
-        if keep:
-            yield {"ids": [batch["ids"][i] for i in keep], "labels": batch["labels"][keep],
-                   "images": images[keep]}
+            image = np.asarray(record["image"], np.float32)
+        if reason is None:
+            reason = image_problems(image[None], self.image_shape)[0]
+        if reason:
+            self.rejected.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": record["id"], "reason": reason})
+            return
+        yield (record["id"], record["label"]), image
 
 
-class _EncodeBatch(beam.DoFn):
-    """Encodes a batch with the autoencoder (loaded once per worker) and emits, per output
-    shard, the list of (id, serialized Example) of this batch."""
+class EncoderHandler(ModelHandler):
+    """RunInference's model handler for the autoencoder's encoder: images float32 [H,W,C]
+    in, codes int32 [K] out, in batches of up to `max_batch_size`."""
 
-    def __init__(self, autoencoder_dir: str, split: str, num_shards: int):
-        self.autoencoder_dir, self.split, self.num_shards = autoencoder_dir, split, num_shards
-        self.encoded = Metrics.counter(NAMESPACE, "records_encoded")
-        self._encode = None
+    def __init__(self, autoencoder_dir: str, image_shape: Sequence[int],
+                 max_batch_size: int = 256):
+        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+        self.autoencoder_dir, self.image_shape = autoencoder_dir, tuple(image_shape)
 
-    def setup(self):
+    def load_model(self):
         import tensorflow as tf
 
         model = _load_encoder(self.autoencoder_dir)
-        self._encode = tf.function(model.encode, input_signature=[
-            tf.TensorSpec((None,) + model.image_shape, tf.float32)])
+        return tf.function(model.encode, input_signature=[
+            tf.TensorSpec((None,) + self.image_shape, tf.float32)])
 
-    def process(self, batch: dict):
-        codes = self._encode(batch["images"]).numpy()
-        self.encoded.inc(len(codes))
-        by_shard = {}
-        for record_id, label, row in zip(batch["ids"], batch["labels"], codes):
-            serialized = schema.serialize_example(record_id, label, row, self.split)
-            by_shard.setdefault(shard_of(record_id, self.num_shards), []).append(
-                (record_id, serialized))
-        yield from by_shard.items()
+    def run_inference(self, batch, model, inference_args=None):
+        codes = model(np.stack(batch)).numpy()
+        return [PredictionResult(image, row) for image, row in zip(batch, codes)]
+
+    def get_num_bytes(self, batch) -> int:
+        return sum(image.nbytes for image in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "ovqvae.encoder"
+
+
+class _Serialize(beam.DoFn):
+    """((id, label), PredictionResult) -> (shard, (id, serialized Example))."""
+
+    def __init__(self, split: str, num_shards: int):
+        self.split, self.num_shards = split, num_shards
+        self.encoded = Metrics.counter(NAMESPACE, "records_encoded")
+
+    def process(self, keyed):
+        (record_id, label), result = keyed
+        self.encoded.inc()
+        yield shard_of(record_id, self.num_shards), (record_id, schema.serialize_example(
+            record_id, label, result.inference, self.split))
 
 
 class _WriteShard(beam.DoFn):
@@ -187,43 +305,41 @@ class _WriteShard(beam.DoFn):
     def process(self, keyed):
         import tensorflow as tf
 
-        index, groups = keyed
-        records = sorted(r for group in groups for r in group)
+        index, records = keyed
         path = os.path.join(self.staging, schema.shard_name(self.split, index, self.num_shards))
+        count = 0
         with tf.io.TFRecordWriter(path) as writer:
-            for _, serialized in records:
+            for _, serialized in sorted(records):
                 writer.write(serialized)
-        self.written.inc(len(records))
-        yield index, len(records)
+                count += 1
+        self.written.inc(count)
+        yield index, count
 
 
 @beam.ptransform_fn
 def ReadAndEncode(begin, spec: DataConfig, split: str, image_shape: Sequence[int],
-                  autoencoder_dir: str, num_shards: int, num_read_shards: int = 4,
-                  batch_size: int = 256):
-    """PBegin -> (PCollection of (shard, [(id, serialized Example)]), dead letters).
+                  autoencoder_dir: str, num_shards: int, batch_size: int = 256):
+    """PBegin -> (PCollection of (shard, (id, serialized Example)), dead letters).
 
     Dead letters are {"id", "reason"} dicts for records that failed decoding or checks.
     """
+    from ordered_vqvae.data import CELEBA_CROP
+
+    celeba = spec.source == "celeba"
     decoded = (begin
-               | "Slices" >> beam.Create(list(range(num_read_shards)))
-               | "Read" >> beam.ParDo(_ReadShard(spec, split, num_read_shards, batch_size))
-               | "Validate" >> beam.ParDo(_DecodeAndValidate(image_shape, spec.image_size is not None)
-                                          ).with_outputs(DEAD_LETTER, main="ok"))
-    encoded = decoded.ok | "Encode" >> beam.ParDo(_EncodeBatch(autoencoder_dir, split, num_shards))
+               | "Read" >> ReadSplit(spec, split)
+               | "Validate" >> beam.ParDo(_DecodeAndValidate(
+                   image_shape, spec.image_size is not None or celeba,
+                   CELEBA_CROP if celeba else None)).with_outputs(DEAD_LETTER, main="ok"))
+    encoded = (decoded.ok
+               | "Encode" >> RunInference(KeyedModelHandler(
+                   EncoderHandler(autoencoder_dir, image_shape, batch_size)))
+               | "Serialize" >> beam.ParDo(_Serialize(split, num_shards)))
     return encoded, decoded[DEAD_LETTER]
 
 
 def _dead_letter_line(record: dict) -> str:
     return json.dumps(record, sort_keys=True)
-
-
-def _source_info(spec: DataConfig, split: str):
-    from ordered_vqvae import data
-
-    _, info = data.load(spec.source, split, path=spec.path, data_dir=spec.data_dir,
-                        image_size=spec.image_size, decode=False)
-    return info
 
 
 def _counter(result, name: str) -> int:
@@ -235,7 +351,7 @@ def _counter(result, name: str) -> int:
 
 def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
         splits: Iterable[str] = ("train", "test"), num_shards: int = 4,
-        num_read_shards: int = 4, beam_args: Optional[List[str]] = None,
+        beam_args: Optional[List[str]] = None,
         overwrite: bool = False) -> dict:
     """Runs the extraction and returns the metadata it wrote (with Beam counters).
 
@@ -243,7 +359,7 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
       autoencoder_dir: a directory written by `models.save_autoencoder` (local or gs://).
       output_dir: the code directory to create; it must not exist unless `overwrite`.
       spec: the data source.
-      num_shards: output shards per split; num_read_shards: parallel read slices.
+      num_shards: output shards per split.
       beam_args: Beam pipeline options (runner, workers, Dataflow settings).
     """
     import tensorflow as tf
@@ -254,16 +370,15 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
                 os.path.join(output_dir, schema.METADATA)) else "files")
             raise ExtractError(f"output directory {output_dir!r} already exists and holds {what}; "
                                "choose a new directory or pass overwrite=True")
-    if num_shards < 1 or num_read_shards < 1:
-        raise ExtractError(f"num_shards={num_shards}, num_read_shards={num_read_shards}, "
-                           "expected >= 1")
+    if num_shards < 1:
+        raise ExtractError(f"num_shards={num_shards}, expected >= 1")
     fingerprint = encoder_fingerprint(autoencoder_dir)
     model_config = _encoder_config(autoencoder_dir)
     splits = list(splits)
 
     options = PipelineOptions(beam_args or [])
     if options.view_as(StandardOptions).runner is None:
-        options.view_as(StandardOptions).runner = "DirectRunner"
+        options.view_as(StandardOptions).runner = "FnApiRunner"
     parent = os.path.dirname(output_dir.rstrip("/")) or "."
     tf.io.gfile.makedirs(parent)
     prefix = os.path.join(parent, f".{os.path.basename(output_dir.rstrip('/'))}.tmp-")
@@ -275,7 +390,11 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
     tf.io.gfile.makedirs(staging)
     counts, dead_counts = {}, {}
     try:
-        infos = {split: _source_info(spec, split) for split in splits}
+        from ordered_vqvae import data
+
+        infos = {split: data.source_info(spec.source, split, path=spec.path,
+                                         data_dir=spec.data_dir, image_size=spec.image_size)
+                 for split in splits}
         for split, info in infos.items():
             if tuple(info.image_shape) != tuple(model_config.image_shape):
                 raise ExtractError(f"{spec.source} {split} images have shape {info.image_shape}, "
@@ -283,8 +402,7 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
         p = beam.Pipeline(options=options)
         for split in splits:
             encoded, dead = p | f"{split}/ReadAndEncode" >> ReadAndEncode(
-                spec, split, model_config.image_shape, autoencoder_dir, num_shards,
-                num_read_shards)
+                spec, split, model_config.image_shape, autoencoder_dir, num_shards)
             _ = (encoded
                  | f"{split}/GroupByShard" >> beam.GroupByKey()
                  | f"{split}/Write" >> beam.ParDo(_WriteShard(staging, split, num_shards)))

@@ -232,3 +232,29 @@ def test_tfds_plumbing_with_mock_data(tmp_path, name, shape):
     assert x.shape == (4,) + shape and 0 <= x.min() and x.max() <= 1
     assert ids == [f"{name}/test/{i}" for i in range(4)]
     assert (y == -1).all() if name == "celeb_a" else (y >= 0).all()
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_index_ranges_read_only_their_rows_and_name_a_truncated_file(tmp_path, compress):
+    arrays = _make_mnist(str(tmp_path), compress=compress)
+    whole = data.to_numpy(data.load("mnist", "test", path=str(tmp_path))[0])
+    assert data.split_size("mnist", "test", str(tmp_path)) == len(whole[0])
+    x, y, ids = data.load_range("mnist", "test", 2, 5, path=str(tmp_path))
+    np.testing.assert_array_equal(x, whole[0][2:5])
+    np.testing.assert_array_equal(y, arrays["test"][1][2:5])
+    assert ids == whole[2][2:5] == ["mnist/test/00002", "mnist/test/00003", "mnist/test/00004"]
+    info = data.source_info("mnist", "test", path=str(tmp_path))
+    assert info.image_shape == (28, 28, 1) and info.num_examples == len(whole[0])
+    digits = data.to_numpy(data.load("digits", "test")[0])
+    x, _, ids = data.load_range("digits", "test", 10, 20)
+    np.testing.assert_array_equal(x, digits[0][10:20])
+    assert ids == digits[2][10:20]
+    path = os.path.join(str(tmp_path), "t10k-images-idx3-ubyte")
+    raw = open(path, "rb").read() if not compress else None
+    if raw is not None:
+        open(path, "wb").write(raw[:-100])
+        with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.*truncated"):
+            data.load_range("mnist", "test", 0, len(whole[0]), path=str(tmp_path))
+    with pytest.raises(data.DataError, match=r"rows 4..9 of .*, which holds 6"):
+        data.read_idx_rows(os.path.join(str(tmp_path), "t10k-labels-idx1-ubyte"
+                                        + (".gz" if compress else "")), 1, 4, 10)

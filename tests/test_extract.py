@@ -54,9 +54,8 @@ def test_every_id_once_across_records_and_dead_letters(autoencoder_dir, folder):
     all_ids += ["test/b/corrupt.png", "test/c/big.png"]
     with TestPipeline() as p:
         encoded, dead = p | extract.ReadAndEncode(spec, "test", (8, 8, 1), autoencoder_dir,
-                                                  num_shards=3, num_read_shards=2, batch_size=5)
-        written_ids = (encoded
-                       | beam.FlatMap(lambda kv: [record_id for record_id, _ in kv[1]]))
+                                                  num_shards=3, batch_size=5)
+        written_ids = encoded | beam.Map(lambda kv: kv[1][0])
         dead_ids = dead | "DeadIds" >> beam.Map(lambda d: d["id"])
         everything = (written_ids, dead_ids) | beam.Flatten()
         assert_that(everything, equal_to(all_ids))
@@ -65,8 +64,7 @@ def test_every_id_once_across_records_and_dead_letters(autoencoder_dir, folder):
             ("test/b/corrupt.png", "cannot decode image 'test/b/corrupt.png'"),
             ("test/c/big.png", "image 'test/c/big.png' has shape (10, 10, 1), expected (8, 8, 1) "
                                "(resize to make sizes agree)")]), label="CheckReasons")
-        shards = encoded | "Shards" >> beam.FlatMap(
-            lambda kv: [kv[0] == extract.shard_of(i, 3) for i, _ in kv[1]])
+        shards = encoded | "Shards" >> beam.Map(lambda kv: kv[0] == extract.shard_of(kv[1][0], 3))
         assert_that(shards | beam.Distinct(), equal_to([True]), label="CheckShards")
 
 
@@ -109,7 +107,8 @@ def _good_images(folder):
 def test_two_runs_are_byte_identical_and_reader_round_trips(autoencoder_dir, tmp_path):
     spec = DataConfig("digits")
     a = extract.run(autoencoder_dir, str(tmp_path / "a"), spec, num_shards=2)
-    extract.run(autoencoder_dir, str(tmp_path / "b"), spec, num_shards=2, num_read_shards=3)
+    extract.run(autoencoder_dir, str(tmp_path / "b"), spec, num_shards=2,
+                beam_args=["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
     names = sorted(n for n in os.listdir(tmp_path / "a") if n.endswith(".tfrecord"))
     assert len(names) == 4
     for name in names:
@@ -165,3 +164,60 @@ def test_multiprocessing_direct_runner_gives_the_same_records(autoencoder_dir, t
     for name in sorted(os.listdir(tmp_path / "one")):
         if name.endswith(".tfrecord"):
             assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def _shard_bytes(directory):
+    return {n: open(os.path.join(directory, n), "rb").read()
+            for n in sorted(os.listdir(directory)) if n.endswith(".tfrecord")}
+
+
+def test_reads_in_pieces_give_the_same_shards_whatever_the_piece_size(autoencoder_dir, tmp_path,
+                                                                      monkeypatch):
+    spec = DataConfig("digits", max_test=300)
+    extract.run(autoencoder_dir, str(tmp_path / "whole"), spec, splits=["test"], num_shards=2)
+    monkeypatch.setattr(extract, "RANGE_SIZE", 37)  # 9 ranges, the last one short.
+    meta = extract.run(autoencoder_dir, str(tmp_path / "pieces"), spec, splits=["test"],
+                       num_shards=2)
+    assert meta["counts"] == {"test": 300} and meta["beam_counters"]["records_read"] == 300
+    assert _shard_bytes(tmp_path / "whole") == _shard_bytes(tmp_path / "pieces")
+
+
+def test_a_tarball_and_a_limited_folder_read_like_the_folder(autoencoder_dir, folder, tmp_path):
+    import tarfile
+
+    tarball = str(tmp_path / "images.tar.gz")
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(os.path.join(folder, "test"), arcname="test")
+    a = extract.run(autoencoder_dir, str(tmp_path / "dir"), DataConfig("image_folder", path=folder),
+                    splits=["test"], num_shards=2)
+    b = extract.run(autoencoder_dir, str(tmp_path / "tar"),
+                    DataConfig("image_folder", path=tarball), splits=["test"], num_shards=2)
+    assert a["counts"] == b["counts"] == {"test": 24}
+    assert a["dead_letters"] == b["dead_letters"] == {"test": 2}
+    assert _shard_bytes(tmp_path / "dir") == _shard_bytes(tmp_path / "tar")
+    # The first 10 files in sorted order: a/0..7, then b/0 and b/1.
+    for name, path in (("dirlim", folder), ("tarlim", tarball)):
+        meta = extract.run(autoencoder_dir, str(tmp_path / name),
+                           DataConfig("image_folder", path=path, max_test=10), splits=["test"],
+                           num_shards=1)
+        ids = sorted(r["id"] for r in _read_records(str(tmp_path / name), "test", 8))
+        assert meta["beam_counters"]["records_read"] == 10
+        assert ids == [f"test/a/{i}.png" for i in range(8)] + ["test/b/0.png", "test/b/1.png"]
+
+
+def test_portable_runner_in_process_writes_the_direct_runners_bytes(autoencoder_dir, tmp_path,
+                                                                     monkeypatch):
+    from apache_beam.runners.portability.portable_runner import PortableRunner
+
+    jobs = []
+    run_pipeline = PortableRunner.run_pipeline
+    monkeypatch.setattr(PortableRunner, "run_pipeline",
+                        lambda self, *a, **k: jobs.append(type(self).__name__) or run_pipeline(self, *a, **k))
+    spec = DataConfig("digits", max_test=120)
+    extract.run(autoencoder_dir, str(tmp_path / "direct"), spec, splits=["test"], num_shards=2)
+    assert jobs == []
+    extract.run(autoencoder_dir, str(tmp_path / "portable"), spec, splits=["test"], num_shards=2,
+                beam_args=["--runner=PortableRunner", "--job_endpoint=embed",
+                           "--environment_type=LOOPBACK"])
+    assert jobs == ["PortableRunner"]  # The portability layer ran the job.
+    assert _shard_bytes(tmp_path / "direct") == _shard_bytes(tmp_path / "portable")
