@@ -119,21 +119,15 @@ def _find_idx(directory: str, stem: str) -> str:
 
 def read_idx(path: str, ndim: int) -> np.ndarray:
     """Reads one IDX file (gzipped or not) holding a uint8 array of `ndim` dimensions."""
-    with tf.io.gfile.GFile(path, "rb") as f:
-        raw = f.read()
-    if path.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path!r} is not a complete gzip file ({e})") from None
-    if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path!r} is too short ({len(raw)} bytes) for an IDX header")
-    magic = struct.unpack(">I", raw[:4])[0]
-    if magic != _IDX_MAGIC[ndim]:
-        raise DataError(f"{path!r} has IDX magic number {magic}, expected {_IDX_MAGIC[ndim]} "
-                        f"(uint8 data with {ndim} dimensions)")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
-    body = raw[4 + 4 * ndim:]
+    f, raw = _idx_open(path)
+    try:
+        dims = _idx_read_header(f, path, ndim)
+        body = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path!r} is not a complete gzip file ({e})") from None
+    finally:
+        f.close()
+        raw.close()
     expected = int(np.prod(dims))
     if len(body) != expected:
         raise DataError(f"{path!r} holds {len(body)} data bytes, expected {expected} for shape {dims}")

@@ -8,8 +8,8 @@ from typing import Optional
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig, preset, prior_preset
 
 # Which architecture preset a dataset uses by default.
-DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10", "celeba": "celeb_a",
-                   "tfds:mnist": "mnist", "tfds:fashion_mnist": "mnist",
+DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10",
+                   "celeba": "celeb_a", "tfds:mnist": "mnist", "tfds:fashion_mnist": "mnist",
                    "tfds:cifar10": "cifar10", "tfds:celeb_a": "celeb_a"}
 
 

@@ -66,9 +66,8 @@ def _training_file(ctx: Context, stage: str, name: str, write: Callable):
         return ExampleFile(path)
     start = time.time()
     examples = write(path)
-    print(f"[{stage}] {len(examples)} training "
-          f"examples streamed to {path} ({os.path.getsize(path) / 2**20:.1f} MiB) in "
-          f"{time.time() - start:.1f} s", flush=True)
+    print(f"[{stage}] {len(examples)} training examples streamed to {path} "
+          f"({os.path.getsize(path) / 2**20:.1f} MiB) in {time.time() - start:.1f} s", flush=True)
     return examples
 
 
