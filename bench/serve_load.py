@@ -77,7 +77,8 @@ class Server:
 
 
 def closed_loop(server, clients, seconds, path, make_body):
-    """Runs `clients` closed-loop clients for `seconds`; returns [(latency s, answer)]."""
+    """Runs `clients` closed-loop clients for `seconds`; returns [(latency s, status, answer)].
+    A refused client (503) waits as its Retry-After header asks before sending again."""
     results, lock, stop = [], threading.Lock(), time.monotonic() + seconds
 
     def client(i):
@@ -92,6 +93,9 @@ def closed_loop(server, clients, seconds, path, make_body):
             with lock:
                 results.append((time.monotonic() - start, response.status, answer))
             n += 1
+            if response.status == 503:  # Refused: back off as the server asks.
+                time.sleep(max(min(float(response.getheader("Retry-After", "1")),
+                                   stop - time.monotonic()), 0))
         connection.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]

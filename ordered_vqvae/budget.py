@@ -7,6 +7,9 @@ a window of recent calls and adds an upper quantile of the residuals, so that a 
 errs long rather than short. The slope never drops below `min_slope`, so a budget never
 buys unbounded codes from timing noise. It is a prediction: a machine that slows down
 mid-chunk (another process, a page fault, a first call that compiles) can still overrun.
+Such stalls, calls more than `STALL` times slower than the median of their key's window, are
+left out of the fit: one of them would otherwise make every prediction of that key too long
+to admit any request, and a server that admits nothing observes nothing new.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 from typing import Deque, Dict, Hashable, Optional, Tuple
 
 import numpy as np
+
+STALL = 10.0
 
 
 def sampling_seconds(generator, num_samples: int, num_codes: int, repeats: int = 3) -> float:
@@ -76,6 +81,8 @@ class CostModel:
             return None
         c = np.array([p[0] for p in points], np.float64)
         t = np.array([p[1] for p in points], np.float64)
+        usual = t <= STALL * np.median(t)  # A stall is not a cost of the model.
+        c, t = c[usual], t[usual]
         if len(set(c)) >= 2:
             slope, intercept = np.polyfit(c, t, 1)
         else:  # One chunk length seen so far: all of the time counts as per-code cost.
@@ -93,7 +100,8 @@ class CostModel:
 
     def decode_seconds(self, key: Hashable) -> Optional[float]:
         if key not in self._decodes and self._decode.get(key):
-            self._decodes[key] = float(np.quantile(np.array(self._decode[key]), self.quantile))
+            t = np.array(self._decode[key])
+            self._decodes[key] = float(np.quantile(t[t <= STALL * np.median(t)], self.quantile))
         return self._decodes.get(key)
 
     def affordable_codes(self, key: Hashable, seconds: float, limit: int,

@@ -70,6 +70,8 @@ flags.DEFINE_integer("max_samples", None, "num_samples of one request at most (s
                      "unset: 64, or --max_batch if smaller).")
 flags.DEFINE_integer("max_queue", 256, "Anytime requests waiting at most; more get 503 (serve).")
 flags.DEFINE_integer("max_chunk", 8, "Codes per compiled call at most (serve).")
+flags.DEFINE_float("deadline_margin_ms", 5.0, "Milliseconds every :anytime deadline keeps free "
+                   "for sending the answer, at least; the server adds what it learns (serve).")
 flags.DEFINE_string("output", None, "PNG grid to write (sample); codes and images go beside "
                     "it as .npz.")
 
@@ -89,7 +91,7 @@ GROUPS = {
     "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",
                "output"],
     "serve": ["saved_model", "workdir", "host", "port", "model_name", "max_batch",
-              "max_samples", "max_queue", "max_chunk"],
+              "max_samples", "max_queue", "max_chunk", "deadline_margin_ms"],
     "experiments": ["experiments", "eval_samples", "inception_weights", "classifier_epochs",
                     "ablation_max_train_images", "ablation_epochs"],
 }
@@ -278,12 +280,15 @@ def _serve():
             raise UsageError(f"--{name}={value}, expected >= 1")
     if max_samples > FLAGS.max_batch:
         raise UsageError(f"--max_samples={max_samples} exceeds --max_batch={FLAGS.max_batch}")
+    if not 0 <= FLAGS.deadline_margin_ms <= 10_000:
+        raise UsageError(f"--deadline_margin_ms={FLAGS.deadline_margin_ms:g}, expected a "
+                         "number in [0, 10000]")
     if not 0 <= FLAGS.port <= 65535:
         raise UsageError(f"--port={FLAGS.port}, expected 0 <= port <= 65535")
     serve.serve(serve.ServeConfig(
         saved_model=path, model_name=FLAGS.model_name, host=FLAGS.host, port=FLAGS.port,
         max_batch=FLAGS.max_batch, max_samples=max_samples, max_queue=FLAGS.max_queue,
-        max_chunk=FLAGS.max_chunk))
+        max_chunk=FLAGS.max_chunk, deadline_margin_ms=FLAGS.deadline_margin_ms))
 
 
 def main(argv):

@@ -72,7 +72,8 @@ class ServeConfig:
     max_queue: int = 256         # Requests waiting to join the batch at most.
     max_chunk: int = 8           # Codes per compiled call at most.
     max_body_bytes: int = 4 << 20
-    deadline_margin_ms: float = 5.0  # Kept free for sending the answer.
+    deadline_margin_ms: float = 5.0  # Kept free for sending an answer and the client's
+                                     # side, at least (the scheduler learns the server's).
     cost_quantile: float = 0.98      # How pessimistic the time predictions are.
     drain_seconds: float = 60.0  # SIGTERM waits this long for requests in flight.
 
@@ -134,6 +135,12 @@ class Model:
                 "cache": self.tf.concat([s["cache"] for s in states], 2)}
 
 
+def _seconds(fn, *args) -> float:
+    start = time.monotonic()
+    fn(*args)
+    return time.monotonic() - start
+
+
 def png_base64(image: np.ndarray) -> str:
     """float [H, W, C] in [0, 1] -> base64 PNG."""
     from PIL import Image
@@ -178,6 +185,7 @@ class AnytimeRequest:
     arrived: float
     k: int = 0
     rows: Optional[List[int]] = None   # Its rows in the batch while it is being sampled.
+    answered: Optional[float] = None   # When its final answer was ready to send.
     cancelled: bool = False
     done: Optional[asyncio.Future] = None
     events: Optional[asyncio.Queue] = None
@@ -196,8 +204,7 @@ class AnytimeRequest:
         if not isinstance(stream, bool):
             raise RequestError(f"stream={json.dumps(stream)}, expected true or false")
         return cls(num_samples=_field(body, "num_samples", 1, config.max_samples, integer=True),
-                   deadline=now + (_field(body, "deadline_ms", 0, 600_000, low_open=True)
-                                   - config.deadline_margin_ms) / 1e3,
+                   deadline=now + _field(body, "deadline_ms", 0, 600_000, low_open=True) / 1e3,
                    seed=_field(body, "seed", 0, INT32_MAX, 0, integer=True),
                    temperature=_field(body, "temperature", 0, 100, 1.0, low_open=True),
                    min_codes=_field(body, "min_codes", 1, max_codes, 1, integer=True),
@@ -250,6 +257,21 @@ class Scheduler:
         self.chunk_started: Optional[float] = None
         self.task: Optional[asyncio.Task] = None
         self.overhead = collections.deque([0.0], maxlen=64)  # Seconds of bookkeeping a step.
+        # Seconds from an answer being ready to the handler sending it (the event loop's
+        # delay): the margin every deadline keeps free.
+        self.send_delays = collections.deque([config.deadline_margin_ms / 1e3], maxlen=256)
+        self.margin = config.deadline_margin_ms / 1e3
+
+    def sent(self, request: "AnytimeRequest") -> None:
+        """Called by the handler as it sends a final answer: learns the sending margin and
+        counts a deadline miss."""
+        now = time.monotonic()
+        if request.answered is not None:
+            self.send_delays.append(now - request.answered)
+            self.margin = max(self.config.deadline_margin_ms / 1e3,
+                              float(np.quantile(self.send_delays, self.config.cost_quantile)))
+        if now > request.deadline:
+            self.metrics.misses.inc()
 
     # -- predictions
 
@@ -277,11 +299,11 @@ class Scheduler:
             raise RequestError(f"the queue is full ({self.config.max_queue} requests); retry "
                                "later", 503, {"Retry-After": "1"})
         wait = self.predicted_wait(request, now)
-        if wait is not None and now + wait > request.deadline:
+        if wait is not None and now + wait > request.deadline - self.margin:
             raise RequestError(
                 f"min_codes={request.min_codes} cannot be sampled and decoded before the "
                 f"deadline: about {wait * 1e3:.0f} ms needed, "
-                f"{(request.deadline - now) * 1e3:.0f} ms left", 503,
+                f"{(request.deadline - self.margin - now) * 1e3:.0f} ms left", 503,
                 {"Retry-After": str(max(1, math.ceil(wait)))})
         request.done = asyncio.get_running_loop().create_future()
         if request.stream:
@@ -334,7 +356,7 @@ class Scheduler:
         # together are decoded together.
         retire, steps = [], self.config.max_chunk
         for r in self.active:
-            left = r.deadline - time.monotonic() - reserve
+            left = r.deadline - self.margin - time.monotonic() - reserve
             affordable = self.costs.affordable_codes(key, left, r.max_codes - r.k)
             if r.k >= r.min_codes and (affordable == 0 or r.k >= r.max_codes):
                 retire.append(r)
@@ -381,7 +403,7 @@ class Scheduler:
             if request.cancelled:
                 continue
             wait = self.predicted_wait(request, now)
-            if wait is not None and now + wait > request.deadline:
+            if wait is not None and now + wait > request.deadline - self.margin:
                 self._fail(request, RequestError(
                     f"min_codes={request.min_codes} can no longer be sampled before the "
                     "deadline", 503, {"Retry-After": str(max(1, math.ceil(wait)))}))
@@ -468,8 +490,7 @@ class Scheduler:
                 r.events.put_nowait(event)
             if final:
                 self.metrics.codes.observe(r.k)
-                if time.monotonic() > r.deadline:
-                    self.metrics.misses.inc()
+                r.answered = time.monotonic()
                 if not r.done.done():
                     r.done.set_result(body)
                 if r.stream:
@@ -578,22 +599,25 @@ class Server:
         self.scheduler.start()
 
     def warm_up(self):
-        """Compiles every batch bucket before the port opens, and times each twice so that
-        the first requests are admitted and paced on measured costs."""
+        """Compiles every batch bucket before the port opens and times it, so that the first
+        requests are admitted and paced on measured costs. Each time kept is the best of 3:
+        a stall while warming up is not a cost (the serving loop then learns the tail)."""
         model, costs = self.model, self.scheduler.costs
         for rows in (b for b in BUCKETS if b <= bucket_for(self.config.max_batch)):
             start = time.monotonic()
             state = model.begin(rows, 0)
             ones, limit = np.ones(rows, np.float32), np.full(rows, model.code_length, np.int32)
-            for steps in (1, 1, 1, self.config.max_chunk, self.config.max_chunk):
-                tick = time.monotonic()
-                model.extend(model.begin(rows, 0), ones, limit, steps)
-                costs.observe_extend(bucket_for(rows), steps, time.monotonic() - tick)
-            codes = np.asarray(state["codes"])
-            for _ in range(3):  # Decoding and encoding an answer, as _finish does.
-                tick = time.monotonic()
-                [png_base64(x) for x in model.decode_at(codes, np.ones(rows, np.int32))]
-                costs.observe_decode(bucket_for(rows), time.monotonic() - tick)
+            model.extend(state, ones, limit, 1)  # Compiles.
+            for steps in (1, 1, self.config.max_chunk, self.config.max_chunk):
+                costs.observe_extend(rows, steps, min(_seconds(
+                    model.extend, model.begin(rows, 0), ones, limit, steps) for _ in range(3)))
+            codes, ks = np.asarray(state["codes"]), np.ones(rows, np.int32)
+
+            def answer():  # Decoding and encoding an answer, as _finish does.
+                return [png_base64(x) for x in model.decode_at(codes, ks)]
+
+            for _ in range(2):
+                costs.observe_decode(rows, min(_seconds(answer) for _ in range(3)))
             print(f"[serve] batch size {rows:3d} compiled and timed in "
                   f"{time.monotonic() - start:.1f} s", flush=True)
 
@@ -682,7 +706,9 @@ class Server:
         self.scheduler.admit(job)
         if not job.stream:
             try:
-                return web.Response(body=await job.done, content_type="application/json")
+                answer = await job.done
+                self.scheduler.sent(job)
+                return web.Response(body=answer, content_type="application/json")
             finally:
                 job.cancelled = True  # A client that left frees its rows.
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -694,6 +720,8 @@ class Server:
                 if event is None:
                     break
                 await response.write(event)
+            if job.answered is not None:
+                self.scheduler.sent(job)
             if job.done.done() and job.done.exception() is not None:
                 error = job.done.exception()
                 await response.write(f"data: {json.dumps({'error': str(error)})}\n\n".encode())

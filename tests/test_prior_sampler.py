@@ -324,6 +324,14 @@ def test_cost_model_learns_an_upper_bound_with_a_positive_slope():
     for c, t in ((1, 0.02), (8, 0.019), (1, 0.021), (8, 0.018)):
         flat.observe_extend("f", c, t)
     assert flat.extend_seconds("f", 64) >= flat.extend_seconds("f", 1) + 63 * 1e-3
+    # A stall (a call 100x slower than usual) stays out of the fit: with it in, the upper
+    # quantile of a few observations would predict ~0.2 s for every call.
+    stalled = CostModel(quantile=0.98)
+    for c, t in ((1, 9.0), (1, 0.002), (8, 0.004), (1, 0.2), (8, 0.004), (1, 0.002)):
+        stalled.observe_extend("s", c, t)
+        stalled.observe_decode("s", t)
+    assert 0.0019 < stalled.extend_seconds("s", 1) < 0.0025
+    assert 0.0039 < stalled.decode_seconds("s") < 0.0041
 
 
 def test_sample_until_spends_the_budget_and_learns(sampler):

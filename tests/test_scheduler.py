@@ -189,3 +189,21 @@ def test_stream_events_refine_up_to_the_final_answer():
         assert json.loads(await request.done)["num_codes"] == 20
 
     _run(main())
+
+
+def test_the_sending_margin_is_learnt_and_late_answers_are_counted():
+    async def main():
+        model = FakeModel()
+        scheduler = await _scheduler(model)
+        assert scheduler.margin == 0.005  # The configured floor before anything is sent.
+        request = _request(0.030, n=1, max_codes=4)
+        scheduler.admit(request)
+        await request.done
+        await asyncio.sleep(0.040)  # The handler sends it late: 40 ms after it was ready.
+        scheduler.sent(request)
+        assert 0.035 < scheduler.margin < 0.045
+        assert scheduler.metrics.misses._value.get() == 1
+        with pytest.raises(RequestError, match="ms left"):  # 30 ms no longer leave room.
+            scheduler.admit(_request(0.030, n=1))
+
+    _run(main())
