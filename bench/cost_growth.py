@@ -70,7 +70,7 @@ def main():
         from pipeline import extract
         from pipeline.config import DataConfig
 
-        print("2. extraction (Beam DirectRunner, 1 process, train + test splits), K=64")
+        print("2. extraction (Beam FnApiRunner, 1 process, train + test splits), K=64")
         tmp = tempfile.mkdtemp()
         model = models.OrderedVQVAE(base)
         model(tf.zeros((1, 28, 28, 1)))

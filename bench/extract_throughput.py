@@ -38,7 +38,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", required=True, help="directory of the MNIST IDX files")
     parser.add_argument("--limit", type=int, default=10_000)
-    parser.add_argument("--workers", type=int, default=1, help="DirectRunner worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="Beam worker processes (FnApiRunner)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp()
     model = models.OrderedVQVAE(configs.preset("mnist"))
@@ -59,7 +59,7 @@ def main():
     beam_rate = args.limit / (time.perf_counter() - start)
     assert meta["counts"]["test"] == args.limit, meta["counts"]
     print(f"in-process encode + write: {plain:8.0f} images/s")
-    print(f"Beam job ({'DirectRunner' if args.workers == 1 else f'{args.workers} processes'}): "
+    print(f"Beam job ({'FnApiRunner' if args.workers == 1 else f'{args.workers} processes'}): "
           f"{beam_rate:8.0f} images/s")
     print(f"ratio Beam / in-process: {beam_rate / plain:.2f}")
 
