@@ -221,3 +221,50 @@ def test_portable_runner_in_process_writes_the_direct_runners_bytes(autoencoder_
                            "--environment_type=LOOPBACK"])
     assert jobs == ["PortableRunner"]  # The portability layer ran the job.
     assert _shard_bytes(tmp_path / "direct") == _shard_bytes(tmp_path / "portable")
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A real TFDS dataset of 8x8 images prepared offline from a builder defined here."""
+    import tensorflow_datasets as tfds
+
+    class OvqvaeTinyDigits(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8, 8, 1)),
+                "label": tfds.features.ClassLabel(num_classes=3)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(0, 40),
+                    "test": self._generate_examples(1, 30)}
+
+        def _generate_examples(self, seed, n):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                yield i, {"image": rng.integers(0, 256, (8, 8, 1), dtype=np.uint8),
+                          "label": i % 3}
+
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    tfds.builder("ovqvae_tiny_digits", data_dir=directory).download_and_prepare()
+    return directory
+
+
+def test_tfds_splits_are_read_in_index_ranges(autoencoder_dir, tfds_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "TFDS_NAMES", data.TFDS_NAMES + ("ovqvae_tiny_digits",))
+    source = "tfds:ovqvae_tiny_digits"
+    x, y, ids = data.to_numpy(data.load(source, "test", data_dir=tfds_dir)[0])
+    assert data.split_size(source, "test", data_dir=tfds_dir) == len(ids) == 30
+    part = data.load_range(source, "test", 7, 19, data_dir=tfds_dir)
+    np.testing.assert_array_equal(part[0], x[7:19])
+    assert part[2] == ids[7:19] and part[2][0] == "ovqvae_tiny_digits/test/7"
+    spec = DataConfig(source, data_dir=tfds_dir)
+    extract.run(autoencoder_dir, str(tmp_path / "whole"), spec, splits=["test"], num_shards=2)
+    monkeypatch.setattr(extract, "RANGE_SIZE", 8)  # 4 ranges, the last one short.
+    meta = extract.run(autoencoder_dir, str(tmp_path / "ranges"), spec, splits=["test"],
+                       num_shards=2)
+    assert meta["counts"] == {"test": 30} and meta["beam_counters"]["records_read"] == 30
+    assert _shard_bytes(tmp_path / "whole") == _shard_bytes(tmp_path / "ranges")
+    records = {r["id"]: r for r in _read_records(str(tmp_path / "ranges"), "test", 8)}
+    assert sorted(records) == sorted(ids) and records[ids[4]]["label"] == int(y[4])
