@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ordered_vqvae.atomic import write_json
+from ordered_vqvae.atomic import atomic_file, write_json
 from ordered_vqvae.examples import ExampleFile
 
 NONFINITE_LOSS = "non-finite training loss"
@@ -164,6 +164,36 @@ class _Position(keras.callbacks.Callback):
         self.first_batch = 0
 
 
+class _KeepBest(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the lowest `monitor` log: in memory and, on the
+    chief, in `path` with the value and epoch, so that a resumed run knows them too. Runs
+    before the epoch's checkpoint, so a kill between the two redoes an identical epoch."""
+
+    def __init__(self, monitor: str, path: str, chief: bool):
+        super().__init__()
+        self.monitor, self.path, self.chief = monitor, path, chief
+        self.best = None  # (value, epoch, weights)
+
+    def load(self) -> None:
+        if tf.io.gfile.exists(self.path):
+            with tf.io.gfile.GFile(self.path, "rb") as f, np.load(f) as saved:
+                self.best = (float(saved["value"]), int(saved["epoch"]),
+                             [saved[f"w{i}"] for i in range(int(saved["count"]))])
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(value):
+            return
+        if self.best is None or value < self.best[0]:
+            weights = self.model.get_weights()
+            self.best = (float(value), epoch + 1, weights)
+            if self.chief:
+                tf.io.gfile.makedirs(os.path.dirname(self.path))
+                with atomic_file(self.path, "wb") as f:
+                    np.savez(f, value=value, epoch=epoch + 1, count=len(weights),
+                             **{f"w{i}": w for i, w in enumerate(weights)})
+
+
 @dataclasses.dataclass
 class Stage:
     """A run of epochs with one fresh optimizer: epochs up to `end` (counted from the
@@ -198,7 +228,8 @@ def _seed_states(model: keras.Model) -> list:
 
 def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, workdir: str,
                what: str, resume: bool = False, verbose: int = 1, callbacks: Sequence = (),
-               validation_data=None, checkpoint_every: int = 0) -> list:
+               validation_data=None, checkpoint_every: int = 0,
+               keep_best: Optional[str] = None) -> list:
     """Runs `stages` with `model.fit` on `data`, checkpointing model, optimizer and position
     under `workdir/checkpoints` at every epoch end and every `checkpoint_every` batches (0:
     epoch ends only); with `resume` it continues from the latest checkpoint, mid-epoch
@@ -206,9 +237,11 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
 
     Runs under the current tf.distribute strategy (build the model in its scope); only the
     chief writes to `workdir`. A NaN or Inf loss (models guard it with `finite_loss`) stops
-    training with TrainingDiverged naming the step; the last good checkpoint stays. Returns the history
-    (also in workdir/history.json); after a resume mid-epoch, that epoch's logged training
-    means cover only the batches run since.
+    training with TrainingDiverged naming the step; the last good checkpoint stays. With
+    `keep_best` (a log such as "val_bits_per_code") the model ends with the weights of the
+    epoch where that log was lowest, not the last epoch's (best.npz beside the checkpoints
+    keeps them across a resume). Returns the history (also in workdir/history.json); after
+    a resume mid-epoch, that epoch's logged training means cover only the batches run since.
     """
     _check_fresh_or_resume(workdir, resume)
     strategy = tf.distribute.get_strategy()
@@ -224,6 +257,12 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
     if resume and tf.io.gfile.exists(history_path):
         with tf.io.gfile.GFile(history_path) as f:
             history = json.load(f)
+
+    keep = None
+    if keep_best:
+        keep = _KeepBest(keep_best, os.path.join(save_dir, "best.npz"), chief)
+        if resume:
+            keep.load()
 
     def record(epoch, logs, stage):
         history.append({"epoch": epoch + 1, "stage": stage,
@@ -272,7 +311,7 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
                                  checkpoint_every, skip)
             board = os.path.join(workdir if chief else save_dir, "tensorboard")
             all_callbacks = [*callbacks, keras.callbacks.TensorBoard(board, write_graph=False),
-                             position]
+                             *([keep] if keep else []), position]
             # A resume mid-epoch first finishes that epoch, then runs whole ones.
             runs = ([(initial, initial + 1, skip), (initial + 1, stage.end, 0)] if skip
                     else [(initial, stage.end, 0)])
@@ -292,6 +331,11 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
                         f"{position.epoch + 1}, batch {position.batch + 1}); the last good "
                         f"checkpoint is {tf.train.latest_checkpoint(ckpt_dir) or 'none'}"
                     ) from None
+        if keep is not None and keep.best is not None:
+            model.set_weights(keep.best[2])
+            if verbose:
+                print(f"[{what}] kept the weights of epoch {keep.best[1]}, where {keep_best} "
+                      f"was lowest ({keep.best[0]:.4f})", flush=True)
     finally:
         if not chief:
             shutil.rmtree(save_dir, ignore_errors=True)

@@ -137,7 +137,8 @@ def train_prior(config, code_length: int, codebook_size: int,
     `ExampleFile`.
 
     AdamW (0.9, 0.98) with an inverse-square-root warm-up, as in the reference; validation
-    negative log-likelihood (batches of codes) is logged as `val_bits_per_code`.
+    negative log-likelihood (batches of codes) is logged as `val_bits_per_code`, and with
+    validation codes the model ends with the weights of its best validation epoch.
     Checkpoints, `resume`, `checkpoint_every` and `strategy` as for the autoencoder.
     """
     if isinstance(train_codes, ExampleFile):
@@ -164,5 +165,6 @@ def train_prior(config, code_length: int, codebook_size: int,
         if val_codes is not None:
             val_codes = val_codes.map(model.next_code_pairs)
         fit_stages(model, [stage], data, workdir, "train prior", resume=resume, verbose=verbose,
-                   validation_data=val_codes, checkpoint_every=checkpoint_every)
+                   validation_data=val_codes, checkpoint_every=checkpoint_every,
+                   keep_best="val_bits_per_code" if val_codes is not None else None)
     return model

@@ -119,3 +119,35 @@ def test_ordered_beats_unordered_at_short_codes_on_real_mnist(tmp_path, mnist_di
     values = [ordered[k] for k in lengths]
     assert all(b <= a * 1.02 for a, b in zip(values, values[1:])), values
     assert ordered[16] < 0.6 * unordered[16]
+
+
+def test_keep_best_ends_with_the_best_epochs_weights_also_after_a_resume(tmp_path):
+    import keras
+
+    from ordered_vqvae.fit import Stage, TrainingData, fit_stages
+
+    scores = {0: 3.0, 1: 1.0, 2: 2.0, 3: 5.0}  # Epoch 2 (index 1) is the best.
+    seen = {}
+
+    class Score(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["score"] = scores[epoch]
+            seen[epoch + 1] = self.model.get_weights()
+
+    def run(end, resume):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+        stage = Stage("s", end, lambda: keras.optimizers.SGD(0.1),
+                      lambda m, o: m.compile(optimizer=o, loss="mse"))
+        data = TrainingData(np.random.default_rng(0).random((32, 3)).astype(np.float32), 8,
+                            transform=lambda x: (x, 2 * x))
+        fit_stages(model, [stage], data, str(tmp_path / "w"), "t", resume=resume, verbose=0,
+                   callbacks=[Score()], keep_best="score")
+        return model
+
+    run(3, resume=False)  # Killed, say, after epoch 3; resumed to 4 epochs.
+    model = run(4, resume=True)
+    assert sorted(seen) == [1, 2, 3, 4]
+    for got, want in zip(model.get_weights(), seen[2]):
+        np.testing.assert_array_equal(got, want)
+    assert not np.allclose(seen[2][0], seen[4][0])  # The last epoch's weights differ.
