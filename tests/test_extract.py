@@ -171,15 +171,22 @@ def _shard_bytes(directory):
             for n in sorted(os.listdir(directory)) if n.endswith(".tfrecord")}
 
 
+def _in_ranges(autoencoder_dir, spec, tmp_path, monkeypatch, range_size):
+    """Extracts the test split whole, then in ranges of `range_size`; asserts identical
+    shards and returns the second run's metadata (its codes are in tmp_path/"ranges")."""
+    extract.run(autoencoder_dir, str(tmp_path / "whole"), spec, splits=["test"], num_shards=2)
+    monkeypatch.setattr(extract, "RANGE_SIZE", range_size)
+    meta = extract.run(autoencoder_dir, str(tmp_path / "ranges"), spec, splits=["test"],
+                       num_shards=2)
+    assert _shard_bytes(tmp_path / "whole") == _shard_bytes(tmp_path / "ranges")
+    return meta
+
+
 def test_reads_in_pieces_give_the_same_shards_whatever_the_piece_size(autoencoder_dir, tmp_path,
                                                                       monkeypatch):
-    spec = DataConfig("digits", max_test=300)
-    extract.run(autoencoder_dir, str(tmp_path / "whole"), spec, splits=["test"], num_shards=2)
-    monkeypatch.setattr(extract, "RANGE_SIZE", 37)  # 9 ranges, the last one short.
-    meta = extract.run(autoencoder_dir, str(tmp_path / "pieces"), spec, splits=["test"],
-                       num_shards=2)
+    spec = DataConfig("digits", max_test=300)  # Ranges of 37: 9, the last one short.
+    meta = _in_ranges(autoencoder_dir, spec, tmp_path, monkeypatch, 37)
     assert meta["counts"] == {"test": 300} and meta["beam_counters"]["records_read"] == 300
-    assert _shard_bytes(tmp_path / "whole") == _shard_bytes(tmp_path / "pieces")
 
 
 def test_a_tarball_and_a_limited_folder_read_like_the_folder(autoencoder_dir, folder, tmp_path):
@@ -259,12 +266,8 @@ def test_tfds_splits_are_read_in_index_ranges(autoencoder_dir, tfds_dir, tmp_pat
     part = data.load_range(source, "test", 7, 19, data_dir=tfds_dir)
     np.testing.assert_array_equal(part[0], x[7:19])
     assert part[2] == ids[7:19] and part[2][0] == "ovqvae_tiny_digits/test/7"
-    spec = DataConfig(source, data_dir=tfds_dir)
-    extract.run(autoencoder_dir, str(tmp_path / "whole"), spec, splits=["test"], num_shards=2)
-    monkeypatch.setattr(extract, "RANGE_SIZE", 8)  # 4 ranges, the last one short.
-    meta = extract.run(autoencoder_dir, str(tmp_path / "ranges"), spec, splits=["test"],
-                       num_shards=2)
+    spec = DataConfig(source, data_dir=tfds_dir)  # Ranges of 8: 4, the last one short.
+    meta = _in_ranges(autoencoder_dir, spec, tmp_path, monkeypatch, 8)
     assert meta["counts"] == {"test": 30} and meta["beam_counters"]["records_read"] == 30
-    assert _shard_bytes(tmp_path / "whole") == _shard_bytes(tmp_path / "ranges")
     records = {r["id"]: r for r in _read_records(str(tmp_path / "ranges"), "test", 8)}
     assert sorted(records) == sorted(ids) and records[ids[4]]["label"] == int(y[4])
