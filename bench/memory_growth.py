@@ -1,22 +1,27 @@
 """Peak memory of the training and extraction stages at N and 4N images.
 
-Writes two image folders of synthetic 64x64 RGB images (N and 4N training images, the same
-256 test images), runs `ovqvae train_autoencoder`, `ovqvae extract` and `ovqvae
-train_prior` on each, every stage in a process of its own, and prints each stage's peak
-resident memory (the process's ru_maxrss, from wait4) and the growth from N to 4N. One
-epoch of a small model per stage: what grows with N is the data, not the model.
+Writes synthetic 64x64 images (N and 4N training images, the same 256 test images) in one
+of the layouts the pipeline reads: an image folder of RGB PNGs, the same folder as a
+.tar.gz, or MNIST-style gzipped IDX files (grayscale). Runs `ovqvae train_autoencoder`,
+`ovqvae extract` and `ovqvae train_prior` on each, every stage in a process of its own, and
+prints each stage's peak resident memory (the process's ru_maxrss, from wait4) and the
+growth from N to 4N. One epoch of a small model per stage: what grows with N is the data,
+not the model.
 
 Goal: each stage grows by at most 120 MB from 2,000 to 8,000 images (a float32 copy of
-6,000 more such images alone is 295 MB).
+6,000 more RGB images alone is 295 MB; grayscale, 98 MB).
 
-  .venv/bin/python bench/memory_growth.py [--n=2000] [--keep=DIR]
+  .venv/bin/python bench/memory_growth.py [--layout=folder|tarball|idx] [--n=2000] [--keep=DIR]
 """
 
 import argparse
+import gzip
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -43,15 +48,52 @@ def synthetic_image(index: int) -> np.ndarray:
     return (image * 255).astype(np.uint8)
 
 
-def write_folder(root: str, num_train: int) -> None:
+def _splits(num_train: int):
+    return (("train", num_train, 0), ("test", TEST_IMAGES, 10**7))
+
+
+def write_folder(root: str, num_train: int) -> str:
     from PIL import Image
 
-    for split, count, offset in (("train", num_train, 0), ("test", TEST_IMAGES, 10**7)):
+    for split, count, offset in _splits(num_train):
         for c in range(CLASSES):
             os.makedirs(os.path.join(root, split, f"c{c}"), exist_ok=True)
         for i in range(count):
             Image.fromarray(synthetic_image(offset + i)).save(
                 os.path.join(root, split, f"c{i % CLASSES}", f"{i:06d}.png"))
+    return root
+
+
+def write_tarball(root: str, num_train: int) -> str:
+    folder = write_folder(root + "-folder", num_train)
+    path = root + ".tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname="images")
+    shutil.rmtree(folder)
+    return path
+
+
+def write_idx(root: str, num_train: int) -> str:
+    """The four MNIST file names, gzipped, holding 64x64 grayscale images."""
+    os.makedirs(root, exist_ok=True)
+    stems = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    for split, count, offset in _splits(num_train):
+        images, labels = stems[split]
+        with gzip.open(os.path.join(root, images + ".gz"), "wb", compresslevel=1) as f:
+            f.write(struct.pack(">IIII", 2051, count, SIZE, SIZE))
+            for i in range(count):
+                f.write(synthetic_image(offset + i).mean(-1).astype(np.uint8).tobytes())
+        with gzip.open(os.path.join(root, labels + ".gz"), "wb") as f:
+            f.write(struct.pack(">II", 2049, count) + bytes(i % CLASSES for i in range(count)))
+    return root
+
+
+LAYOUTS = {  # How each layout is written and read.
+    "folder": (write_folder, ["--dataset=image_folder"]),
+    "tarball": (write_tarball, ["--dataset=image_folder"]),
+    "idx": (write_idx, ["--dataset=mnist", "--image_shape=64,64,1"]),
+}
 
 
 def peak_rss(command) -> tuple:
@@ -68,6 +110,7 @@ def peak_rss(command) -> tuple:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="folder")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--keep", default=None, help="Keep the folders and workdirs here.")
     args = parser.parse_args()
@@ -75,17 +118,16 @@ def main():
     peaks = {}
     try:
         for n in (args.n, 4 * args.n):
-            images = os.path.join(root, f"images-{n}")
-            if not os.path.isdir(images):
-                start = time.time()
-                write_folder(images, n)
-                print(f"{n} + {TEST_IMAGES} synthetic {SIZE}x{SIZE} RGB images written in "
-                      f"{time.time() - start:.0f} s", flush=True)
-            work = os.path.join(root, f"work-{n}")
+            write, flags = LAYOUTS[args.layout]
+            start = time.time()
+            images = write(os.path.join(root, f"{args.layout}-{n}"), n)
+            print(f"{n} + {TEST_IMAGES} synthetic {SIZE}x{SIZE} images written as "
+                  f"{args.layout} in {time.time() - start:.0f} s", flush=True)
+            work = os.path.join(root, f"work-{args.layout}-{n}")
             for stage in STAGES:
                 mb, seconds = peak_rss([
                     sys.executable, "-m", "pipeline.cli", stage, f"--workdir={work}",
-                    "--dataset=image_folder", f"--data_path={images}", "--force", *MODEL_FLAGS])
+                    *flags, f"--data_path={images}", "--force", *MODEL_FLAGS])
                 peaks[(stage, n)] = mb
                 print(f"{stage:18s} N={n:6d}: peak RSS {mb:7.1f} MB in {seconds:5.1f} s",
                       flush=True)
@@ -93,7 +135,7 @@ def main():
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     small, large = args.n, 4 * args.n
-    print(f"\n| stage | peak MB at {small:,} | peak MB at {large:,} | growth MB |")
+    print(f"\nlayout: {args.layout}\n| stage | peak MB at {small:,} | peak MB at {large:,} | growth MB |")
     print("| --- | ---: | ---: | ---: |")
     for stage in STAGES:
         a, b = peaks[(stage, small)], peaks[(stage, large)]

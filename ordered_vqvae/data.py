@@ -2,7 +2,10 @@
 
 Every source yields dicts ``{"image": float32 [H,W,C] in [0,1], "label": int64,
 "id": string}`` with the image shape known statically, in a deterministic order
-(optionally a seeded permutation). Sources:
+(the split's own order: files sorted by path, a tarball's members in archive order).
+Every source streams: memory holds a few elements, not the split. `indices` reads only
+those examples of the split (by their index in its sorted listing), still in one pass.
+Sources:
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (real, offline).
 - ``mnist``: a directory holding the four standard IDX files, gzipped or not.
@@ -60,21 +63,42 @@ def _check_split(split: str) -> None:
         raise DataError(f"split={split!r} is not supported, expected one of {SPLITS}")
 
 
-def _permutation(n: int, shuffle: bool, seed: int) -> np.ndarray:
-    if not shuffle:
-        return np.arange(n)
-    return np.random.default_rng(seed).permutation(n)
+def random_indices(num_examples: int, limit: int, seed: int) -> np.ndarray:
+    """The sorted indices of `limit` of `num_examples` examples chosen at random with
+    `seed` (the first `limit` of a seeded permutation)."""
+    return np.sort(np.random.default_rng(seed).permutation(num_examples)[:limit])
+
+
+def _check_indices(indices, num_examples: int) -> Optional[np.ndarray]:
+    if indices is None:
+        return None
+    indices = np.asarray(indices, np.int64)
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_examples
+                         or (np.diff(indices) <= 0).any()):
+        raise DataError(f"indices {indices.min()}..{indices.max()} (sorted, distinct) are "
+                        f"expected within the split's {num_examples} examples")
+    return indices
+
+
+def _keep(enumerated: tf.data.Dataset, num_examples: int, indices) -> tf.data.Dataset:
+    """The (index, element) pairs of `enumerated` whose index is in `indices` (all when
+    None); the stream stops after the last one."""
+    if indices is None:
+        return enumerated
+    mask = np.zeros(num_examples, bool)
+    mask[indices] = True
+    mask = tf.constant(mask)
+    return enumerated.filter(lambda i, *_: mask[i]).take(len(indices))
 
 
 def _from_arrays(images_u8: np.ndarray, labels: np.ndarray, ids: Sequence[str],
-                 scale: float, shuffle: bool, seed: int) -> tf.data.Dataset:
-    """Dataset over in-memory uint8 images [N,H,W,C]; scaling happens lazily."""
-    order = _permutation(len(ids), shuffle, seed)
+                 scale: float, indices=None) -> tf.data.Dataset:
+    """Dataset over in-memory uint8 images [N,H,W,C] (those at `indices`); scaling happens
+    lazily."""
+    pick = slice(None) if indices is None else indices
     ds = tf.data.Dataset.from_tensor_slices({
-        "image": images_u8[order],
-        "label": labels[order].astype(np.int64),
-        "id": np.asarray(ids, dtype=object)[order].astype(bytes),
-    })
+        "image": images_u8[pick], "label": labels.astype(np.int64)[pick],
+        "id": np.asarray(ids, dtype=object).astype(bytes)[pick]})
 
     def to_float(ex):
         ex["image"] = tf.cast(ex["image"], tf.float32) / scale
@@ -117,36 +141,55 @@ def _find_idx(directory: str, stem: str) -> str:
                     "standard IDX files (train-images-idx3-ubyte, ... t10k-labels-idx1-ubyte)")
 
 
-def read_idx(path: str, ndim: int) -> np.ndarray:
-    """Reads one IDX file (gzipped or not) holding a uint8 array of `ndim` dimensions."""
-    f, raw = _idx_open(path)
-    try:
-        dims = _idx_read_header(f, path, ndim)
-        body = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path!r} is not a complete gzip file ({e})") from None
-    finally:
-        f.close()
-        raw.close()
-    expected = int(np.prod(dims))
-    if len(body) != expected:
-        raise DataError(f"{path!r} holds {len(body)} data bytes, expected {expected} for shape {dims}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+def _idx_check(path: str, ndim: int) -> tuple:
+    """The dimensions of an IDX file, after checking its header and that its (decompressed)
+    size is the header's plus one byte per value: a gzip file's size is read from its
+    trailer, so the check costs no decompression."""
+    dims = _idx_header(path, ndim)
+    expected = 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+    if path.endswith(".gz"):
+        with tf.io.gfile.GFile(path, "rb") as f:
+            f.seek(max(f.size() - 4, 0))
+            size = struct.unpack("<I", f.read(4).rjust(4, b"\0"))[0]
+        if size != expected % 2**32:
+            raise DataError(f"{path!r} is not a complete gzip file (its trailer records {size} "
+                            f"bytes, expected {expected} for shape {dims})")
+    else:
+        size = tf.io.gfile.stat(path).length
+        if size != expected:
+            raise DataError(f"{path!r} holds {size} bytes, expected {expected} for shape "
+                            f"{dims}: it is truncated or has trailing data")
+    return dims
 
 
-def load_mnist_arrays(directory: str, split: str):
-    """Returns (uint8 images [N,28,28,1], labels [N], ids [N]) from IDX files."""
+def load_mnist(directory: str, split: str, indices=None) -> tf.data.Dataset:
+    """A split of the four IDX files (gzipped or not), streamed by `tf.data` (the examples
+    at `indices` only, when given): images float32 [28,28,1], ids mnist/<split>/<index>."""
     _check_split(split)
     if not directory or not tf.io.gfile.isdir(directory):
         raise DataError(f"MNIST directory {directory!r} does not exist")
-    image_stem, label_stem = _IDX_FILES[split]
-    images = read_idx(_find_idx(directory, image_stem), 3)
-    labels = read_idx(_find_idx(directory, label_stem), 1)
-    if len(images) != len(labels):
-        raise DataError(f"MNIST {split} in {directory!r} has {len(images)} images but "
-                        f"{len(labels)} labels")
-    ids = [f"mnist/{split}/{i:05d}" for i in range(len(labels))]
-    return images[..., None], labels, ids
+    image_path, label_path = (_find_idx(directory, stem) for stem in _IDX_FILES[split])
+    dims = _idx_check(image_path, 3)
+    labels = _idx_check(label_path, 1)[0]
+    if dims[0] != labels:
+        raise DataError(f"MNIST {split} in {directory!r} has {dims[0]} images but {labels} labels")
+
+    def records(path, ndim, row):
+        return tf.data.FixedLengthRecordDataset(
+            path, row, header_bytes=4 + 4 * ndim,
+            compression_type="GZIP" if path.endswith(".gz") else "")
+
+    def convert(i, pair):
+        image, label = (tf.io.decode_raw(x, tf.uint8) for x in pair)
+        return {"image": tf.cast(tf.reshape(image, (*dims[1:], 1)), tf.float32) / 255.0,
+                "label": tf.cast(label[0], tf.int64),
+                "id": tf.strings.join([f"mnist/{split}/",
+                                       tf.strings.as_string(i, width=5, fill="0")])}
+
+    pairs = tf.data.Dataset.zip((records(image_path, 3, dims[1] * dims[2]),
+                                 records(label_path, 1, 1)))
+    pairs = _keep(pairs.enumerate(), dims[0], _check_indices(indices, dims[0]))
+    return pairs.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 # ----------------------------------------------------------------------------- image folder
@@ -184,19 +227,18 @@ def tarball_members(path: str, split: str, names: Optional[set] = None):
         yield name, split_class(name, split), content
 
 
-def _folder_entries(root: str, split: str, read_bytes: bool = True):
-    """(relative path, class, payload) for a split of a directory or tarball, sorted by path:
-    the payload is the file's full path (directory), its bytes (tarball, `read_bytes`) or
-    None. Raises DataError for a missing root, empty class folders or no images."""
+def folder_listing(root: str, split: str):
+    """(sorted relative paths of the split's images, in a tarball its member names; sorted
+    class names) of a directory or tarball, without reading any image. Raises DataError for
+    a missing root, empty class folders or no images."""
     entries = []
     if tf.io.gfile.isdir(root):
         for dirpath, _, files in tf.io.gfile.walk(root):
             for name in files:
-                full = os.path.join(dirpath, name)
-                rel = os.path.relpath(full, root)
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
                 cls = split_class(rel, split)
                 if cls is not None:
-                    entries.append((rel, cls, full))
+                    entries.append((rel, cls))
         all_classes = _class_dirs(root, split)
     elif is_tarball(root):
         all_classes = set()
@@ -211,14 +253,13 @@ def _folder_entries(root: str, split: str, read_bytes: bool = True):
                     cls = split_class(member.name, split)
                     if cls is not None:
                         all_classes.add(cls)
-                        entries.append((member.name, cls, tar.extractfile(member).read()
-                                        if read_bytes else None))
+                        entries.append((member.name, cls))
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"cannot read tarball {root!r}: {e}") from None
     else:
         raise DataError(f"image folder {root!r} does not exist (expected a directory or a "
                         ".tar.gz of <split>/<class>/<image> files)")
-    found = {cls for _, cls, _ in entries}
+    found = {cls for _, cls in entries}
     empty = sorted(set(all_classes) - found)
     if empty:
         raise DataError(f"class folder(s) {empty} of split {split!r} in {root!r} hold no "
@@ -226,15 +267,7 @@ def _folder_entries(root: str, split: str, read_bytes: bool = True):
     if not entries:
         raise DataError(f"no images found under {root!r} for split {split!r}; expected "
                         f"<split>/<class>/<image> with extensions {IMAGE_EXTENSIONS}")
-    entries.sort(key=lambda e: e[0])
-    return entries
-
-
-def folder_listing(root: str, split: str):
-    """(sorted relative paths of the split's images, sorted class names) of a directory or
-    tarball, without reading any image."""
-    entries = _folder_entries(root, split, read_bytes=False)
-    return [e[0] for e in entries], sorted({e[1] for e in entries})
+    return sorted(e[0] for e in entries), sorted(found)
 
 
 def folder_patterns(root: str, split: str) -> list:
@@ -305,37 +338,64 @@ def decode_encoded(data: bytes, record_id: str, image_shape, resize: bool = Fals
     return image
 
 
+def _folder_info(root: str, split: str, image_size: Optional[int]):
+    """(SourceInfo, sorted image paths) of an image folder's split, from its listing and
+    its first image (no other image is read)."""
+    _check_split(split)
+    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+        raise DataError(f"image_size={image_size!r}, expected a positive integer")
+    files, classes = folder_listing(root, split)
+    if is_tarball(root):
+        first = next(tarball_members(root, split, {files[0]}))[2]
+    else:
+        with tf.io.gfile.GFile(os.path.join(root, files[0]), "rb") as f:
+            first = f.read()
+    height, width, channels = _probe_image(first, os.path.join(root, files[0]))
+    shape = (image_size, image_size, channels) if image_size else (height, width, channels)
+    return SourceInfo("image_folder", shape, len(files), tuple(classes)), files
+
+
+def _tarball_stream(root: str, accept, label) -> tf.data.Dataset:
+    """{"encoded", "label", "id"} of a tarball's members that `accept(name)` takes, in
+    archive order, read by one pass that holds one member at a time (`label(name)`)."""
+    def members():
+        for name, content in tar_members(root, accept):
+            yield {"encoded": content, "label": label(name), "id": name}
+
+    return tf.data.Dataset.from_generator(members, output_signature={
+        "encoded": tf.TensorSpec((), tf.string), "label": tf.TensorSpec((), tf.int64),
+        "id": tf.TensorSpec((), tf.string)})
+
+
 def load_image_folder(root: str, split: str, image_size: Optional[int] = None,
-                      shuffle: bool = False, seed: int = 0, decode: bool = True):
-    """A dataset over `<split>/<class>/<file>` images in a directory or tarball.
+                      decode: bool = True, indices=None):
+    """A dataset over `<split>/<class>/<file>` images (those at `indices` of the sorted
+    listing, when given): a directory's read file by file in path order, a tarball's
+    streamed in archive order.
 
     With `decode=False` elements carry the encoded file bytes as "encoded" instead of
     "image" (decode each with `decode_encoded`), so that one corrupt file can be set aside
     rather than stopping the whole dataset.
     """
-    _check_split(split)
-    if image_size is not None and (int(image_size) != image_size or image_size < 1):
-        raise DataError(f"image_size={image_size!r}, expected a positive integer")
-    entries = _folder_entries(root, split)
-    classes = sorted({cls for _, cls, _ in entries})
-    in_memory = not isinstance(entries[0][2], str)
-    first = entries[0][2] if in_memory else tf.io.gfile.GFile(entries[0][2], "rb").read()
-    height, width, channels = _probe_image(first, os.path.join(root, entries[0][0]))
-    shape = (image_size, image_size, channels) if image_size else (height, width, channels)
-    info = SourceInfo(name="image_folder", image_shape=shape, num_examples=len(entries),
-                      class_names=tuple(classes))
-
-    order = _permutation(len(entries), shuffle, seed)
-    rels = np.array([e[0] for e in entries], dtype=object)[order].astype(bytes)
-    labels = np.array([classes.index(e[1]) for e in entries], np.int64)[order]
-    payload = np.array([e[2] for e in entries], dtype=object)[order]
-    if not in_memory:
-        payload = payload.astype(str)
-    ds = tf.data.Dataset.from_tensor_slices({"id": rels, "label": labels, "payload": payload})
-
-    def read(ex):
-        data = ex["payload"] if in_memory else tf.io.read_file(ex["payload"])
-        return {"encoded": data, "label": ex["label"], "id": ex["id"]}
+    info, files = _folder_info(root, split, image_size)
+    shape, classes = info.image_shape, info.class_names
+    height, width, channels = shape if not image_size else (None, None, shape[-1])
+    index = {cls: i for i, cls in enumerate(classes)}
+    indices = _check_indices(indices, len(files))
+    if indices is not None:
+        files = [files[i] for i in indices]
+        info = dataclasses.replace(info, num_examples=len(files))
+    if is_tarball(root):
+        wanted = set(files)
+        ds = _tarball_stream(root, wanted.__contains__, lambda n: index[split_class(n, split)])
+    else:
+        ds = tf.data.Dataset.from_tensor_slices({
+            "id": np.array(files, dtype=object).astype(bytes),
+            "label": np.array([index[split_class(f, split)] for f in files], np.int64),
+            "path": [os.path.join(root, f) for f in files]})
+        ds = ds.map(lambda ex: {"encoded": tf.io.read_file(ex["path"]), "label": ex["label"],
+                                "id": ex["id"]},
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def decode_one(ex):
         image = _decode_tensor(ex["encoded"], channels, image_size)
@@ -351,7 +411,6 @@ def load_image_folder(root: str, split: str, image_size: Optional[int] = None,
                 image = tf.identity(image)
         return {"image": tf.ensure_shape(image, shape), "label": ex["label"], "id": ex["id"]}
 
-    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if decode:
         ds = ds.map(decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds, info
@@ -443,34 +502,31 @@ def celeba_files(root: str, split: str):
 
 
 def load_celeba(root: str, split: str, image_size: Optional[int] = None,
-                shuffle: bool = False, seed: int = 0, decode: bool = True):
-    """CelebA from its files (see `celeba_files`) as a dataset of 64x64 (or image_size)
-    RGB images, label -1, id the member name. A tarball's split is read into memory; a
-    directory is read file by file."""
+                decode: bool = True, indices=None):
+    """CelebA from its files (see `celeba_files`; those at `indices` of its sorted names,
+    when given) as a dataset of 64x64 (or image_size) RGB images, label -1, id the member
+    name: a directory's read file by file in name order, a tarball's streamed in archive
+    order."""
     size = image_size or CELEBA_SIZE
     names, payload = celeba_files(root, split)
-    if is_tarball(root):
-        wanted = set(names)
-        data = dict(tar_members(root, wanted.__contains__))
-        payloads = [data[n] for n in names]
-    else:
-        payloads = [payload[n] for n in names]
-    order = _permutation(len(names), shuffle, seed)
+    indices = _check_indices(indices, len(names))
+    if indices is not None:
+        names = [names[i] for i in indices]
     shape = (size, size, 3)
-    in_memory = is_tarball(root)
-    ds = tf.data.Dataset.from_tensor_slices({
-        "id": np.array(names, dtype=object)[order].astype(bytes),
-        "payload": np.array(payloads, dtype=object)[order].astype(bytes if in_memory else str)})
-
-    def read(ex):
-        encoded = ex["payload"] if in_memory else tf.io.read_file(ex["payload"])
-        return {"encoded": encoded, "label": tf.constant(-1, tf.int64), "id": ex["id"]}
+    if is_tarball(root):
+        ds = _tarball_stream(root, set(names).__contains__, lambda n: -1)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices({
+            "id": np.array(names, dtype=object).astype(bytes),
+            "path": [payload[n] for n in names]})
+        ds = ds.map(lambda ex: {"encoded": tf.io.read_file(ex["path"]),
+                                "label": tf.constant(-1, tf.int64), "id": ex["id"]},
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def decode_one(ex):
         image = _decode_tensor(ex["encoded"], 3, size, CELEBA_CROP)
         return {"image": tf.ensure_shape(image, shape), "label": ex["label"], "id": ex["id"]}
 
-    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if decode:
         ds = ds.map(decode_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds, SourceInfo("celeba", shape, len(names), ())
@@ -480,11 +536,11 @@ def load_celeba(root: str, split: str, image_size: Optional[int] = None,
 
 
 def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool = False,
-              image_size: Optional[int] = None, shuffle: bool = False, seed: int = 0,
-              subsplit: Optional[tuple] = None):
+              image_size: Optional[int] = None, subsplit: Optional[tuple] = None,
+              indices=None):
     """A prepared TFDS dataset; refuses to download unless `download` is True. `subsplit`
     (start, stop) reads only those examples of the split (TFDS split slicing), with the
-    ids they have in the whole split."""
+    ids they have in the whole split; `indices` only those of the whole split."""
     _check_split(split)
     if name not in TFDS_NAMES:
         raise DataError(f"tfds:{name} is not supported, expected one of "
@@ -499,12 +555,10 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool = F
                             "(--download) to let TFDS fetch it")
         builder.download_and_prepare()
     tfds_split = {"train": "train", "test": "test"}[split]
-    read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=1)
+    read_config = tfds.ReadConfig(interleave_cycle_length=1)
     first = subsplit[0] if subsplit else 0
     ds = builder.as_dataset(split=f"{tfds_split}[{first}:{subsplit[1]}]" if subsplit
-                            else tfds_split, shuffle_files=shuffle, read_config=read_config)
-    if shuffle:
-        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=False)
+                            else tfds_split, shuffle_files=False, read_config=read_config)
     splits = builder.info.splits
     num = splits[tfds_split].num_examples if tfds_split in splits else None
     is_celeba = name == "celeb_a"
@@ -523,8 +577,14 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool = F
         ident = tf.strings.join([f"{name}/{split}/", tf.strings.as_string(i)])
         return {"image": tf.ensure_shape(image, shape), "label": label, "id": ident}
 
-    ds = ds.enumerate(first).map(convert, num_parallel_calls=tf.data.AUTOTUNE,
-                                              deterministic=True)
+    ds = ds.enumerate(first)
+    if indices is not None:
+        if num is None:
+            raise DataError(f"tfds:{name} {split} does not record its size, so examples "
+                            "cannot be picked by index")
+        indices = _check_indices(indices, num)
+        ds, num = _keep(ds, num, indices), len(indices)
+    ds = ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds, SourceInfo(name=f"tfds:{name}", image_shape=shape, num_examples=num,
                           class_names=class_names)
 
@@ -533,8 +593,8 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool = F
 
 
 def load(source: str, split: str, *, path: Optional[str] = None, data_dir: Optional[str] = None,
-         image_size: Optional[int] = None, shuffle: bool = False, seed: int = 0,
-         download: bool = False, decode: bool = True):
+         image_size: Optional[int] = None, download: bool = False, decode: bool = True,
+         indices=None):
     """Loads a split of a source.
 
     Args:
@@ -544,10 +604,11 @@ def load(source: str, split: str, *, path: Optional[str] = None, data_dir: Optio
         tarball (img_align_celeba/ and list_eval_partition.txt).
       data_dir: the TFDS data directory (tfds sources only).
       image_size: resize (short side) and center-crop to this square size.
-      shuffle, seed: a deterministic, seeded permutation of the whole split.
       download: let TFDS download and prepare a missing dataset.
-      decode: False gives image_folder elements "encoded" bytes instead of "image"
-        (other sources always decode).
+      decode: False gives image_folder and celeba elements "encoded" bytes instead of
+        "image" (other sources always decode).
+      indices: read only the examples at these sorted, distinct indices of the split (in
+        its sorted listing), in one pass; SourceInfo.num_examples counts them.
 
     Returns:
       (dataset, SourceInfo). Elements: {"image": float32 [H,W,C] in [0,1],
@@ -558,23 +619,28 @@ def load(source: str, split: str, *, path: Optional[str] = None, data_dir: Optio
                         "images have a fixed size")
     if source == "digits":
         images, labels, ids = load_digits_arrays(split)
-        info = SourceInfo("digits", images.shape[1:], len(ids), tuple(str(d) for d in range(10)))
-        return _from_arrays(images, labels, ids, 16.0, shuffle, seed), info
+        indices = _check_indices(indices, len(ids))
+        info = SourceInfo("digits", images.shape[1:], len(ids) if indices is None
+                          else len(indices), tuple(str(d) for d in range(10)))
+        return _from_arrays(images, labels, ids, 16.0, indices), info
     if source == "mnist":
-        images, labels, ids = load_mnist_arrays(path, split)
-        info = SourceInfo("mnist", images.shape[1:], len(ids), tuple(str(d) for d in range(10)))
-        return _from_arrays(images, labels, ids, 255.0, shuffle, seed), info
+        info = source_info(source, split, path=path)
+        ds = load_mnist(path, split, indices)
+        if indices is not None:
+            info = dataclasses.replace(info, num_examples=len(indices))
+        return ds, info
     if source == "image_folder":
         if not path:
             raise DataError("source 'image_folder' needs a path (directory or .tar.gz)")
-        return load_image_folder(path, split, image_size, shuffle, seed, decode)
+        return load_image_folder(path, split, image_size, decode, indices)
     if source == "celeba":
         if not path:
             raise DataError("source 'celeba' needs a path (a directory or .tar.gz holding "
                             f"{CELEBA_FOLDER}/)")
-        return load_celeba(path, split, image_size, shuffle, seed, decode)
+        return load_celeba(path, split, image_size, decode, indices)
     if source.startswith("tfds:"):
-        return load_tfds(source[len("tfds:"):], split, data_dir, download, image_size, shuffle, seed)
+        return load_tfds(source[len("tfds:"):], split, data_dir, download, image_size,
+                         indices=indices)
     raise DataError(f"unknown data source {source!r}, expected one of 'digits', 'mnist', "
                     f"'image_folder', 'celeba', 'tfds:<name>' with name in {TFDS_NAMES}")
 
@@ -625,7 +691,7 @@ def split_size(source: str, split: str, path: Optional[str] = None,
 def load_range(source: str, split: str, start: int, stop: int, *, path: Optional[str] = None,
                data_dir: Optional[str] = None, image_size: Optional[int] = None,
                download: bool = False):
-    """Examples start..stop-1 of a split (in `load`'s unshuffled order, with its ids) as
+    """Examples start..stop-1 of a split (in `load`'s order, with its ids) as
     (images float32 [n,H,W,C], labels int64 [n], ids), reading only those examples where
     the format allows (IDX rows by offset, TFDS by split slicing)."""
     if source == "digits":
@@ -696,15 +762,7 @@ def read_idx_rows(path: str, ndim: int, start: int, stop: int) -> np.ndarray:
 def image_folder_info(root: str, split: str, image_size: Optional[int] = None) -> SourceInfo:
     """The SourceInfo of an image folder's split from its listing and its first image (no
     other image is read)."""
-    files, classes = folder_listing(root, split)
-    if is_tarball(root):
-        first = next(tarball_members(root, split, {files[0]}))[2]
-    else:
-        with tf.io.gfile.GFile(os.path.join(root, files[0]), "rb") as f:
-            first = f.read()
-    height, width, channels = _probe_image(first, os.path.join(root, files[0]))
-    shape = (image_size, image_size, channels) if image_size else (height, width, channels)
-    return SourceInfo("image_folder", shape, len(files), tuple(classes))
+    return _folder_info(root, split, image_size)[0]
 
 
 def source_info(source: str, split: str, *, path: Optional[str] = None,

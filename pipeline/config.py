@@ -22,29 +22,51 @@ class DataConfig:
     data_dir: Optional[str] = None
     image_size: Optional[int] = None
     download: bool = False
-    max_train: Optional[int] = None
-    max_test: Optional[int] = None
+    max_train: Optional[int] = None  # A random choice of this many training examples,
+    max_test: Optional[int] = None   # and the first this many test examples.
+    subset_seed: int = 0             # The seed of max_train's choice.
 
     def limit(self, split: str) -> Optional[int]:
         return self.max_train if split == "train" else self.max_test
 
-    def dataset(self, split: str, seed: int = 0):
-        """The split as a tf.data stream of {"image", "label", "id"} (its first max_train or
-        max_test elements), shuffled with `seed` for train."""
+    def indices(self, split: str, num_examples: int):
+        """Which of a split's `num_examples` examples (by index in its sorted listing) the
+        pipeline uses: max_train chosen at random with subset_seed, or the first max_test;
+        None for all. Training and extraction read the same ones."""
+        import numpy as np
+
         from ordered_vqvae import data
 
-        ds, _ = data.load(self.source, split, path=self.path, data_dir=self.data_dir,
-                          image_size=self.image_size, shuffle=split == "train", seed=seed,
-                          download=self.download)
-        return ds if self.limit(split) is None else ds.take(self.limit(split))
+        limit = self.limit(split)
+        if limit is None or limit >= num_examples:
+            return None
+        if split == "train":
+            return data.random_indices(num_examples, limit, self.subset_seed)
+        return np.arange(limit)
 
-    def image_batches(self, split: str, seed: int = 0, batch_size: int = 512,
-                      limit: Optional[int] = None):
+    def dataset(self, split: str):
+        """The split's examples that `indices` picks, as a tf.data stream of {"image",
+        "label", "id"} read in one pass in the split's own order."""
+        from ordered_vqvae import data
+
+        size = None
+        if self.limit(split) is not None:
+            size = data.source_info(self.source, split, path=self.path, data_dir=self.data_dir,
+                                    image_size=self.image_size).num_examples
+            if size is None:
+                raise data.DataError(f"{self.source} {split} does not record its size, so "
+                                     f"{self.limit(split)} of its examples cannot be picked")
+        ds, _ = data.load(self.source, split, path=self.path, data_dir=self.data_dir,
+                          image_size=self.image_size, download=self.download,
+                          indices=None if size is None else self.indices(split, size))
+        return ds
+
+    def image_batches(self, split: str, batch_size: int = 512, limit: Optional[int] = None):
         """Yields images float32 [B,H,W,C] of the split (the first `limit` when given), a
         batch at a time: memory holds one batch whatever the split's size."""
         import tensorflow as tf
 
-        ds = self.dataset(split, seed)
+        ds = self.dataset(split)
         if limit is not None:
             ds = ds.take(limit)
         try:
@@ -72,12 +94,12 @@ class DataConfig:
                 return bad
         return error
 
-    def arrays(self, split: str, seed: int = 0):
-        """(images float32 [N,H,W,C], labels, ids) of a split, shuffled with `seed` for train,
-        all in memory (experiments on small data; the stages stream)."""
+    def arrays(self, split: str):
+        """(images float32 [N,H,W,C], labels, ids) of `dataset(split)`, all in memory
+        (experiments on small data; the stages stream)."""
         from ordered_vqvae import data
 
-        return data.to_numpy(self.dataset(split, seed))
+        return data.to_numpy(self.dataset(split))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,7 +135,7 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
         stages.run_pipeline(config, os.path.join(workdir, "variants", name),
                             stages=["autoencoder", "extract", "prior"], verbose=verbose)
 
-    train = cfg.base.data.arrays("train", seed=cfg.base.seed)
+    train = cfg.base.data.arrays("train")
     test = cfg.base.data.arrays("test")
     test_x = test[0]
     clf = _classifier(cfg, workdir, train, test)

@@ -120,13 +120,18 @@ class _ReadRange(beam.DoFn):
         self.spec, self.split = spec, split
         self.read = Metrics.counter(NAMESPACE, "records_read")
 
-    def process(self, bounds):
+    def process(self, piece):
+        """piece: (start, stop, the indices to keep in start..stop-1 or None for all)."""
         from ordered_vqvae import data
 
+        start, stop, picks = piece
         images, labels, ids = data.load_range(
-            self.spec.source, self.split, *bounds, path=self.spec.path,
+            self.spec.source, self.split, start, stop, path=self.spec.path,
             data_dir=self.spec.data_dir, image_size=self.spec.image_size,
             download=self.spec.download)
+        if picks is not None:
+            rows = np.asarray(picks) - start
+            images, labels, ids = images[rows], labels[rows], [ids[r] for r in rows]
         self.read.inc(len(ids))
         for image, label, record_id in zip(images, labels, ids):
             yield _record(record_id, label, image=image)
@@ -186,14 +191,17 @@ class _ReadTarball(beam.DoFn):
 def ReadSplit(begin, spec: DataConfig, split: str):
     """PBegin -> records {"id", "label", "image" (float32) or "encoded" (file bytes)}, in
     pieces the runner spreads over its workers: index ranges, one image file each, or (a
-    tarball) one stream. With max_train/max_test only the first records of the split (in
-    `data.load`'s order) are read."""
+    tarball) one stream. With max_train/max_test only the examples `spec.indices` picks
+    (those the training stages read) are read."""
     from ordered_vqvae import data
 
-    limit = spec.limit(split)
+    def picked(items):
+        indices = spec.indices(split, len(items))
+        return items if indices is None else [items[i] for i in indices]
+
     if spec.source == "celeba":
         names, payload = data.celeba_files(spec.path, split)
-        names = names[:limit] if limit else names
+        names = picked(names)
         if data.is_tarball(spec.path):
             return (begin | "Tarball" >> beam.Create([spec.path])
                     | "Stream" >> beam.ParDo(_ReadTarball(split, None, set(names)))
@@ -204,14 +212,15 @@ def ReadSplit(begin, spec: DataConfig, split: str):
                 | "Read" >> beam.ParDo(_ReadFile(base, split, None)))
     if spec.source == "image_folder":
         files, classes = data.folder_listing(spec.path, split)
+        chosen = picked(files)
         if data.is_tarball(spec.path):
-            keep = set(files[:limit]) if limit else None
+            keep = None if chosen is files else set(chosen)
             return (begin | "Tarball" >> beam.Create([spec.path])
                     | "Stream" >> beam.ParDo(_ReadTarball(split, classes, keep))
                     | "Spread" >> beam.Reshuffle())
-        if limit:  # The first files in load's (sorted) order.
+        if chosen is not files:  # Listed here.
             paths = begin | "Files" >> beam.Create(
-                [os.path.join(spec.path, relative) for relative in files[:limit]])
+                [os.path.join(spec.path, relative) for relative in chosen])
         else:  # Matched by the workers, one pattern per class folder.
             paths = (begin | "Patterns" >> beam.Create(data.folder_patterns(spec.path, split))
                      | "Match" >> fileio.MatchAll())
@@ -219,9 +228,15 @@ def ReadSplit(begin, spec: DataConfig, split: str):
                 | "Read" >> beam.ParDo(_ReadFile(spec.path, split, classes)))
     size = data.split_size(spec.source, split, path=spec.path, data_dir=spec.data_dir,
                            download=spec.download)
-    size = min(size, limit) if limit else size
-    ranges = [(start, min(start + RANGE_SIZE, size)) for start in range(0, size, RANGE_SIZE)]
-    return (begin | "Ranges" >> beam.Create(ranges) | "Spread" >> beam.Reshuffle()
+    indices = spec.indices(split, size)
+    if indices is None:
+        pieces = [(start, min(start + RANGE_SIZE, size), None)
+                  for start in range(0, size, RANGE_SIZE)]
+    else:  # RANGE_SIZE picked examples per piece, read as the range that spans them.
+        chunks = np.array_split(indices, -(-len(indices) // RANGE_SIZE))
+        pieces = [(int(c[0]), int(c[-1]) + 1,
+                   None if c[-1] - c[0] + 1 == len(c) else [int(i) for i in c]) for c in chunks]
+    return (begin | "Ranges" >> beam.Create(pieces) | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadRange(spec, split)))
 
 

@@ -16,14 +16,15 @@ def _pct(k: int, K: int) -> str:
     return f"{round(100 * k / K)}%"
 
 
-def build(config: PipelineConfig, autoencoder, prior, results: dict, test_images,
+def build(config: PipelineConfig, autoencoder, prior, results: dict, shown_images,
           out_dir: str) -> str:
     """Writes the report into `out_dir` (atomically) and returns it.
 
     Args:
       autoencoder, prior: the trained OrderedVQVAE and CodePrior.
       results: the "result" of the autoencoder, extract and prior stages, by stage name.
-      test_images: float32 [N,H,W,C] in [0,1].
+      shown_images: float32 [n,H,W,C] in [0,1], the test images whose reconstructions
+        the report shows (the first report_samples).
     """
     generator = ImageGenerator(prior, autoencoder)
     K, n = autoencoder.code_length, config.report_samples
@@ -32,7 +33,7 @@ def build(config: PipelineConfig, autoencoder, prior, results: dict, test_images
     with atomic_directory(out_dir) as tmp:
         quarter = sorted(set(fraction_lengths(K).values()))
         # Reconstructions of test images from the first k codes.
-        shown = test_images[:n]
+        shown = shown_images[:n]
         codes = autoencoder.encode(shown)
         rows = [shown] + [autoencoder.decode(codes, k).numpy() for k in quarter]
         labels = ["input"] + [f"k={k} ({_pct(k, K)})" for k in quarter]
@@ -53,7 +54,7 @@ def build(config: PipelineConfig, autoencoder, prior, results: dict, test_images
                             "codes generated (k)", "seconds (sample + decode)",
                             "Anytime sampling time against code length")
         metrics = {"code_length": K, "codebook_size": autoencoder.codebook_size,
-                   "test_images": int(len(test_images)), "mse_by_codes": ae_eval["mse_by_codes"],
+                   "test_images": ae_eval["test_images"], "mse_by_codes": ae_eval["mse_by_codes"],
                    "sampling_seconds_by_codes": {str(k): v for k, v in seconds.items()},
                    "prior_val_bits_per_code": prior_eval["val_bits_per_code"],
                    "uniform_bits_per_code": prior_eval["uniform_bits_per_code"],

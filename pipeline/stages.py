@@ -91,7 +91,7 @@ def _train_autoencoder(config: PipelineConfig, ctx: Context) -> dict:
 
     print(f"[autoencoder] loading {config.data.source} ...", flush=True)
     train = _training_file(ctx, "autoencoder", "train_images.npy", lambda path: write_examples(
-        path, checked(config.data.image_batches("train", seed=ae_config.seed)), np.float32))
+        path, checked(config.data.image_batches("train")), np.float32))
     val_x = np.concatenate(list(config.data.image_batches("test", limit=2000)))
     print(f"[autoencoder] {len(train)} train images of shape {train.shape[1:]}, read from "
           f"disk a batch at a time; K={ae_config.code_length} codes, codebook_size="
@@ -161,7 +161,8 @@ def _report(config: PipelineConfig, ctx: Context) -> dict:
                for name in ("autoencoder", "extract", "prior")}
     path = report.build(config, models.load_autoencoder(ctx.artifact("autoencoder")),
                         load_prior(ctx.artifact("prior")), results,
-                        config.data.arrays("test")[0], ctx.artifact("report"))
+                        next(config.data.image_batches("test", config.report_samples)),
+                        ctx.artifact("report"))
     print(f"[report] {os.path.join(path, 'report.md')}", flush=True)
     return {"report": os.path.join(path, "report.md")}
 

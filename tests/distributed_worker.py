@@ -42,7 +42,7 @@ def main(mode, optimizer, workdir, out):
     strategy = {"single": tf.distribute.get_strategy,
                 "mirrored": lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
                 "multi_worker": tf.distribute.MultiWorkerMirroredStrategy}[mode]()
-    images = data.to_numpy(data.load("digits", "train", shuffle=True)[0])[0]
+    images = data.to_numpy(data.load("digits", "train")[0])[0]
     rng = np.random.default_rng(0)  # Codes with structure, independent of the autoencoder.
     codes = rng.integers(0, 32, size=(1024, 8)) // rng.integers(1, 4, size=(1024, 1))
     # Both stages read their examples from disk, each worker its own rows of every batch.

@@ -40,13 +40,18 @@ def test_digits_split_is_deterministic_disjoint_and_complete():
     assert data.to_numpy(data.load("digits", "test")[0])[2] == idte
 
 
-def test_seeded_shuffle_is_a_reproducible_permutation():
+def test_indices_read_a_seeded_random_subset_in_one_pass():
     base = data.to_numpy(data.load("digits", "train")[0])[2]
-    a = data.to_numpy(data.load("digits", "train", shuffle=True, seed=3)[0])[2]
-    b = data.to_numpy(data.load("digits", "train", shuffle=True, seed=3)[0])[2]
-    c = data.to_numpy(data.load("digits", "train", shuffle=True, seed=4)[0])[2]
-    assert a == b and a != c and a != base
-    assert sorted(a) == sorted(base)
+    a = data.random_indices(len(base), 100, seed=3)
+    assert len(a) == 100 and (np.diff(a) > 0).all()
+    np.testing.assert_array_equal(a, data.random_indices(len(base), 100, seed=3))
+    assert not np.array_equal(a, data.random_indices(len(base), 100, seed=4))
+    assert a.max() > len(base) // 2  # Spread over the split, not its first rows.
+    ds, info = data.load("digits", "train", indices=a)
+    assert data.to_numpy(ds)[2] == [base[i] for i in a] and info.num_examples == 100
+    for bad in ([5, 3], [0, len(base)], [-1]):
+        with pytest.raises(data.DataError, match="sorted, distinct"):
+            data.load("digits", "train", indices=bad)
 
 
 def test_real_mnist_counts_and_label_histograms(mnist_dir):
@@ -100,6 +105,11 @@ def test_mnist_idx_values_round_trip(tmp_path, compress):
     np.testing.assert_allclose(x[..., 0], arrays["test"][0] / 255.0, atol=1e-7)
     np.testing.assert_array_equal(y, arrays["test"][1])
     assert ids[0] == "mnist/test/00000"
+    ds, info = data.load("mnist", "test", path=str(tmp_path), indices=[1, 4])
+    x2, y2, ids2 = data.to_numpy(ds)
+    np.testing.assert_array_equal(x2, x[[1, 4]])
+    assert y2.tolist() == y[[1, 4]].tolist() and info.num_examples == 2
+    assert ids2 == ["mnist/test/00001", "mnist/test/00004"]
 
 
 def test_mnist_bad_magic_truncated_gzip_and_missing_files(tmp_path):
@@ -161,6 +171,17 @@ def test_image_folder_directory_and_tarball_agree(tmp_path):
         for img, ident in zip(x, ids):
             rel = ident[ident.index("train/"):]
             np.testing.assert_allclose(img, written[rel] / 255.0, atol=1e-6)
+    # A tarball streams in archive order; indices pick by sorted name all the same.
+    reversed_tar = str(tmp_path / "reversed.tar")
+    with tarfile.open(reversed_tar, "w") as tar:
+        for rel in sorted(written, reverse=True):
+            tar.add(os.path.join(root, rel), arcname=rel)
+    x, y, ids = data.to_numpy(data.load("image_folder", "train", path=reversed_tar)[0])
+    assert ids == sorted(written, reverse=True) and y.tolist() == [1, 1, 1, 0, 0, 0]
+    for path in (root, reversed_tar):
+        ds, info = data.load("image_folder", "train", path=path, indices=[0, 4])
+        assert sorted(data.to_numpy(ds)[2]) == ["train/ant/0.png", "train/cat/1.png"]
+        assert info.num_examples == 2
 
 
 def test_image_folder_resize_center_crop_and_grayscale(tmp_path):

@@ -189,6 +189,18 @@ def test_reads_in_pieces_give_the_same_shards_whatever_the_piece_size(autoencode
     assert meta["counts"] == {"test": 300} and meta["beam_counters"]["records_read"] == 300
 
 
+def test_max_train_extracts_the_images_training_reads(autoencoder_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(extract, "RANGE_SIZE", 37)  # 3 pieces, each a range with picks.
+    spec = DataConfig("digits", max_train=100, subset_seed=5)
+    meta = extract.run(autoencoder_dir, str(tmp_path / "codes"), spec, splits=["train"],
+                       num_shards=2)
+    ids = sorted(r["id"] for r in _read_records(str(tmp_path / "codes"), "train", 8))
+    assert meta["counts"] == {"train": 100} and meta["beam_counters"]["records_read"] == 100
+    assert ids == sorted(spec.arrays("train")[2])
+    everything = DataConfig("digits").arrays("train")[2]
+    assert ids != sorted(everything[:100]) and set(ids) < set(everything)
+
+
 def test_a_tarball_and_a_limited_folder_read_like_the_folder(autoencoder_dir, folder, tmp_path):
     import tarfile
 

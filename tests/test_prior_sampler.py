@@ -11,6 +11,7 @@ from ordered_vqvae.configs import PriorConfig, prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior
 from ordered_vqvae.sampler import FILL_CODE, AnytimeSampler, LogitFilter
+from pipeline.config import DataConfig
 
 K, V = 8, 32
 AE_CONFIG = configs.preset("digits", hidden=(16,), latent_channels=K, codebook_size=V)
@@ -212,8 +213,7 @@ def test_prior_config_round_trip():
 
 @pytest.mark.slow
 def test_prior_learns_real_mnist_codes_below_uniform(tmp_path, mnist_dir):
-    train = data.to_numpy(data.load("mnist", "train", path=mnist_dir, shuffle=True)[0],
-                          limit=8000)[0]
+    train = DataConfig("mnist", path=mnist_dir, max_train=8000).arrays("train")[0]
     test = data.to_numpy(data.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
     ae = training.train_autoencoder(configs.preset("mnist", epochs=1), train, None,
                                     str(tmp_path / "ae"), verbose=0)

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from ordered_vqvae import configs, data, fit, models, training
+from pipeline.config import DataConfig
 
 SMALL = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=32,
                        batch_size=64, epochs=2)
@@ -15,7 +16,7 @@ SMALL = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=
 
 @pytest.fixture(scope="module")
 def digits():
-    train = data.to_numpy(data.load("digits", "train", shuffle=True)[0])[0]
+    train = data.to_numpy(data.load("digits", "train")[0])[0]
     test = data.to_numpy(data.load("digits", "test")[0])[0]
     return train, test
 
@@ -93,7 +94,7 @@ def test_bad_training_images_are_rejected(tmp_path, digits):
     bad[7, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf at image index 7"):
         training.train_autoencoder(SMALL, bad, None, str(tmp_path), verbose=0)
-    with pytest.raises(ValueError, match=r"values in \[0, 2\], expected \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"values in \[0, 1\.875\], expected \[0, 1\] \(image index 0\)"):
         training.train_autoencoder(SMALL, train * 2, None, str(tmp_path), verbose=0)
     with pytest.raises(ValueError, match=r"shape \(10, 8, 8\), expected \[N, 8, 8, 1\]"):
         training.train_autoencoder(SMALL, train[:10, ..., 0], None, str(tmp_path), verbose=0)
@@ -104,8 +105,7 @@ def test_bad_training_images_are_rejected(tmp_path, digits):
 @pytest.mark.slow
 def test_ordered_beats_unordered_at_short_codes_on_real_mnist(tmp_path, mnist_dir):
     """About 2 CPU minutes: the paper's central claim at small scale."""
-    train = data.to_numpy(data.load("mnist", "train", path=mnist_dir, shuffle=True)[0],
-                          limit=30000)[0]
+    train = DataConfig("mnist", path=mnist_dir, max_train=30000).arrays("train")[0]
     test = data.to_numpy(data.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
     lengths = sorted(configs.fraction_lengths(64).values())
     results = {}
