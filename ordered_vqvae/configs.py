@@ -28,6 +28,15 @@ QUARTERS = (0.25, 0.5, 0.75, 1.0)
 CURVE_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
+def check_full_code_share(share: float, truncation: str) -> None:
+    """full_code_share mixes k = K into a distribution that draws k: 0 <= share < 1."""
+    check_between("full_code_share", share, 0.0, 1.0, high_open=True)
+    if share and truncation not in ("uniform", "uniform_per_example", "geometric"):
+        raise ValueError(f"full_code_share={share} mixes k = K into a drawn code length, but "
+                         f"truncation={truncation!r} draws none; expected uniform, "
+                         "uniform_per_example or geometric")
+
+
 def fraction_lengths(code_length: int, fractions: Sequence[float] = QUARTERS) -> Dict[float, int]:
     """{f: k} with k = round(f * K), at least 1, for each fraction f (several fractions may
     share a k when K is small)."""
@@ -67,6 +76,7 @@ class AutoencoderConfig:
     ema_decay: float = 0.99
     dead_code_steps: int = 0
     truncation: str = "uniform_per_example"
+    full_code_share: float = 0.0   # Share of examples that keep all K codes in training.
     min_codes: int = 1
     geometric_p: float = 0.1
     fill: str = "zeros"
@@ -96,6 +106,7 @@ class AutoencoderConfig:
             check_at_least(name, getattr(self, name), 0)
         check_between("min_codes", self.min_codes, 1, self.code_length)
         check_between("geometric_p", self.geometric_p, 0.0, 1.0, low_open=True, high_open=True)
+        check_full_code_share(self.full_code_share, self.truncation)
 
     @property
     def latent_hw(self) -> Tuple[int, int]:

@@ -262,7 +262,8 @@ class OrderedVQVAE(_Ordered):
         self.config = config
         truncation = NestedTruncation(config.code_length, distribution=config.truncation,
                                       min_codes=config.min_codes, geometric_p=config.geometric_p,
-                                      fill=config.fill, seed=config.seed, name="truncation")
+                                      fill=config.fill, seed=config.seed,
+                                      full_code_share=config.full_code_share, name="truncation")
         super().__init__(build_encoder(config), build_decoder(config), truncation,
                          prefix_chunk=config.prefix_chunk, **kwargs)
         self.quantizer = VectorQuantizer(config.codebook_size, config.embedding_dim,

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from ordered_vqvae.configs import DISTRIBUTIONS, FILLS
+from ordered_vqvae.configs import DISTRIBUTIONS, FILLS, check_full_code_share
 from ordered_vqvae.validation import check_between, check_choice, check_num_codes
 
 
@@ -22,17 +22,22 @@ class NestedTruncation(keras.layers.Layer):
       geometric: one k per example, P(k) proportional to (1 - p)^(k - min_codes).
       all: every k (the paper's exact objective); the model evaluates all prefixes and
         this layer supplies them (`prefix_lengths`); `call` alone then keeps all K.
+    `full_code_share` s mixes k = K into a sampled distribution: P(k) = (1 - s) P(k) + s [k = K],
+    so that a fixed share of examples trains the whole code.
     At inference k is `num_codes` (K when not given). `fill` is "zeros" (reference) or
     "learned", one trainable vector per position.
     """
 
     def __init__(self, code_length: int, distribution: str = "uniform", min_codes: int = 1,
-                 geometric_p: float = 0.1, fill: str = "zeros", seed: int = 0, **kwargs):
+                 geometric_p: float = 0.1, fill: str = "zeros", seed: int = 0,
+                 full_code_share: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         check_choice("distribution", distribution, DISTRIBUTIONS)
         check_choice("fill", fill, FILLS)
         check_between("min_codes", min_codes, 1, code_length)
         check_between("geometric_p", geometric_p, 0.0, 1.0, low_open=True, high_open=True)
+        check_full_code_share(full_code_share, distribution)
+        self.full_code_share = float(full_code_share)
         self.code_length = int(code_length)
         self.distribution = distribution
         self.min_codes = int(min_codes)
@@ -62,7 +67,8 @@ class NestedTruncation(keras.layers.Layer):
             p = np.where(k >= self.min_codes, (1 - self.geometric_p) ** (k - self.min_codes), 0.0)
         else:
             p = (k >= self.min_codes).astype(np.float64)
-        return p / p.sum()
+        p = p / p.sum()
+        return (1 - self.full_code_share) * p + self.full_code_share * (k == self.code_length)
 
     def keep_probabilities(self) -> np.ndarray:
         """P(token j is kept) for j = 0..K-1: the expected keep mask."""
@@ -121,5 +127,5 @@ class NestedTruncation(keras.layers.Layer):
         config = super().get_config()
         config.update(code_length=self.code_length, distribution=self.distribution,
                       min_codes=self.min_codes, geometric_p=self.geometric_p, fill=self.fill,
-                      seed=self.seed)
+                      seed=self.seed, full_code_share=self.full_code_share)
         return config

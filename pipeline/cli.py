@@ -59,7 +59,8 @@ flags.DEFINE_list("experiments", "ordered_vs_unordered,time,channel_vs_spatial,p
 flags.DEFINE_integer("eval_samples", 1000, "Samples per code length for Frechet distances.")
 flags.DEFINE_string("inception_weights", None, "Local InceptionV3 notop weights (.h5) for FID; "
                     "without it FID is skipped (nothing is downloaded).")
-flags.DEFINE_integer("classifier_epochs", 3, "Epochs of the domain classifier for the FD.")
+flags.DEFINE_integer("classifier_epochs", None, "Epochs of the domain classifier for the FD "
+                     "(unset: 3 for its CNN on grayscale, 15 for its ResNet on colour images).")
 flags.DEFINE_integer("ablation_max_train_images", None, "Training images of each ablation variant.")
 flags.DEFINE_integer("ablation_epochs", None, "Autoencoder epochs of each ablation variant.")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (serve).")

@@ -30,7 +30,17 @@ from ordered_vqvae.prior import load_prior
 from pipeline import evaluate, stages, workdir as wd
 from pipeline.config import PipelineConfig
 
-EXPERIMENTS = ("ordered_vs_unordered", "time", "channel_vs_spatial", "priority_code", "ablations")
+EXPERIMENTS = ("ordered_vs_unordered", "time", "channel_vs_spatial", "priority_code", "ablations",
+               "ordering_price")
+# The ordering-price experiment's goals: (label, ratio of two FDs or MSEs, at most). Keys are
+# "fd"/"mse" at a fraction of K, of the variant or of the unordered model ("u_").
+PRICE_GOALS = (
+    ("FD 25% / unordered FD 25%", ("fd", 0.25), ("u_fd", 0.25), 0.5),
+    ("FD 60% / FD 100%", ("fd", 0.6), ("fd", 1.0), 1.1),
+    ("FD 100% / unordered FD 100%", ("fd", 1.0), ("u_fd", 1.0), 1.1),
+    ("MSE 100% / unordered MSE 100%", ("mse", 1.0), ("u_mse", 1.0), 1.1),
+    ("FD 100% / real-vs-real FD", ("fd", 1.0), ("real", None), 5.0),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +48,7 @@ class ExperimentConfig:
     base: PipelineConfig
     names: tuple = EXPERIMENTS
     eval_samples: int = 1000           # Samples per (variant, k) for Frechet distances.
-    classifier_epochs: int = 3
+    classifier_epochs: Optional[int] = None  # None: CLASSIFIER_EPOCHS of its architecture.
     inception_weights: Optional[str] = None
     ablation_max_train: Optional[int] = None  # A smaller budget for the ablation variants.
     ablation_epochs: Optional[int] = None
@@ -53,10 +63,18 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
         return dataclasses.replace(base, autoencoder=ae.replace(**ae_overrides))
 
     out = {}
-    if {"ordered_vs_unordered", "time", "priority_code", "channel_vs_spatial"} & set(cfg.names):
+    if {"ordered_vs_unordered", "time", "priority_code", "channel_vs_spatial",
+            "ordering_price"} & set(cfg.names):
         out["ordered"] = variant()
-    if "ordered_vs_unordered" in cfg.names:
+    if {"ordered_vs_unordered", "ordering_price"} & set(cfg.names):
         out["unordered"] = variant(truncation="none")
+    if "ordering_price" in cfg.names:  # The same epochs as "ordered" except "longer".
+        e = ae.epochs
+        out["price-pretrain"] = variant(pretrain_epochs=e // 2, epochs=e - e // 2)
+        out["price-full_share"] = variant(full_code_share=0.25)
+        out["price-learned_fill"] = variant(fill="learned")
+        out["price-ema_restarts"] = variant(use_ema=True, dead_code_steps=100)
+        out["price-longer"] = variant(epochs=2 * e)
     if "channel_vs_spatial" in cfg.names:
         out["spatial"] = variant(quantization="spatial")
     if "ablations" in cfg.names:
@@ -78,15 +96,25 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
     return out
 
 
-def _classifier(cfg: ExperimentConfig, workdir: str, train, test) -> metrics.DomainClassifier:
-    (train_x, train_y, _), (test_x, test_y, _) = train, test
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+CLASSIFIER_EPOCHS = {"cnn": 3, "resnet": 15}
+
+
+def _classifier(cfg: ExperimentConfig, workdir: str, test,
+                verbose: int = 0) -> metrics.DomainClassifier:
+    """The domain classifier, cached in the workdir; trained on the whole training split
+    (whatever max_train the variants use)."""
+    test_x, test_y, _ = test
     path = os.path.join(workdir, "classifier")
     shape = test_x.shape[1:]
-    if os.path.exists(os.path.join(path, "accuracy.txt")):
+    if os.path.exists(os.path.join(path, metrics.CLASSIFIER_JSON)):
+        num_classes = int(test_y.max()) + 1
         return metrics.DomainClassifier.load(path, shape, num_classes)
-    clf = metrics.DomainClassifier(shape, num_classes)
-    accuracy = clf.fit(train_x, train_y, test_x, test_y, epochs=cfg.classifier_epochs)
+    train_x, train_y, _ = dataclasses.replace(cfg.base.data, max_train=None).arrays("train")
+    clf = metrics.DomainClassifier(shape, int(max(train_y.max(), test_y.max())) + 1)
+    epochs = cfg.classifier_epochs or CLASSIFIER_EPOCHS[clf.architecture]
+    print(f"[experiments] training the domain classifier ({clf.architecture}, {epochs} epochs "
+          f"on {len(train_x)} images)", flush=True)
+    accuracy = clf.fit(train_x, train_y, test_x, test_y, epochs=epochs, verbose=verbose)
     print(f"[experiments] domain classifier test accuracy {accuracy:.4f}", flush=True)
     clf.save(path)
     return clf
@@ -107,9 +135,19 @@ def _samples_by_length(generator, lengths, n, seed, batch=250):
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def codebook_use(autoencoder, images, batch: int = 1000) -> dict:
+    """How much of the codebook the codes of `images` use: the share of codewords that
+    occur, and the perplexity exp(entropy) of their frequencies (1..codebook_size)."""
+    codes = np.concatenate([autoencoder.encode(images[i:i + batch]).numpy().ravel()
+                            for i in range(0, len(images), batch)])
+    counts = np.bincount(codes, minlength=autoencoder.codebook_size)
+    p = counts[counts > 0] / counts.sum()
+    return {"usage": float((counts > 0).mean()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
+
+
 def _quality(name, generator, lengths, cfg, clf, real_features, inception, real_inception, test_x):
     samples = _samples_by_length(generator, lengths, cfg.eval_samples, cfg.base.seed)
-    row = {"fd": {}, "fid": {}, "mse": {}}
+    row = {"fd": {}, "fid": {}, "mse": {}, **codebook_use(generator.autoencoder, test_x)}
     mse = generator.autoencoder.mse_by_length(test_x, lengths)
     for k in lengths:
         row["fd"][k] = metrics.frechet_distance_of(clf.features(samples[k]), real_features)
@@ -138,8 +176,14 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
     train = cfg.base.data.arrays("train")
     test = cfg.base.data.arrays("test")
     test_x = test[0]
-    clf = _classifier(cfg, workdir, train, test)
+    clf = _classifier(cfg, workdir, test, verbose)
     real_features = clf.features(test_x)
+    # The floor: as many real training images as samples, against the same test features.
+    real_fd = metrics.frechet_distance_of(clf.features(train[0][:cfg.eval_samples]),
+                                          real_features)
+    print(f"[experiments] real-vs-real domain FD {real_fd:.3f} "
+          f"({min(cfg.eval_samples, len(train[0]))} training images against the test set)",
+          flush=True)
     inception = real_inception = None
     fid_note = "FID not computed: pass --inception_weights=PATH (no weights are downloaded)."
     if cfg.inception_weights:
@@ -150,7 +194,7 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
     K = cfg.base.autoencoder.code_length
     lengths = sorted(set(fraction_lengths(K, EXPERIMENT_FRACTIONS).values()))
     results = {"dataset": cfg.base.data.source, "code_length": K, "lengths": lengths,
-               "classifier_accuracy": clf.accuracy, "fid_note": fid_note,
+               "classifier_accuracy": clf.accuracy, "fid_note": fid_note, "real_fd": real_fd,
                "eval_samples": cfg.eval_samples, "test_images": int(len(test_x)), "variants": {}}
     generators = {name: _generator(os.path.join(workdir, "variants", name)) for name in variants}
     samples = {}
@@ -226,11 +270,39 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
                 figs.append(figures.save_curves({n: r["mse"] for n, r in group.items()},
                                                 os.path.join(tmp, f"{stem}_mse.png"), "codes kept (k)",
                                                 "test MSE", f"Ablation: {title}", logy=True))
+        if "ordering_price" in cfg.names:
+            results["price"] = _price(results, [n for n in variants if n == "ordered"
+                                                or n.startswith("price-")])
+            price = {n: results["variants"][n] for n in ["unordered", *results["price"]]}
+            figs.append(figures.save_curves({n: r["fd"] for n, r in price.items()},
+                                            os.path.join(tmp, "price_fd.png"), "codes kept (k)",
+                                            "domain FD", "The price of ordering: FD", logy=True))
+            figs.append(figures.save_curves({n: r["mse"] for n, r in price.items()},
+                                            os.path.join(tmp, "price_mse.png"), "codes kept (k)",
+                                            "test MSE", "The price of ordering: MSE", logy=True))
         write_json(os.path.join(tmp, "experiments.json"), results)
         with open(os.path.join(tmp, "experiments.md"), "w") as f:
             f.write(_markdown(cfg, results, variants))
     print(f"[experiments] {os.path.join(out, 'experiments.md')}", flush=True)
     return results
+
+
+def _price(results: dict, names: Sequence[str]) -> dict:
+    """{variant: {goal label: {"ratio", "limit", "met"}}} for the ordering-price goals."""
+    K = results["code_length"]
+    at = fraction_lengths(K, (0.25, 0.6, 1.0))
+    unordered = results["variants"]["unordered"]
+
+    def value(name, key):
+        kind, fraction = key
+        if kind == "real":
+            return results["real_fd"]
+        row = unordered if kind.startswith("u_") else results["variants"][name]
+        return row[kind.removeprefix("u_")][at[fraction]]
+
+    return {name: {label: {"ratio": value(name, a) / value(name, b), "limit": limit,
+                           "met": value(name, a) / value(name, b) <= limit}
+                   for label, a, b, limit in PRICE_GOALS} for name in names}
 
 
 def _table(results: dict, names: Sequence[str], key: str, fmt: str) -> List[str]:
@@ -253,7 +325,9 @@ def _markdown(cfg: ExperimentConfig, results: dict, variants: Dict[str, Pipeline
              f"{base.prior.num_layers} layers x width {base.prior.width}, {base.prior.epochs} "
              f"epochs. Frechet distances use {results['eval_samples']} samples per k against the "
              "test set, on the penultimate features of a classifier trained on the dataset's "
-             f"labels (test accuracy {results['classifier_accuracy']:.4f}). {results['fid_note']}",
+             f"labels (test accuracy {results['classifier_accuracy']:.4f}); the floor, "
+             f"{results['eval_samples']} real training images against the same test set, "
+             f"scores {results['real_fd']:.3f}. {results['fid_note']}",
              "", "Short CPU budgets: absolute numbers are not comparable with the paper's; the "
              "comparisons between variants are.", ""]
     names = [n for n in ("ordered", "unordered") if n in results["variants"]]
@@ -293,4 +367,34 @@ def _markdown(cfg: ExperimentConfig, results: dict, variants: Dict[str, Pipeline
                   "", "![truncation FD](ablation_truncation_fd.png)",
                   "![truncation MSE](ablation_truncation_mse.png)",
                   "![size FD](ablation_size_fd.png)", "![size MSE](ablation_size_mse.png)", ""]
+    if "price" in results:
+        lines += _price_markdown(results, variants)
     return "\n".join(lines)
+
+
+def _price_markdown(results: dict, variants: Dict[str, PipelineConfig]) -> List[str]:
+    K, price = results["code_length"], results["price"]
+    at = fraction_lengths(K, (0.25, 0.6, 1.0))
+    lines = ["## 6. The price of ordering", "",
+             "Every variant trains the autoencoder for the same epochs as `ordered` except "
+             "`price-longer` (twice as many); the prior is the same. Codebook use is measured "
+             "on the test codes.", "",
+             "| variant | autoencoder epochs | " + " | ".join(
+                 f"FD k={k} ({f:.0%})" for f, k in at.items()) +
+             f" | MSE k={K} | codewords used | perplexity | goals met |",
+             "| --- |" + " ---: |" * (len(at) + 5)]
+    for name in ["unordered", *price]:
+        row, ae = results["variants"][name], variants[name].autoencoder
+        met = (f"{sum(g['met'] for g in price[name].values())} of {len(PRICE_GOALS)}"
+               if name in price else "")
+        lines.append(f"| {name} | {ae.pretrain_epochs + ae.epochs} | " + " | ".join(
+            f"{row['fd'][k]:.3f}" for k in at.values()) +
+            f" | {row['mse'][K]:.5f} | {row['usage']:.0%} | {row['perplexity']:.1f} | {met} |")
+    lines += ["", "Goals (ratio, at most):", "",
+              "| variant | " + " | ".join(f"{label} <= {limit}"
+                                         for label, _, _, limit in PRICE_GOALS) + " |",
+              "| --- |" + " ---: |" * len(PRICE_GOALS)]
+    for name, goals in price.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{g['ratio']:.2f}" + ("" if g["met"] else " (no)") for g in goals.values()) + " |")
+    return lines + ["", "![FD](price_fd.png) ![MSE](price_mse.png)", ""]

@@ -68,3 +68,31 @@ def test_ablations_cover_every_truncation_and_two_sizes(tmp_path):
                      "ablate-uniform_per_example", "ablate-wide"]
     for png in ("ablation_truncation_fd.png", "ablation_size_mse.png"):
         assert os.path.exists(os.path.join(str(tmp_path / "exp"), "experiments", png))
+
+
+def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_path):
+    workdir = str(tmp_path / "exp")
+    results = experiments.run(_config(("ordering_price",)), workdir)
+    price = results["price"]
+    assert list(price) == ["ordered", "price-pretrain", "price-full_share", "price-learned_fill",
+                           "price-ema_restarts", "price-longer"]
+    K = results["code_length"]
+    unordered = results["variants"]["unordered"]
+    for name, goals in price.items():
+        row = results["variants"][name]
+        assert 0 < row["usage"] <= 1 and 1 <= row["perplexity"] <= 32
+        expected = [row["fd"][2] / unordered["fd"][2], row["fd"][5] / row["fd"][K],
+                    row["fd"][K] / unordered["fd"][K], row["mse"][K] / unordered["mse"][K],
+                    row["fd"][K] / results["real_fd"]]
+        np.testing.assert_allclose([g["ratio"] for g in goals.values()], expected, rtol=1e-9)
+        assert [g["met"] for g in goals.values()] == [
+            r <= g["limit"] for r, g in zip(expected, goals.values())]
+    assert 0 < results["real_fd"] < min(r["fd"][K] for r in results["variants"].values())
+    md = open(os.path.join(workdir, "experiments", "experiments.md")).read()
+    # Same autoencoder epochs (3) for every variant but the longer one; pretrain splits them.
+    for name, epochs in (("unordered", 3), ("price-pretrain", 3), ("price-longer", 6)):
+        assert f"| {name} | {epochs} | " in md
+    config = json.load(open(os.path.join(workdir, "variants", "price-pretrain", "autoencoder",
+                                         "autoencoder.json")))
+    assert (config["pretrain_epochs"], config["epochs"]) == (1, 2)
+    assert os.path.getsize(os.path.join(workdir, "experiments", "price_fd.png")) > 100

@@ -72,6 +72,24 @@ def test_domain_classifier_separates_real_digits_from_noise(tmp_path):
     assert again.accuracy == accuracy
 
 
+def test_resnet_classifier_learns_colour_images_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)  # The class is the channel that is brighter.
+    x = (rng.uniform(0, 0.6, (600, 16, 16, 3)) + 0.3 * np.eye(3)[y][:, None, None]).astype(np.float32)
+    clf = metrics.DomainClassifier((16, 16, 3), 3)
+    assert clf.architecture == "resnet"
+    accuracy = clf.fit(x[:500], y[:500], x[500:], y[500:], epochs=4, batch_size=50)
+    assert accuracy > 0.9
+    features = clf.features(x[500:])  # Inference: no flips or shifts, the same each call.
+    np.testing.assert_array_equal(clf.features(x[500:]), features)
+    clf.save(str(tmp_path / "clf"))
+    again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3), 3)
+    assert again.architecture == "resnet" and again.accuracy == accuracy
+    np.testing.assert_allclose(again.features(x[500:]), features, atol=1e-5)
+    with pytest.raises(ValueError, match="architecture='vgg'"):
+        metrics.DomainClassifier((16, 16, 3), 3, architecture="vgg")
+
+
 def test_inception_features_load_from_a_local_weights_file(tmp_path):
     """The FID path with a local file (random weights here: nothing may be downloaded)."""
     import keras

@@ -37,6 +37,21 @@ def test_per_example_distributions_match_their_probabilities(distribution, min_c
         np.testing.assert_allclose(layer.length_probabilities(), p / p.sum(), rtol=1e-6)
 
 
+def test_a_full_code_share_mixes_k_equal_K_into_the_draw():
+    layer = _layer(6, distribution="uniform_per_example", min_codes=2, full_code_share=0.4)
+    expected = [0, 0.12, 0.12, 0.12, 0.12, 0.4 + 0.12]  # 0.6 x uniform over 2..6, + 0.4 at K.
+    np.testing.assert_allclose(layer.length_probabilities(), expected, rtol=1e-6)
+    freq = np.bincount(_sample(layer), minlength=7)[1:] / 20000
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+    np.testing.assert_allclose(layer.keep_probabilities(), [1, 1, 0.88, 0.76, 0.64, 0.52])
+    for bad, distribution in ((1.0, "uniform"), (-0.1, "uniform")):
+        with pytest.raises(ValueError, match=f"full_code_share={bad}, expected 0.0 <= "):
+            NestedTruncation(6, distribution=distribution, full_code_share=bad)
+    for distribution in ("none", "all"):
+        with pytest.raises(ValueError, match=f"truncation='{distribution}' draws none"):
+            NestedTruncation(6, distribution=distribution, full_code_share=0.2)
+
+
 def test_uniform_draws_one_length_per_batch_and_covers_the_range():
     layer = _layer(5, distribution="uniform", min_codes=2)
     seen = set()
@@ -92,5 +107,5 @@ def test_num_codes_out_of_range_and_bad_arguments():
 
 def test_config_round_trip():
     layer = NestedTruncation(7, distribution="geometric", min_codes=2, geometric_p=0.2,
-                             fill="learned", seed=4, name="t")
+                             fill="learned", seed=4, full_code_share=0.25, name="t")
     assert NestedTruncation.from_config(layer.get_config()).get_config() == layer.get_config()
