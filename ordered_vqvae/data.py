@@ -759,6 +759,39 @@ def read_idx_rows(path: str, ndim: int, start: int, stop: int) -> np.ndarray:
     return np.frombuffer(body, np.uint8).reshape((stop - start,) + tuple(dims[1:]))
 
 
+def mnist_gzipped(directory: str, split: str) -> bool:
+    """Whether a split's IDX files are gzipped (so that only a sequential read reaches a row)."""
+    return any(_find_idx(directory, stem).endswith(".gz") for stem in _IDX_FILES[split])
+
+
+def mnist_chunks(directory: str, split: str, rows: int):
+    """Yields (first index, images float32 [n,H,W,1], labels int64 [n]) of an MNIST split in
+    order, `rows` at a time, from one sequential read of each IDX file (the way to read a
+    gzipped one: it has no random access)."""
+    image_path, label_path = (_find_idx(directory, stem) for stem in _IDX_FILES[split])
+    dims = _idx_check(image_path, 3)
+    opened = [_idx_open(image_path), _idx_open(label_path)]
+    try:
+        (images, _), (labels, _) = opened
+        _idx_read_header(images, image_path, 3)
+        _idx_read_header(labels, label_path, 1)
+        row = dims[1] * dims[2]
+        for start in range(0, dims[0], rows):
+            n = min(rows, dims[0] - start)
+            pixels, classes = images.read(n * row), labels.read(n)
+            if len(pixels) != n * row or len(classes) != n:
+                raise DataError(f"MNIST {split} in {directory!r} ends before example "
+                                f"{start + n - 1} of {dims[0]}: a file is truncated")
+            yield (start, np.frombuffer(pixels, np.uint8).reshape(n, *dims[1:], 1)
+                   .astype(np.float32) / 255.0, np.frombuffer(classes, np.uint8).astype(np.int64))
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"MNIST {split} in {directory!r} is not complete ({e})") from None
+    finally:
+        for f, raw in opened:
+            f.close()
+            raw.close()
+
+
 def image_folder_info(root: str, split: str, image_size: Optional[int] = None) -> SourceInfo:
     """The SourceInfo of an image folder's split from its listing and its first image (no
     other image is read)."""

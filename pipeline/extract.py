@@ -1,15 +1,19 @@
 """Stage 2: encode a dataset into TFRecords of code indices, as an Apache Beam job.
 
-  read the split in pieces -> decode + validate (failures -> dead letter) ->
-  RunInference (the encoder, batched by BatchElements) -> key by hash(id) -> write sorted shards
+  read the split in pieces -> (files: decode, BatchElements) -> validate a batch at a time
+  (failures -> dead letter) -> RunInference (the encoder) -> key by hash(id) -> write
+  sorted shards
 
 Reads are pieces that the runner spreads over its workers, so the parallelism is the
-runner's: an index range of 2,048 examples (digits, MNIST's IDX files by offset, TFDS by
-split slicing) or one image file (folders, listed by `fileio.MatchAll` per class folder and
-read by `fileio.ReadMatches`). A tarball is one gzip stream without random access: one
-worker reads it and a Reshuffle spreads the decoding and encoding. Encoding is Beam's
-`RunInference` with a model handler for the encoder (one model per worker process, shared
-by its threads; Beam's inference metrics under "ovqvae.encoder").
+runner's: an index range of up to 2,048 examples (digits, uncompressed IDX files by offset,
+TFDS by split slicing) or one image file (folders, listed by `fileio.MatchAll` per class
+folder and read by `fileio.ReadMatches`). A tarball or a gzipped IDX file is one stream
+without random access: one worker reads it and a Reshuffle spreads the rest of the work.
+From the read (or, for files, from BatchElements after decoding) to the shard writer,
+records travel in batches, so Beam's cost per element is paid once per batch. Encoding is
+Beam's `RunInference` with a model handler for the encoder (one model per worker process,
+shared by its threads; Beam's inference metrics under "ovqvae.encoder", counted in
+batches).
 
 The job writes into a staging directory beside the output and moves it into place only
 after checking that every record read was written or dead-lettered, so a failed or killed
@@ -44,8 +48,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
-                                           RunInference)
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from ordered_vqvae.atomic import publish_directory
@@ -106,15 +109,32 @@ def shard_of(record_id: str, num_shards: int) -> int:
     return zlib.crc32(record_id.encode("utf-8")) % num_shards
 
 
-RANGE_SIZE = 2048  # Examples per index range: the unit a worker reads from IDX, TFDS, digits.
+RANGE_SIZE = 2048  # Examples per index range: the unit a worker reads from IDX, TFDS, digits,
+RANGE_BYTES = 16 * 2**20  # and fewer when their float32 images would exceed this.
 
 
 def _record(record_id: str, label: int, **payload) -> dict:
     return {"id": record_id, "label": int(label), **payload}
 
 
+def _batch(ids: Sequence[str], labels, images) -> dict:
+    """The element that flows from reading to writing: a batch of decoded records."""
+    return {"ids": list(ids), "labels": np.asarray(labels, np.int64),
+            "images": np.asarray(images, np.float32)}
+
+
+def _pick(batch: dict, rows) -> dict:
+    rows = np.asarray(rows, np.int64)
+    return _batch([batch["ids"][r] for r in rows], batch["labels"][rows], batch["images"][rows])
+
+
+def range_rows(image_shape: Sequence[int]) -> int:
+    """Examples per index range for images of `image_shape`."""
+    return max(1, min(RANGE_SIZE, RANGE_BYTES // (4 * int(np.prod(image_shape)))))
+
+
 class _ReadRange(beam.DoFn):
-    """Reads one index range of a digits, MNIST (IDX) or TFDS split: decoded images."""
+    """Reads one index range of a digits, uncompressed MNIST or TFDS split: one batch."""
 
     def __init__(self, spec: DataConfig, split: str):
         self.spec, self.split = spec, split
@@ -129,12 +149,34 @@ class _ReadRange(beam.DoFn):
             self.spec.source, self.split, start, stop, path=self.spec.path,
             data_dir=self.spec.data_dir, image_size=self.spec.image_size,
             download=self.spec.download)
+        batch = _batch(ids, labels, images)
         if picks is not None:
-            rows = np.asarray(picks) - start
-            images, labels, ids = images[rows], labels[rows], [ids[r] for r in rows]
-        self.read.inc(len(ids))
-        for image, label, record_id in zip(images, labels, ids):
-            yield _record(record_id, label, image=image)
+            batch = _pick(batch, np.asarray(picks) - start)
+        self.read.inc(len(batch["ids"]))
+        yield batch
+
+
+class _StreamMnist(beam.DoFn):
+    """A gzipped MNIST split has no random access: one worker streams it, a batch of `rows`
+    at a time (of the examples at `indices` only, when given)."""
+
+    def __init__(self, split: str, rows: int, indices: Optional[np.ndarray]):
+        self.split, self.rows, self.indices = split, rows, indices
+        self.read = Metrics.counter(NAMESPACE, "records_read")
+
+    def process(self, directory: str):
+        from ordered_vqvae import data
+
+        for start, images, labels in data.mnist_chunks(directory, self.split, self.rows):
+            ids = [f"mnist/{self.split}/{i:05d}" for i in range(start, start + len(labels))]
+            batch = _batch(ids, labels, images)
+            if self.indices is not None:
+                lo, hi = np.searchsorted(self.indices, [start, start + len(labels)])
+                if lo == hi:
+                    continue
+                batch = _pick(batch, self.indices[lo:hi] - start)
+            self.read.inc(len(batch["ids"]))
+            yield batch
 
 
 class _ReadFile(beam.DoFn):
@@ -187,12 +229,18 @@ class _ReadTarball(beam.DoFn):
             yield _record(name, label, encoded=encoded)
 
 
+def _reads_files(spec: DataConfig) -> bool:
+    return spec.source in ("image_folder", "celeba")
+
+
 @beam.ptransform_fn
-def ReadSplit(begin, spec: DataConfig, split: str):
-    """PBegin -> records {"id", "label", "image" (float32) or "encoded" (file bytes)}, in
-    pieces the runner spreads over its workers: index ranges, one image file each, or (a
-    tarball) one stream. With max_train/max_test only the examples `spec.indices` picks
-    (those the training stages read) are read."""
+def ReadSplit(begin, spec: DataConfig, split: str, image_shape: Sequence[int]):
+    """PBegin -> records {"id", "label", "encoded" (file bytes)} of image folders and
+    CelebA, one file each (`_reads_files`), or batches {"ids", "labels", "images"} of
+    decoded images of the index-addressed sources, in pieces the runner spreads over its
+    workers: index ranges, one image file each, or (a tarball, a gzipped IDX file) one
+    stream. With max_train/max_test only the examples `spec.indices` picks (those the
+    training stages read) are read."""
     from ordered_vqvae import data
 
     def picked(items):
@@ -229,20 +277,24 @@ def ReadSplit(begin, spec: DataConfig, split: str):
     size = data.split_size(spec.source, split, path=spec.path, data_dir=spec.data_dir,
                            download=spec.download)
     indices = spec.indices(split, size)
+    rows = range_rows(image_shape)
+    if spec.source == "mnist" and data.mnist_gzipped(spec.path, split):
+        return (begin | "IdxFiles" >> beam.Create([spec.path])
+                | "Stream" >> beam.ParDo(_StreamMnist(split, rows, indices))
+                | "Spread" >> beam.Reshuffle())
     if indices is None:
-        pieces = [(start, min(start + RANGE_SIZE, size), None)
-                  for start in range(0, size, RANGE_SIZE)]
-    else:  # RANGE_SIZE picked examples per piece, read as the range that spans them.
-        chunks = np.array_split(indices, -(-len(indices) // RANGE_SIZE))
+        pieces = [(start, min(start + rows, size), None) for start in range(0, size, rows)]
+    else:  # `rows` picked examples per piece, read as the range that spans them.
+        chunks = np.array_split(indices, -(-len(indices) // rows))
         pieces = [(int(c[0]), int(c[-1]) + 1,
                    None if c[-1] - c[0] + 1 == len(c) else [int(i) for i in c]) for c in chunks]
     return (begin | "Ranges" >> beam.Create(pieces) | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadRange(spec, split)))
 
 
-class _DecodeAndValidate(beam.DoFn):
-    """Decodes encoded files and checks shape, finiteness and range. A failing record goes
-    to the dead-letter output with the reason; the rest go on as ((id, label), image)."""
+class _Decode(beam.DoFn):
+    """Decodes one file's bytes to the source's shape: (id, label, image), or a dead letter
+    with the reason."""
 
     def __init__(self, image_shape: Sequence[int], resize: bool, crop: Optional[int] = None):
         self.image_shape, self.resize, self.crop = tuple(image_shape), resize, crop
@@ -251,32 +303,44 @@ class _DecodeAndValidate(beam.DoFn):
     def process(self, record: dict):
         from ordered_vqvae import data
 
-        reason, image = None, None
-        if "encoded" in record:
-            try:
-                image = data.decode_encoded(record["encoded"], record["id"], self.image_shape,
-                                            self.resize, self.crop)
-            except data.DataError as e:
-                reason = str(e)
-        else:
-            image = np.asarray(record["image"], np.float32)
-        if reason is None:
-            reason = image_problems(image[None], self.image_shape)[0]
-        if reason:
+        try:
+            yield record["id"], record["label"], data.decode_encoded(
+                record["encoded"], record["id"], self.image_shape, self.resize, self.crop)
+        except data.DataError as e:
             self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": record["id"], "reason": reason})
-            return
-        yield (record["id"], record["label"]), image
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": record["id"], "reason": str(e)})
+
+
+class _Validate(beam.DoFn):
+    """Checks a batch's images for shape, finiteness and range, at once: failing records
+    go to the dead-letter output with the reason, the rest on as a batch."""
+
+    def __init__(self, image_shape: Sequence[int]):
+        self.image_shape = tuple(image_shape)
+        self.rejected = Metrics.counter(NAMESPACE, "records_rejected")
+
+    def process(self, batch: dict):
+        reasons = image_problems(batch["images"], self.image_shape)
+        bad = [i for i, reason in enumerate(reasons) if reason]
+        for i in bad:
+            self.rejected.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER,
+                                           {"id": batch["ids"][i], "reason": reasons[i]})
+        if bad:
+            batch = _pick(batch, [i for i, reason in enumerate(reasons) if not reason])
+        if batch["ids"]:
+            yield batch
 
 
 class EncoderHandler(ModelHandler):
-    """RunInference's model handler for the autoencoder's encoder: images float32 [H,W,C]
-    in, codes int32 [K] out, in batches of up to `max_batch_size`."""
+    """RunInference's model handler for the autoencoder's encoder. Its elements are batches
+    ({"images": float32 [n,H,W,C], ...}, made by the reads or by BatchElements); each is
+    encoded in calls of at most `max_rows` images, and its inference is codes int32 [n,K]."""
 
-    def __init__(self, autoencoder_dir: str, image_shape: Sequence[int],
-                 max_batch_size: int = 256):
-        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+    def __init__(self, autoencoder_dir: str, image_shape: Sequence[int], max_rows: int = 256):
+        super().__init__(min_batch_size=1, max_batch_size=1)
         self.autoencoder_dir, self.image_shape = autoencoder_dir, tuple(image_shape)
+        self.max_rows = max_rows
 
     def load_model(self):
         import tensorflow as tf
@@ -286,28 +350,37 @@ class EncoderHandler(ModelHandler):
             tf.TensorSpec((None,) + self.image_shape, tf.float32)])
 
     def run_inference(self, batch, model, inference_args=None):
-        codes = model(np.stack(batch)).numpy()
-        return [PredictionResult(image, row) for image, row in zip(batch, codes)]
+        results = []
+        for element in batch:
+            images = element["images"]
+            codes = np.concatenate([model(images[i:i + self.max_rows]).numpy()
+                                    for i in range(0, len(images), self.max_rows)])
+            results.append(PredictionResult(element, codes))
+        return results
 
     def get_num_bytes(self, batch) -> int:
-        return sum(image.nbytes for image in batch)
+        return sum(element["images"].nbytes for element in batch)
 
     def get_metrics_namespace(self) -> str:
         return "ovqvae.encoder"
 
 
 class _Serialize(beam.DoFn):
-    """((id, label), PredictionResult) -> (shard, (id, serialized Example))."""
+    """PredictionResult of a batch -> (shard, [(id, serialized Example), ...]), one element
+    per shard that the batch's ids hash to."""
 
     def __init__(self, split: str, num_shards: int):
         self.split, self.num_shards = split, num_shards
         self.encoded = Metrics.counter(NAMESPACE, "records_encoded")
 
-    def process(self, keyed):
-        (record_id, label), result = keyed
-        self.encoded.inc()
-        yield shard_of(record_id, self.num_shards), (record_id, schema.serialize_example(
-            record_id, label, result.inference, self.split))
+    def process(self, result):
+        batch, codes = result.example, result.inference
+        shards = {}
+        for record_id, label, row in zip(batch["ids"], batch["labels"], codes):
+            shards.setdefault(shard_of(record_id, self.num_shards), []).append(
+                (record_id, schema.serialize_example(record_id, label, row, self.split)))
+        self.encoded.inc(len(batch["ids"]))
+        yield from shards.items()
 
 
 class _WriteShard(beam.DoFn):
@@ -320,11 +393,11 @@ class _WriteShard(beam.DoFn):
     def process(self, keyed):
         import tensorflow as tf
 
-        index, records = keyed
+        index, groups = keyed
         path = os.path.join(self.staging, schema.shard_name(self.split, index, self.num_shards))
         count = 0
         with tf.io.TFRecordWriter(path) as writer:
-            for _, serialized in sorted(records):
+            for _, serialized in sorted(record for group in groups for record in group):
                 writer.write(serialized)
                 count += 1
         self.written.inc(count)
@@ -334,23 +407,32 @@ class _WriteShard(beam.DoFn):
 @beam.ptransform_fn
 def ReadAndEncode(begin, spec: DataConfig, split: str, image_shape: Sequence[int],
                   autoencoder_dir: str, num_shards: int, batch_size: int = 256):
-    """PBegin -> (PCollection of (shard, (id, serialized Example)), dead letters).
+    """PBegin -> (PCollection of (shard, [(id, serialized Example), ...]), dead letters).
 
-    Dead letters are {"id", "reason"} dicts for records that failed decoding or checks.
+    Records travel in batches from the read (or, for files, from BatchElements after
+    decoding) to the shard writer, so Beam's cost per element is paid per batch. Dead
+    letters are {"id", "reason"} dicts for records that failed decoding or checks.
     """
     from ordered_vqvae.data import CELEBA_CROP
 
-    celeba = spec.source == "celeba"
-    decoded = (begin
-               | "Read" >> ReadSplit(spec, split)
-               | "Validate" >> beam.ParDo(_DecodeAndValidate(
-                   image_shape, spec.image_size is not None or celeba,
-                   CELEBA_CROP if celeba else None)).with_outputs(DEAD_LETTER, main="ok"))
-    encoded = (decoded.ok
-               | "Encode" >> RunInference(KeyedModelHandler(
-                   EncoderHandler(autoencoder_dir, image_shape, batch_size)))
+    read = begin | "Read" >> ReadSplit(spec, split, image_shape)
+    dead = []
+    if _reads_files(spec):
+        celeba = spec.source == "celeba"
+        decoded = read | "Decode" >> beam.ParDo(_Decode(
+            image_shape, spec.image_size is not None or celeba,
+            CELEBA_CROP if celeba else None)).with_outputs(DEAD_LETTER, main="ok")
+        dead.append(decoded[DEAD_LETTER])
+        read = (decoded.ok
+                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
+                | "Stack" >> beam.Map(lambda records: _batch(*zip(*records))))
+    checked = read | "Validate" >> beam.ParDo(_Validate(image_shape)).with_outputs(
+        DEAD_LETTER, main="ok")
+    encoded = (checked.ok
+               | "Encode" >> RunInference(EncoderHandler(autoencoder_dir, image_shape,
+                                                         batch_size))
                | "Serialize" >> beam.ParDo(_Serialize(split, num_shards)))
-    return encoded, decoded[DEAD_LETTER]
+    return encoded, (*dead, checked[DEAD_LETTER]) | "DeadLetters" >> beam.Flatten()
 
 
 def _dead_letter_line(record: dict) -> str:

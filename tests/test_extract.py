@@ -55,7 +55,8 @@ def test_every_id_once_across_records_and_dead_letters(autoencoder_dir, folder):
     with TestPipeline() as p:
         encoded, dead = p | extract.ReadAndEncode(spec, "test", (8, 8, 1), autoencoder_dir,
                                                   num_shards=3, batch_size=5)
-        written_ids = encoded | beam.Map(lambda kv: kv[1][0])
+        records = encoded | beam.FlatMap(lambda kv: [(kv[0], record) for record in kv[1]])
+        written_ids = records | beam.Map(lambda kv: kv[1][0])
         dead_ids = dead | "DeadIds" >> beam.Map(lambda d: d["id"])
         everything = (written_ids, dead_ids) | beam.Flatten()
         assert_that(everything, equal_to(all_ids))
@@ -64,7 +65,7 @@ def test_every_id_once_across_records_and_dead_letters(autoencoder_dir, folder):
             ("test/b/corrupt.png", "cannot decode image 'test/b/corrupt.png'"),
             ("test/c/big.png", "image 'test/c/big.png' has shape (10, 10, 1), expected (8, 8, 1) "
                                "(resize to make sizes agree)")]), label="CheckReasons")
-        shards = encoded | "Shards" >> beam.Map(lambda kv: kv[0] == extract.shard_of(kv[1][0], 3))
+        shards = records | "Shards" >> beam.Map(lambda kv: kv[0] == extract.shard_of(kv[1][0], 3))
         assert_that(shards | beam.Distinct(), equal_to([True]), label="CheckShards")
 
 
@@ -199,6 +200,36 @@ def test_max_train_extracts_the_images_training_reads(autoencoder_dir, tmp_path,
     assert ids == sorted(spec.arrays("train")[2])
     everything = DataConfig("digits").arrays("train")[2]
     assert ids != sorted(everything[:100]) and set(ids) < set(everything)
+
+
+def test_gzipped_idx_streams_to_the_bytes_that_ranges_of_raw_idx_give(autoencoder_dir, tmp_path,
+                                                                     monkeypatch):
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (300, 8, 8), dtype=np.uint8)  # 8x8: the test encoder's size.
+    labels = rng.integers(0, 10, 300, dtype=np.uint8)
+    for compress, directory in ((True, tmp_path / "gz"), (False, tmp_path / "raw")):
+        os.makedirs(directory)
+        for stem, array, magic in (("train-images-idx3-ubyte", images, 2051),
+                                   ("train-labels-idx1-ubyte", labels, 2049)):
+            raw = struct.pack(">I" + "I" * array.ndim, magic, *array.shape) + array.tobytes()
+            with open(directory / (stem + (".gz" if compress else "")), "wb") as f:
+                f.write(gzip.compress(raw) if compress else raw)
+    monkeypatch.setattr(extract, "RANGE_SIZE", 37)  # Stream chunks and ranges of 37.
+    for limit in (None, 100):
+        out = {}
+        for name in ("gz", "raw"):
+            spec = DataConfig("mnist", path=str(tmp_path / name), max_train=limit)
+            out[name] = tmp_path / f"codes-{name}-{limit}"
+            meta = extract.run(autoencoder_dir, str(out[name]), spec, splits=["train"],
+                               num_shards=2)
+            assert meta["counts"] == {"train": limit or 300}
+            assert meta["beam_counters"]["records_read"] == (limit or 300)
+        assert _shard_bytes(out["gz"]) == _shard_bytes(out["raw"])
+        ids = sorted(r["id"] for r in _read_records(str(out["gz"]), "train", 8))
+        assert ids == sorted(spec.arrays("train")[2])
 
 
 def test_a_tarball_and_a_limited_folder_read_like_the_folder(autoencoder_dir, folder, tmp_path):
