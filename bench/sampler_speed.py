@@ -7,7 +7,9 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
   2. the cached XLA loop against naive sampling that reruns the whole prefix each step;
   3. the cached loop with and without XLA;
   4. interruptible sampling (begin, then extend by chunks of 16, 8, 4 codes) against one
-     pass, both to k = K.
+     pass, both to k = K;
+  5. the sampler's achieved GFLOP/s (codes only, k = K) at batch 1 and the chosen batch,
+     against this machine's dense float32 matmul peak, measured in the same run.
 
   .venv/bin/python bench/sampler_speed.py [--batch=64] [--repeats=3]
 """
@@ -35,6 +37,22 @@ def best_time(fn, repeats):
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def matmul_peak(repeats, n=2048):
+    """GFLOP/s of a float32 [n, n] x [n, n] matmul under XLA, best of `repeats`."""
+    a = tf.random.normal((n, n))
+    matmul = tf.function(lambda x: tf.matmul(x, x), jit_compile=True)
+    return 2 * n**3 / best_time(lambda: matmul(a).numpy(), repeats) / 1e9
+
+
+def flops_per_code(prior):
+    """FLOPs of one sampling step of one row: per layer the fused QKV, output, and FFN
+    projections and attention over all K cached positions (the cache has a fixed shape),
+    then the output head."""
+    W, F, K, V = prior.width, prior.ffn_width, prior.code_length, prior.codebook_size
+    per_layer = 2 * W * 3 * W + 2 * W * W + 2 * 2 * W * F + 2 * 2 * W * K
+    return prior.num_layers * per_layer + 2 * W * V
 
 
 def naive_sampler(prior, batch, jit_compile=True):
@@ -99,6 +117,15 @@ def main():
     for chunk in (16, 8, 4):
         t = best_time(lambda: chunked(chunk), args.repeats)
         print(f"   chunks of {chunk:2d}: {t:.3f} s, {t / cached_codes:.2f}x the one-pass time")
+    peak = matmul_peak(args.repeats)
+    print(f"5. dense float32 matmul peak (2048^3, XLA): {peak:.0f} GFLOP/s; the sampler, codes "
+          f"only, k=K ({flops_per_code(prior) / 1e6:.1f} MFLOP per code and row):")
+    for batch in sorted({1, B}):
+        t = cached_codes if batch == B else best_time(
+            lambda: xla.sample_codes(batch, K).numpy(), args.repeats)
+        rate = batch * K * flops_per_code(prior) / t / 1e9
+        print(f"   batch {batch:3d}: {t:.3f} s, {1000 * t / K:.2f} ms per code, {rate:.1f} "
+              f"GFLOP/s = {rate / peak:.0%} of the matmul peak")
 
 
 if __name__ == "__main__":
