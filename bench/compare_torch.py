@@ -24,7 +24,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+
+from harness import autoencoder_for_fit, timings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS, HEADS, WIDTH, FFN, K, V = 6, 8, 512, 2048, 64, 256
@@ -32,14 +33,7 @@ THREADS = 2
 
 
 def _median_seconds(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timings(fn, repeats, warmup))
 
 
 # ----------------------------------------------------------------------------- our side
@@ -62,21 +56,13 @@ def ours_sampler(batch, repeats):
 
 
 def ours_training(steps, repeats):
-    import keras
     import numpy as np
-    import tensorflow as tf
 
-    from ordered_vqvae import configs, models, training
+    from ordered_vqvae import configs
 
     config = configs.preset("mnist")
-    keras.utils.set_random_seed(0)
     images = np.random.default_rng(0).uniform(size=(8192, 28, 28, 1)).astype(np.float32)
-    model = models.OrderedVQVAE(config)
-    model(tf.zeros((1,) + config.image_shape))
-    optimizer = keras.optimizers.Adam(config.learning_rate)
-    optimizer.build(model.trainable_variables)
-    model.compile(optimizer=optimizer)
-    ds = training.autoencoder_stream(model, images).dataset(0, 1000)
+    model, ds = autoencoder_for_fit(config, images)
     seconds = _median_seconds(
         lambda: model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False),
         repeats, warmup=1)

@@ -16,24 +16,18 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from ordered_vqvae import configs, models, training
+from ordered_vqvae import configs, models
 from ordered_vqvae.prior import CodePrior
 from ordered_vqvae.generator import ImageGenerator
+from harness import autoencoder_for_fit, timings
 
 
 def epoch_seconds(config, images, steps=60):
     """Seconds per epoch over `images`, from the time of `steps` batches after warm-up."""
-    keras.utils.set_random_seed(0)
-    model = models.OrderedVQVAE(config)
-    model(tf.zeros((1,) + config.image_shape))
-    optimizer = keras.optimizers.Adam(config.learning_rate)
-    optimizer.build(model.trainable_variables)
-    model.compile(optimizer=optimizer)
-    ds = training.autoencoder_stream(model, images).dataset(0, 1000)
+    model, ds = autoencoder_for_fit(config, images)
     model.fit(ds, steps_per_epoch=10, epochs=1, verbose=0, shuffle=False)
     start = time.perf_counter()
     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
@@ -42,13 +36,7 @@ def epoch_seconds(config, images, steps=60):
 
 
 def best_seconds(fn, repeats=3):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timings(fn, repeats))
 
 
 def main():

@@ -16,7 +16,6 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,16 +26,11 @@ from ordered_vqvae.configs import prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior
 from ordered_vqvae.sampler import FILL_CODE, row_seeds
+from harness import timings
 
 
 def best_time(fn, repeats):
-    fn()  # Compile / warm up.
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timings(fn, repeats))
 
 
 def matmul_peak(repeats, n=2048):

@@ -13,23 +13,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from ordered_vqvae import configs, models, training
+from harness import autoencoder_for_fit
+from ordered_vqvae import configs
 
 
 def images_per_second(config, images, steps, jit_compile=False, stream=True):
-    keras.utils.set_random_seed(0)
-    model = models.OrderedVQVAE(config)
-    model(tf.zeros((1,) + config.image_shape))
-    optimizer = keras.optimizers.Adam(config.learning_rate)
-    optimizer.build(model.trainable_variables)
-    model.compile(optimizer=optimizer, jit_compile=jit_compile)
-    if stream:  # The training path: seeded epochs, lengths drawn in the input pipeline.
-        ds = training.autoencoder_stream(model, images).dataset(0, 1000)
-    else:  # A plain shuffle buffer, lengths drawn in the model: no exact resume.
+    # The training path: seeded epochs, lengths drawn in the input pipeline.
+    model, ds = autoencoder_for_fit(config, images, jit_compile)
+    if not stream:  # A plain shuffle buffer, lengths drawn in the model: no exact resume.
         ds = (tf.data.Dataset.from_tensor_slices(images).shuffle(len(images), seed=0).repeat()
               .batch(config.batch_size, drop_remainder=True).prefetch(2))
         options = tf.data.Options()
