@@ -518,7 +518,7 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
                 if not tf.io.gfile.exists(path):  # A shard that no id hashed to.
                     with tf.io.TFRecordWriter(path):
                         pass
-                n += int(tf.data.TFRecordDataset(path).reduce(0, lambda count, _: count + 1))
+                n += schema.count_records(path)
             counts[split] = n
             with tf.io.gfile.GFile(os.path.join(staging, f"{DEAD_LETTER}-{split}.jsonl")) as f:
                 dead_counts[split] = sum(1 for line in f if line.strip())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import Iterator, Optional
 
 import numpy as np
@@ -42,11 +43,29 @@ def serialize_example(record_id: str, label: int, codes, split: str) -> bytes:
     feature = {
         ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[record_id.encode("utf-8")])),
         LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-        CODES: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(c) for c in codes])),
+        CODES: tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(codes).tolist())),
         SPLIT: tf.train.Feature(bytes_list=tf.train.BytesList(value=[split.encode("utf-8")])),
     }
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     return example.SerializeToString(deterministic=True)  # Map order fixed across processes.
+
+
+def count_records(path: str) -> int:
+    """The records in a TFRecord file, counted from their length prefixes (each record is
+    a length, its CRC, the data and the data's CRC); raises SchemaError when the file ends
+    inside a record."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        content = f.read()
+    count, offset = 0, 0
+    while offset + 8 <= len(content):
+        end = offset + 16 + struct.unpack_from("<Q", content, offset)[0]
+        if end > len(content):
+            break
+        count, offset = count + 1, end
+    if offset != len(content):
+        raise SchemaError(f"{path!r} ends inside record {count} ({len(content) - offset} "
+                          "bytes of it): the shard is truncated")
+    return count
 
 
 def feature_spec(code_length: int) -> dict:

@@ -314,3 +314,18 @@ def test_tfds_splits_are_read_in_index_ranges(autoencoder_dir, tfds_dir, tmp_pat
     assert meta["counts"] == {"test": 30} and meta["beam_counters"]["records_read"] == 30
     records = {r["id"]: r for r in _read_records(str(tmp_path / "ranges"), "test", 8)}
     assert sorted(records) == sorted(ids) and records[ids[4]]["label"] == int(y[4])
+
+
+def test_count_records_reads_length_prefixes_and_names_a_truncated_shard(tmp_path):
+    path = str(tmp_path / "r.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for length in (0, 1, 300, 5):
+            writer.write(b"x" * length)
+    assert schema.count_records(path) == 4
+    with tf.io.TFRecordWriter(str(tmp_path / "empty.tfrecord")):
+        pass
+    assert schema.count_records(str(tmp_path / "empty.tfrecord")) == 0
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-3])
+    with pytest.raises(schema.SchemaError, match=r"r.tfrecord' ends inside record 3"):
+        schema.count_records(path)
