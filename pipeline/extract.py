@@ -8,7 +8,9 @@ Reads are pieces that the runner spreads over its workers, so the parallelism is
 runner's: an index range of up to 2,048 examples (digits, uncompressed IDX files by offset,
 TFDS by split slicing) or one image file (folders, listed by `fileio.MatchAll` per class
 folder and read by `fileio.ReadMatches`). A tarball or a gzipped IDX file is one stream
-without random access: one worker reads it and a Reshuffle spreads the rest of the work.
+without random access: one worker reads it. A tarball's files then go through a Reshuffle
+that spreads their decoding (the runner holds their encoded bytes meanwhile: on a local
+runner, in memory); a gzipped IDX file's batches are encoded by the worker that reads them.
 From the read (or, for files, from BatchElements after decoding) to the shard writer,
 records travel in batches, so Beam's cost per element is paid once per batch. Encoding is
 Beam's `RunInference` with a model handler for the encoder (one model per worker process,
@@ -279,9 +281,10 @@ def ReadSplit(begin, spec: DataConfig, split: str, image_shape: Sequence[int]):
     indices = spec.indices(split, size)
     rows = range_rows(image_shape)
     if spec.source == "mnist" and data.mnist_gzipped(spec.path, split):
+        # No Reshuffle after it: that would hold every decoded image at once on a local
+        # runner. Its batches go on through encoding in the same worker, a few at a time.
         return (begin | "IdxFiles" >> beam.Create([spec.path])
-                | "Stream" >> beam.ParDo(_StreamMnist(split, rows, indices))
-                | "Spread" >> beam.Reshuffle())
+                | "Stream" >> beam.ParDo(_StreamMnist(split, rows, indices)))
     if indices is None:
         pieces = [(start, min(start + rows, size), None) for start in range(0, size, rows)]
     else:  # `rows` picked examples per piece, read as the range that spans them.
