@@ -28,15 +28,6 @@ QUARTERS = (0.25, 0.5, 0.75, 1.0)
 CURVE_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
-def check_full_code_share(share: float, truncation: str) -> None:
-    """full_code_share mixes k = K into a distribution that draws k: 0 <= share < 1."""
-    check_between("full_code_share", share, 0.0, 1.0, high_open=True)
-    if share and truncation not in ("uniform", "uniform_per_example", "geometric"):
-        raise ValueError(f"full_code_share={share} mixes k = K into a drawn code length, but "
-                         f"truncation={truncation!r} draws none; expected uniform, "
-                         "uniform_per_example or geometric")
-
-
 def fraction_lengths(code_length: int, fractions: Sequence[float] = QUARTERS) -> Dict[float, int]:
     """{f: k} with k = round(f * K), at least 1, for each fraction f (several fractions may
     share a k when K is small)."""
@@ -79,7 +70,7 @@ class AutoencoderConfig:
     full_code_share: float = 0.0   # Share of examples that keep all K codes in training.
     min_codes: int = 1
     geometric_p: float = 0.1
-    fill: str = "zeros"
+    fill: str = "learned"
     prefix_chunk: int = 16
     learning_rate: float = 2e-3
     finetune_learning_rate: float = 1e-3
@@ -106,7 +97,7 @@ class AutoencoderConfig:
             check_at_least(name, getattr(self, name), 0)
         check_between("min_codes", self.min_codes, 1, self.code_length)
         check_between("geometric_p", self.geometric_p, 0.0, 1.0, low_open=True, high_open=True)
-        check_full_code_share(self.full_code_share, self.truncation)
+        check_between("full_code_share", self.full_code_share, 0.0, 1.0, high_open=True)
 
     @property
     def latent_hw(self) -> Tuple[int, int]:
@@ -134,8 +125,10 @@ class AutoencoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderConfig":
         """The inverse of `to_dict`; also reads the keys of artifacts written before the
-        vocabulary was unified (`num_embeddings`)."""
+        vocabulary was unified (`num_embeddings`). A config that names no fill was trained
+        with zeros, the default before the learned fill."""
         d = {_OLD_KEYS.get(k, k): v for k, v in d.items()}
+        d.setdefault("fill", "zeros")
         d["image_shape"] = tuple(d["image_shape"])
         d["hidden"] = tuple(d["hidden"])
         return cls(**d)

@@ -77,6 +77,7 @@ class _Ordered(keras.Model):
             keep = tf.constant(trunc.keep_probabilities(), tf.float32)
             tokens, aux = self._tokens(target, tf.tile(keep[None], [batch, 1]), training)
             ks = trunc.prefix_lengths()
+            weight = trunc.length_probabilities()  # Uniform over ks, plus any full-code share.
             total = 0.0
             for start in range(0, len(ks), self.prefix_chunk):
                 chunk = ks[start:start + self.prefix_chunk]
@@ -85,8 +86,10 @@ class _Ordered(keras.Model):
                 cut, _ = trunc.apply(tf.tile(tokens, reps), lengths)
                 recon = self._decode_tokens(cut, training=training)
                 rep_target = tf.tile(target, [len(chunk)] + [1] * (len(target.shape) - 1))
-                total += tf.reduce_sum(self._per_example_error(rep_target, recon))
-            recon_loss = total / tf.cast(batch * len(ks), tf.float32)
+                error = tf.reshape(self._per_example_error(rep_target, recon), [len(chunk), -1])
+                chunk_weight = tf.constant([weight[k - 1] for k in chunk], tf.float32)
+                total += tf.reduce_sum(chunk_weight[:, None] * error)
+            recon_loss = total / tf.cast(batch, tf.float32)
         else:
             if not training:
                 lengths = tf.fill([batch], self.code_length)

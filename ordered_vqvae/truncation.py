@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from ordered_vqvae.configs import DISTRIBUTIONS, FILLS, check_full_code_share
+from ordered_vqvae.configs import DISTRIBUTIONS, FILLS
 from ordered_vqvae.validation import check_between, check_choice, check_num_codes
 
 
@@ -22,8 +22,9 @@ class NestedTruncation(keras.layers.Layer):
       geometric: one k per example, P(k) proportional to (1 - p)^(k - min_codes).
       all: every k (the paper's exact objective); the model evaluates all prefixes and
         this layer supplies them (`prefix_lengths`); `call` alone then keeps all K.
-    `full_code_share` s mixes k = K into a sampled distribution: P(k) = (1 - s) P(k) + s [k = K],
-    so that a fixed share of examples trains the whole code.
+    `full_code_share` s mixes k = K into the distribution: P(k) = (1 - s) P(k) + s [k = K], so
+    that a fixed share of examples trains the whole code (with `all`, P(k) weighs the loss
+    of each prefix).
     At inference k is `num_codes` (K when not given). `fill` is "zeros" (reference) or
     "learned", one trainable vector per position.
     """
@@ -36,7 +37,7 @@ class NestedTruncation(keras.layers.Layer):
         check_choice("fill", fill, FILLS)
         check_between("min_codes", min_codes, 1, code_length)
         check_between("geometric_p", geometric_p, 0.0, 1.0, low_open=True, high_open=True)
-        check_full_code_share(full_code_share, distribution)
+        check_between("full_code_share", full_code_share, 0.0, 1.0, high_open=True)
         self.full_code_share = float(full_code_share)
         self.code_length = int(code_length)
         self.distribution = distribution

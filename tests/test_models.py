@@ -78,6 +78,12 @@ def test_nested_loss_matches_hand_computation_for_every_objective():
         expected = np.mean([err(k).mean() for k in (1, 2, 3)])
         np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
         np.testing.assert_allclose(float(recon), expected, rtol=1e-5)
+        # A full-code share of 0.4 weighs the prefixes 0.2, 0.2 and 0.2 + 0.4.
+        model.truncation.full_code_share = 0.4
+        loss, _, _ = model._nested_loss(tf.constant(x), training=True)
+        expected = 0.2 * err(1).mean() + 0.2 * err(2).mean() + 0.6 * err(3).mean()
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+        model.truncation.full_code_share = 0.0
     # Per-example uniform: each example's error at its own drawn k.
     model.truncation.distribution = "uniform_per_example"
     lengths = model.truncation.sample_lengths(5)
@@ -199,6 +205,15 @@ def test_artifacts_written_with_the_old_vocabulary_still_load(tmp_path):
     json.dump(old, open(config_path, "w"))
     with pytest.raises(ValueError, match=r"cannot read .*surprise.*ovqvae train_autoencoder --force"):
         models.load_autoencoder(path)
+    # A config that names no fill was trained with zeros (the default before "learned").
+    zeros = models.OrderedVQVAE(TINY.replace(fill="zeros"))
+    zeros(tf.zeros((1, 8, 8, 1)))
+    path = models.save_autoencoder(zeros, str(tmp_path / "zeros"))
+    config_path = tmp_path / "zeros" / models.AUTOENCODER_CONFIG
+    old = json.load(open(config_path))
+    del old["fill"]
+    json.dump(old, open(config_path, "w"))
+    assert models.load_autoencoder(path).config.fill == "zeros"
 
 
 def test_config_round_trip_and_weights_save_load(tmp_path):

@@ -47,9 +47,11 @@ def test_a_full_code_share_mixes_k_equal_K_into_the_draw():
     for bad, distribution in ((1.0, "uniform"), (-0.1, "uniform")):
         with pytest.raises(ValueError, match=f"full_code_share={bad}, expected 0.0 <= "):
             NestedTruncation(6, distribution=distribution, full_code_share=bad)
-    for distribution in ("none", "all"):
-        with pytest.raises(ValueError, match=f"truncation='{distribution}' draws none"):
-            NestedTruncation(6, distribution=distribution, full_code_share=0.2)
+    # "none" keeps K whatever the share; "all" weighs its prefixes by these probabilities.
+    np.testing.assert_allclose(_layer(6, distribution="none", full_code_share=0.2)
+                               .length_probabilities(), [0, 0, 0, 0, 0, 1])
+    np.testing.assert_allclose(_layer(4, distribution="all", full_code_share=0.2)
+                               .length_probabilities(), [0.2, 0.2, 0.2, 0.4])
 
 
 def test_uniform_draws_one_length_per_batch_and_covers_the_range():
