@@ -8,6 +8,11 @@
   priority_code         fix the first k codes of one sample, resample the rest
   ablations             truncation distribution (uniform per batch, per example, geometric,
                         all prefixes) and architecture size, as curves
+  ordering_price        recipes meant to remove the ordered model's price at full length,
+                        each against the goals, with codebook use
+  prior_size            the prior's size and schedule (width, depth, epochs, learning rate,
+                        dropout, training sequences) on the ordered model's codes:
+                        validation bits per code, FD, training time
 
 Every variant is an ordinary pipeline run in `workdir/variants/<name>/`, so finished
 variants are reused by later runs (their manifests match). Results go to
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -31,7 +37,16 @@ from pipeline import evaluate, stages, workdir as wd
 from pipeline.config import PipelineConfig
 
 EXPERIMENTS = ("ordered_vs_unordered", "time", "channel_vs_spatial", "priority_code", "ablations",
-               "ordering_price")
+               "ordering_price", "prior_size")
+# The prior_size experiment: each variant changes one setting of the base prior.
+PRIOR_STUDY = (
+    ("prior-wide", lambda p: dict(width=2 * p.width, ffn_width=2 * p.ffn_width)),
+    ("prior-deep", lambda p: dict(num_layers=2 * p.num_layers)),
+    ("prior-longer", lambda p: dict(epochs=2 * p.epochs)),
+    ("prior-lr_x2", lambda p: dict(learning_rate=2 * p.learning_rate)),
+    ("prior-no_dropout", lambda p: dict(dropout=0.0)),
+    ("prior-all_sequences", lambda p: dict(max_train_sequences=0)),
+)
 # The ordering-price experiment's goals: (label, ratio of two FDs or MSEs, at most). Keys are
 # "fd"/"mse" at a fraction of K, of the variant or of the unordered model ("u_").
 PRICE_GOALS = (
@@ -64,17 +79,33 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
 
     out = {}
     if {"ordered_vs_unordered", "time", "priority_code", "channel_vs_spatial",
-            "ordering_price"} & set(cfg.names):
+            "ordering_price", "prior_size"} & set(cfg.names):
         out["ordered"] = variant()
     if {"ordered_vs_unordered", "ordering_price"} & set(cfg.names):
-        out["unordered"] = variant(truncation="none")
-    if "ordering_price" in cfg.names:  # The same epochs as "ordered" except "longer".
+        out["unordered"] = variant(truncation="none", full_code_share=0.0, fill="zeros")
+    if "ordering_price" in cfg.names:
+        # Each ingredient alone on the paper's recipe (uniform k, zeros fill, no full-code
+        # share), then the learned fill with full-code shares; all at the same epochs as
+        # "ordered" except "longer".
         e = ae.epochs
-        out["price-pretrain"] = variant(pretrain_epochs=e // 2, epochs=e - e // 2)
-        out["price-full_share"] = variant(full_code_share=0.25)
-        out["price-learned_fill"] = variant(fill="learned")
-        out["price-ema_restarts"] = variant(use_ema=True, dead_code_steps=100)
-        out["price-longer"] = variant(epochs=2 * e)
+
+        def paper(**overrides):
+            return variant(**{"full_code_share": 0.0, "fill": "zeros", **overrides})
+
+        out["price-paper"] = paper()
+        out["price-pretrain"] = paper(pretrain_epochs=e // 2, epochs=e - e // 2)
+        out["price-full_share"] = paper(full_code_share=0.25)
+        out["price-full_share_90"] = paper(full_code_share=0.9)
+        out["price-ema_restarts"] = paper(use_ema=True, dead_code_steps=100)
+        out["price-longer"] = paper(epochs=2 * e)
+        for share in (0.5, 0.75, 0.9):
+            out[f"price-learned_share_{round(100 * share)}"] = paper(fill="learned",
+                                                                     full_code_share=share)
+    if "prior_size" in cfg.names:
+        for name, overrides in PRIOR_STUDY:
+            prior = base.prior.replace(**overrides(base.prior))
+            if prior != base.prior:  # "all_sequences" is the base when it has no cap.
+                out[name] = dataclasses.replace(base, prior=prior)
     if "channel_vs_spatial" in cfg.names:
         out["spatial"] = variant(quantization="spatial")
     if "ablations" in cfg.names:
@@ -92,8 +123,23 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
                                        hidden=tuple(max(4, h // 2) for h in ae.hidden))),
                 ("ablate-wide", dict(truncation="uniform_per_example",
                                      hidden=tuple(h * 2 for h in ae.hidden)))):
-            out[name] = dataclasses.replace(small, autoencoder=ae.replace(epochs=epochs, **overrides))
+            out[name] = dataclasses.replace(small, autoencoder=ae.replace(
+                epochs=epochs, full_code_share=0.0, fill="zeros", **overrides))
     return out
+
+
+def _share_upstream(source: str, target: str) -> None:
+    """Copies the autoencoder and codes of `source` into a new variant workdir `target`,
+    with their manifests: a prior variant trains on the same codes without retraining
+    them, and its workdir still stands alone."""
+    if wd.read_manifest(target, "extract") is not None:
+        return
+    wd.prepare(target)
+    for stage in ("autoencoder", "extract"):
+        artifact = stages.artifact_path(target, stage)
+        shutil.rmtree(artifact, ignore_errors=True)
+        shutil.copytree(stages.artifact_path(source, stage), artifact)
+        shutil.copyfile(wd.manifest_path(source, stage), wd.manifest_path(target, stage))
 
 
 CLASSIFIER_EPOCHS = {"cnn": 3, "resnet": 15}
@@ -170,8 +216,11 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
     variants = _variant_configs(cfg)
     for name, config in variants.items():
         print(f"[experiments] variant {name}", flush=True)
-        stages.run_pipeline(config, os.path.join(workdir, "variants", name),
-                            stages=["autoencoder", "extract", "prior"], verbose=verbose)
+        where = os.path.join(workdir, "variants", name)
+        if name.startswith("prior-"):
+            _share_upstream(os.path.join(workdir, "variants", "ordered"), where)
+        stages.run_pipeline(config, where, stages=["autoencoder", "extract", "prior"],
+                            verbose=verbose)
 
     test = cfg.base.data.arrays("test")
     test_x = test[0]
@@ -201,6 +250,9 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
             continue  # Its code has another length; it is only shown in grids.
         row, samples[name] = _quality(name, generators[name], lengths, cfg, clf, real_features,
                                       inception, real_inception, test_x)
+        prior = wd.read_manifest(os.path.join(workdir, "variants", name), "prior")
+        row["val_bits_per_code"] = prior["result"]["val_bits_per_code"]
+        row["prior_seconds"] = prior["seconds"]
         results["variants"][name] = row
     figs = []
     out = os.path.join(workdir, "experiments")
@@ -278,6 +330,13 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
             figs.append(figures.save_curves({n: r["mse"] for n, r in price.items()},
                                             os.path.join(tmp, "price_mse.png"), "codes kept (k)",
                                             "test MSE", "The price of ordering: MSE", logy=True))
+        if "prior_size" in cfg.names:
+            study = {n: results["variants"][n] for n in variants
+                     if n == "ordered" or n.startswith("prior-")}
+            figs.append(figures.save_curves({n: r["fd"] for n, r in study.items()},
+                                            os.path.join(tmp, "prior_size_fd.png"),
+                                            "codes kept (k)", "domain FD",
+                                            "Prior size and schedule: FD", logy=True))
         write_json(os.path.join(tmp, "experiments.json"), results)
         with open(os.path.join(tmp, "experiments.md"), "w") as f:
             f.write(_markdown(cfg, results, variants))
@@ -367,13 +426,39 @@ def _markdown(cfg: ExperimentConfig, results: dict, variants: Dict[str, Pipeline
                   "![size FD](ablation_size_fd.png)", "![size MSE](ablation_size_mse.png)", ""]
     if "price" in results:
         lines += _price_markdown(results, variants)
+    if "prior_size" in cfg.names:
+        lines += _prior_markdown(results, variants)
     return "\n".join(lines)
+
+
+def _prior_markdown(results: dict, variants: Dict[str, PipelineConfig]) -> List[str]:
+    K = results["code_length"]
+    at = fraction_lengths(K, (0.25, 1.0))
+    lines = ["## 7. Prior size and schedule", "",
+             "Every prior trains on the codes of `ordered` (its autoencoder is shared) and keeps "
+             "the weights of its best validation epoch; bits per code are on the test codes.", "",
+             "| variant | layers | width | FFN | epochs | sequences | learning rate | dropout | "
+             "val bits per code | " + " | ".join(f"FD k={k} ({f:.0%})" for f, k in at.items()) +
+             " | training seconds |", "| --- |" + " ---: |" * (10 + len(at))]
+    for name in variants:
+        if name != "ordered" and not name.startswith("prior-"):
+            continue
+        row, p = results["variants"][name], variants[name].prior
+        lines.append(
+            f"| {name} | {p.num_layers} | {p.width} | {p.ffn_width} | {p.epochs} | "
+            f"{p.max_train_sequences or 'all'} | {p.learning_rate:g} | {p.dropout:g} | "
+            f"{row['val_bits_per_code']:.3f} | " +
+            " | ".join(f"{row['fd'][k]:.3f}" for k in at.values()) +
+            f" | {row['prior_seconds']:.0f} |")
+    return lines + ["", "![FD](prior_size_fd.png)", ""]
 
 
 def _price_markdown(results: dict, variants: Dict[str, PipelineConfig]) -> List[str]:
     K, price = results["code_length"], results["price"]
     at = fraction_lengths(K, (0.25, 0.6, 1.0))
     lines = ["## 6. The price of ordering", "",
+             "`ordered` is the default recipe; `price-paper` is the paper's (uniform k, zeros "
+             "fill, no full-code share), and each other `price-` variant changes it. "
              "Every variant trains the autoencoder for the same epochs as `ordered` except "
              "`price-longer` (twice as many); the prior is the same. Codebook use is measured "
              "on the test codes.", "",

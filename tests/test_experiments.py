@@ -13,8 +13,9 @@ TINY_AE = dict(hidden=(16,), latent_channels=8, codebook_size=32, epochs=3)
 TINY_PRIOR = dict(num_layers=1, num_heads=2, width=32, ffn_width=64, epochs=3, warmup_steps=20)
 
 
-def _config(names, **kw):
-    base = pipeline_preset("digits", autoencoder_overrides=TINY_AE, prior_overrides=TINY_PRIOR)
+def _config(names, prior=None, **kw):
+    base = pipeline_preset("digits", autoencoder_overrides=TINY_AE,
+                           prior_overrides={**TINY_PRIOR, **(prior or {})})
     return experiments.ExperimentConfig(base=base, names=names, eval_samples=300,
                                         classifier_epochs=10, **kw)
 
@@ -74,8 +75,10 @@ def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_pa
     workdir = str(tmp_path / "exp")
     results = experiments.run(_config(("ordering_price",)), workdir)
     price = results["price"]
-    assert list(price) == ["ordered", "price-pretrain", "price-full_share", "price-learned_fill",
-                           "price-ema_restarts", "price-longer"]
+    assert list(price) == ["ordered", "price-paper", "price-pretrain", "price-full_share",
+                           "price-full_share_90", "price-ema_restarts", "price-longer",
+                           "price-learned_share_50", "price-learned_share_75",
+                           "price-learned_share_90"]
     K = results["code_length"]
     unordered = results["variants"]["unordered"]
     for name, goals in price.items():
@@ -95,4 +98,37 @@ def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_pa
     config = json.load(open(os.path.join(workdir, "variants", "price-pretrain", "autoencoder",
                                          "autoencoder.json")))
     assert (config["pretrain_epochs"], config["epochs"]) == (1, 2)
+    assert (config["full_code_share"], config["fill"]) == (0.0, "zeros")  # The paper's recipe.
     assert os.path.getsize(os.path.join(workdir, "experiments", "price_fd.png")) > 100
+
+
+def test_prior_size_trains_each_prior_on_the_ordered_models_codes(tmp_path):
+    workdir = str(tmp_path / "exp")
+    results = experiments.run(_config(("prior_size",), prior={"max_train_sequences": 400}),
+                              workdir)
+    study = ["prior-wide", "prior-deep", "prior-longer", "prior-lr_x2", "prior-no_dropout",
+             "prior-all_sequences"]
+    assert list(results["variants"]) == ["ordered", *study]
+    variants = os.path.join(workdir, "variants")
+
+    def manifest(name, stage):
+        return json.load(open(os.path.join(variants, name, "manifests", f"{stage}.json")))
+
+    expected = {"prior-wide": dict(width=64, ffn_width=128), "prior-deep": dict(num_layers=2),
+                "prior-longer": dict(epochs=6), "prior-lr_x2": dict(learning_rate=2e-3),
+                "prior-no_dropout": dict(dropout=0.0),
+                "prior-all_sequences": dict(max_train_sequences=0)}
+    base = manifest("ordered", "prior")["config"]["prior"]
+    assert base["max_train_sequences"] == 400
+    for name in study:
+        # One autoencoder and one set of codes, copied, not retrained.
+        for stage in ("autoencoder", "extract"):
+            assert manifest(name, stage) == manifest("ordered", stage), (name, stage)
+        prior = manifest(name, "prior")["config"]["prior"]
+        assert {k: v for k, v in prior.items() if base[k] != v} == expected[name], name
+    for name, row in results["variants"].items():
+        assert 0 < row["val_bits_per_code"] < 5.0 and row["prior_seconds"] > 0, name  # 5 = log2(32)
+    md = open(os.path.join(workdir, "experiments", "experiments.md")).read()
+    assert "| prior-wide | 1 | 64 | 128 | 3 | 400 | 0.001 | 0.1 | " in md
+    assert "| prior-all_sequences | 1 | 32 | 64 | 3 | all | " in md
+    assert os.path.getsize(os.path.join(workdir, "experiments", "prior_size_fd.png")) > 100
