@@ -55,7 +55,9 @@ flags.DEFINE_integer("seed", None, "Seed of training and report sampling (run, s
                      "the samples (sample; default 0).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature > 0 (sample).")
 flags.DEFINE_list("experiments", "ordered_vs_unordered,time,channel_vs_spatial,priority_code,"
-                  "ablations", "Experiments to run (experiments).")
+                  "ablations", "Experiments to run (experiments), some of: ordered_vs_unordered, "
+                  "time, channel_vs_spatial, priority_code, ablations, ordering_price, "
+                  "prior_size.")
 flags.DEFINE_integer("eval_samples", 1000, "Samples per code length for Frechet distances.")
 flags.DEFINE_string("inception_weights", None, "Local InceptionV3 notop weights (.h5) for FID; "
                     "without it FID is skipped (nothing is downloaded).")

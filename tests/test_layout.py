@@ -119,3 +119,10 @@ def test_a_command_prints_no_tensorflow_log_lines_unless_asked(finished_run, tmp
         quiet.stderr
     loud = ovqvae(*args, "--verbosity=0", check_rc=0, env=_clean_env())
     assert re.search(r"^[IWE]\d{4} ", loud.stderr, re.M), loud.stderr
+
+
+def test_experiments_help_names_every_experiment():
+    from pipeline import experiments
+
+    help_text = " ".join(cli.FLAGS["experiments"].help.split())
+    assert all(name in help_text for name in experiments.EXPERIMENTS), help_text
