@@ -439,7 +439,7 @@ def _prior_markdown(results: dict, variants: Dict[str, PipelineConfig]) -> List[
              "the weights of its best validation epoch; bits per code are on the test codes.", "",
              "| variant | layers | width | FFN | epochs | sequences | learning rate | dropout | "
              "val bits per code | " + " | ".join(f"FD k={k} ({f:.0%})" for f, k in at.items()) +
-             " | training seconds |", "| --- |" + " ---: |" * (10 + len(at))]
+             " | training seconds |", "| --- |" + " ---: |" * (9 + len(at))]
     for name in variants:
         if name != "ordered" and not name.startswith("prior-"):
             continue
@@ -464,15 +464,16 @@ def _price_markdown(results: dict, variants: Dict[str, PipelineConfig]) -> List[
              "on the test codes.", "",
              "| variant | autoencoder epochs | " + " | ".join(
                  f"FD k={k} ({f:.0%})" for f, k in at.items()) +
-             f" | MSE k={K} | codewords used | perplexity | goals met |",
-             "| --- |" + " ---: |" * (len(at) + 5)]
+             f" | MSE k={K} | codewords used | perplexity | prior bits per code | goals met |",
+             "| --- |" + " ---: |" * (len(at) + 6)]
     for name in ["unordered", *price]:
         row, ae = results["variants"][name], variants[name].autoencoder
         met = (f"{sum(g['met'] for g in price[name].values())} of {len(PRICE_GOALS)}"
                if name in price else "")
         lines.append(f"| {name} | {ae.pretrain_epochs + ae.epochs} | " + " | ".join(
             f"{row['fd'][k]:.3f}" for k in at.values()) +
-            f" | {row['mse'][K]:.5f} | {row['usage']:.0%} | {row['perplexity']:.1f} | {met} |")
+            f" | {row['mse'][K]:.5f} | {row['usage']:.0%} | {row['perplexity']:.1f} | "
+            f"{row['val_bits_per_code']:.3f} | {met} |")
     lines += ["", "Goals (ratio, at most):", "",
               "| variant | " + " | ".join(f"{label} <= {limit}"
                                          for label, _, _, limit in PRICE_GOALS) + " |",

@@ -131,4 +131,6 @@ def test_prior_size_trains_each_prior_on_the_ordered_models_codes(tmp_path):
     md = open(os.path.join(workdir, "experiments", "experiments.md")).read()
     assert "| prior-wide | 1 | 64 | 128 | 3 | 400 | 0.001 | 0.1 | " in md
     assert "| prior-all_sequences | 1 | 32 | 64 | 3 | all | " in md
+    table = [line for line in md[md.index("## 7."):].splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table  # Header, rule, rows agree.
     assert os.path.getsize(os.path.join(workdir, "experiments", "prior_size_fd.png")) > 100
