@@ -130,12 +130,13 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
 
 def _share_upstream(source: str, target: str) -> None:
     """Copies the autoencoder and codes of `source` into a new variant workdir `target`,
-    with their manifests: a prior variant trains on the same codes without retraining
-    them, and its workdir still stands alone."""
-    if wd.read_manifest(target, "extract") is not None:
+    with their manifests, unless it holds them already: a prior variant trains on the same
+    codes without retraining them, and its workdir still stands alone."""
+    upstream = ("autoencoder", "extract")
+    if all(wd.read_manifest(target, s) == wd.read_manifest(source, s) for s in upstream):
         return
     wd.prepare(target)
-    for stage in ("autoencoder", "extract"):
+    for stage in upstream:
         artifact = stages.artifact_path(target, stage)
         shutil.rmtree(artifact, ignore_errors=True)
         shutil.copytree(stages.artifact_path(source, stage), artifact)

@@ -134,3 +134,30 @@ def test_prior_size_trains_each_prior_on_the_ordered_models_codes(tmp_path):
     table = [line for line in md[md.index("## 7."):].splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1, table  # Header, rule, rows agree.
     assert os.path.getsize(os.path.join(workdir, "experiments", "prior_size_fd.png")) > 100
+
+
+def test_a_prior_variant_recopies_the_ordered_models_stages_when_they_change(tmp_path):
+    from ordered_vqvae.atomic import write_json
+    from pipeline import stages, workdir as wd
+
+    source, target = str(tmp_path / "ordered"), str(tmp_path / "prior-wide")
+
+    def finish(workdir, text):
+        wd.prepare(workdir)
+        for stage in ("autoencoder", "extract"):
+            os.makedirs(stages.artifact_path(workdir, stage), exist_ok=True)
+            with open(os.path.join(stages.artifact_path(workdir, stage), "f"), "w") as f:
+                f.write(text)
+            write_json(wd.manifest_path(workdir, stage), {"stage": stage, "text": text})
+
+    def held(workdir):
+        return [(wd.read_manifest(workdir, s),
+                 open(os.path.join(stages.artifact_path(workdir, s), "f")).read())
+                for s in ("autoencoder", "extract")]
+
+    finish(source, "first")
+    experiments._share_upstream(source, target)
+    assert held(target) == held(source)
+    finish(source, "second")  # The ordered model was retrained.
+    experiments._share_upstream(source, target)
+    assert held(target) == held(source) and held(target)[0][1] == "second"
