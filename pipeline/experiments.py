@@ -128,6 +128,11 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
     return out
 
 
+def _with_ordered(variants, prefix: str) -> List[str]:
+    """"ordered" and the variants of one experiment (named with `prefix`), in order."""
+    return [n for n in variants if n == "ordered" or n.startswith(prefix)]
+
+
 def _share_upstream(source: str, target: str) -> None:
     """Copies the autoencoder and codes of `source` into a new variant workdir `target`,
     with their manifests, unless it holds them already: a prior variant trains on the same
@@ -322,8 +327,7 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
                                                 os.path.join(tmp, f"{stem}_mse.png"), "codes kept (k)",
                                                 "test MSE", f"Ablation: {title}", logy=True))
         if "ordering_price" in cfg.names:
-            results["price"] = _price(results, [n for n in variants if n == "ordered"
-                                                or n.startswith("price-")])
+            results["price"] = _price(results, _with_ordered(variants, "price-"))
             price = {n: results["variants"][n] for n in ["unordered", *results["price"]]}
             figs.append(figures.save_curves({n: r["fd"] for n, r in price.items()},
                                             os.path.join(tmp, "price_fd.png"), "codes kept (k)",
@@ -332,8 +336,7 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
                                             os.path.join(tmp, "price_mse.png"), "codes kept (k)",
                                             "test MSE", "The price of ordering: MSE", logy=True))
         if "prior_size" in cfg.names:
-            study = {n: results["variants"][n] for n in variants
-                     if n == "ordered" or n.startswith("prior-")}
+            study = {n: results["variants"][n] for n in _with_ordered(variants, "prior-")}
             figs.append(figures.save_curves({n: r["fd"] for n, r in study.items()},
                                             os.path.join(tmp, "prior_size_fd.png"),
                                             "codes kept (k)", "domain FD",
@@ -441,9 +444,7 @@ def _prior_markdown(results: dict, variants: Dict[str, PipelineConfig]) -> List[
              "| variant | layers | width | FFN | epochs | sequences | learning rate | dropout | "
              "val bits per code | " + " | ".join(f"FD k={k} ({f:.0%})" for f, k in at.items()) +
              " | training seconds |", "| --- |" + " ---: |" * (9 + len(at))]
-    for name in variants:
-        if name != "ordered" and not name.startswith("prior-"):
-            continue
+    for name in _with_ordered(variants, "prior-"):
         row, p = results["variants"][name], variants[name].prior
         lines.append(
             f"| {name} | {p.num_layers} | {p.width} | {p.ffn_width} | {p.epochs} | "
