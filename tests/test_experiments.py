@@ -102,6 +102,7 @@ def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_pa
     assert os.path.getsize(os.path.join(workdir, "experiments", "price_fd.png")) > 100
 
 
+@pytest.mark.slow  # Seven priors: `make test` runs it, Bazel's fast subset does not.
 def test_prior_size_trains_each_prior_on_the_ordered_models_codes(tmp_path):
     workdir = str(tmp_path / "exp")
     results = experiments.run(_config(("prior_size",), prior={"max_train_sequences": 400}),
