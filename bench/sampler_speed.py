@@ -9,13 +9,18 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
   4. interruptible sampling (begin, then extend by chunks of 16, 8, 4 codes) against one
      pass, both to k = K;
   5. the sampler's achieved GFLOP/s (codes only, k = K) at batch 1 and the chosen batch,
-     against this machine's dense float32 matmul peak, measured in the same run.
+     against this machine's dense float32 matmul peak, measured in the same run, and batch
+     1's floor: the time to read the weights once at the measured memory bandwidth;
+  6. the bfloat16 prior (`load_prior(dtype="bfloat16")`) against float32, with and without
+     XLA, at batch 1 and the chosen batch, and the dense bfloat16 matmul peak both ways
+     (bench/bf16_drift.py measures how far its samples drift).
 
   .venv/bin/python bench/sampler_speed.py [--batch=64] [--repeats=3]
 """
 
 import argparse
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -24,7 +29,7 @@ import tensorflow as tf
 from ordered_vqvae import configs, models
 from ordered_vqvae.configs import prior_preset
 from ordered_vqvae.generator import ImageGenerator
-from ordered_vqvae.prior import CodePrior
+from ordered_vqvae.prior import CodePrior, load_prior, save_prior
 from ordered_vqvae.sampler import FILL_CODE, row_seeds
 from harness import timings
 
@@ -33,11 +38,21 @@ def best_time(fn, repeats):
     return min(timings(fn, repeats))
 
 
-def matmul_peak(repeats, n=2048):
-    """GFLOP/s of a float32 [n, n] x [n, n] matmul under XLA, best of `repeats`."""
-    a = tf.random.normal((n, n))
-    matmul = tf.function(lambda x: tf.matmul(x, x), jit_compile=True)
+def matmul_peak(repeats, n=2048, dtype=tf.float32, jit_compile=True):
+    """GFLOP/s of a [n, n] x [n, n] matmul, best of `repeats` (without XLA: TensorFlow's
+    own kernel, oneDNN on x86)."""
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    matmul = tf.function(lambda x: tf.matmul(x, x), jit_compile=jit_compile)
     return 2 * n**3 / best_time(lambda: matmul(a).numpy(), repeats) / 1e9
+
+
+def read_bandwidth(repeats, rows=4096, columns=8192):
+    """GB/s at which a vector-matrix product under XLA streams a float32 [rows, columns]
+    matrix (128 MB, far larger than any cache), best of `repeats`: how fast a batch-1 step
+    can read its weights."""
+    x, w = tf.random.normal((1, rows)), tf.random.normal((rows, columns))
+    product = tf.function(tf.matmul, jit_compile=True)
+    return 4 * rows * columns / best_time(lambda: product(x, w).numpy(), repeats) / 1e9
 
 
 def flops_per_code(prior):
@@ -81,6 +96,7 @@ def main():
     ae(tf.zeros((1, 28, 28, 1)))
     K, V, B = ae.code_length, ae.codebook_size, args.batch
     prior = CodePrior.from_config_for(prior_preset("reference"), K, V)
+    prior(tf.zeros((1, 1), tf.int32))  # Built, as saving a copy needs.
     xla = ImageGenerator(prior, ae, jit_compile=True)
     eager_loop = ImageGenerator(prior, ae, jit_compile=False)
 
@@ -120,6 +136,34 @@ def main():
         rate = batch * K * flops_per_code(prior) / t / 1e9
         print(f"   batch {batch:3d}: {t:.3f} s, {1000 * t / K:.2f} ms per code, {rate:.1f} "
               f"GFLOP/s = {rate / peak:.0%} of the matmul peak")
+    weight_bytes = sum(int(tf.size(w)) * w.dtype.size for w in prior.weights)
+    bandwidth = read_bandwidth(args.repeats)
+    print(f"   every step reads all {weight_bytes / 1e6:.0f} MB of float32 weights; at the measured "
+          f"read bandwidth of {bandwidth:.1f} GB/s that alone takes "
+          f"{1000 * weight_bytes / bandwidth / 1e9:.2f} ms per code (batch 1's floor)")
+    with tempfile.TemporaryDirectory() as directory:
+        save_prior(prior, directory)
+        half = load_prior(directory, "bfloat16")
+    print("6. bfloat16 prior against float32, codes only, k=K (alternating; ratio < 1: "
+          "bfloat16 is faster):")
+    for jit in (True, False):
+        pair = {name: ImageGenerator(p, ae, jit_compile=jit).sample_codes
+                for name, p in (("float32", prior), ("bfloat16", half))}
+        for batch in sorted({1, B}):
+            for fn in pair.values():
+                fn(batch, K).numpy()  # Compile.
+            t = {name: [] for name in pair}
+            for _ in range(args.repeats):
+                for name, fn in pair.items():
+                    t[name] += timings(lambda: fn(batch, K).numpy(), 1, warmup=0)
+            t = {name: min(v) for name, v in t.items()}
+            print(f"   {'XLA' if jit else 'no XLA'}, batch {batch:3d}: float32 {t['float32']:.3f} "
+                  f"s, bfloat16 {t['bfloat16']:.3f} s: ratio {t['bfloat16'] / t['float32']:.2f}")
+    for jit in (True, False):
+        bf16 = matmul_peak(args.repeats, dtype=tf.bfloat16, jit_compile=jit)
+        f32 = peak if jit else matmul_peak(args.repeats, jit_compile=False)
+        print(f"   dense matmul peak {'with' if jit else 'without'} XLA: float32 {f32:.0f}, "
+              f"bfloat16 {bf16:.0f} GFLOP/s ({bf16 / f32:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -257,6 +257,10 @@ class OrderedVQVAE(_Ordered):
     Images are float32 [N,H,W,C] in [0,1]; codes are int32 [N,K]. Internally images are
     scaled to [-1,1] (the decoder ends in tanh) and the training reconstruction term is
     the MSE on that scale, as in the reference; reported MSEs are on the [0,1] scale.
+
+    Mixed precision: built under `keras.mixed_precision.set_global_policy("mixed_bfloat16")`,
+    the encoder and decoder compute in bfloat16 (their weights stay float32) while the
+    quantizer, the truncation, the losses and every input and output stay float32.
     """
 
     def __init__(self, config: AutoencoderConfig, **kwargs):
@@ -266,14 +270,16 @@ class OrderedVQVAE(_Ordered):
         truncation = NestedTruncation(config.code_length, distribution=config.truncation,
                                       min_codes=config.min_codes, geometric_p=config.geometric_p,
                                       fill=config.fill, seed=config.seed,
-                                      full_code_share=config.full_code_share, name="truncation")
+                                      full_code_share=config.full_code_share, dtype="float32",
+                                      name="truncation")
+        kwargs.setdefault("dtype", "float32")
         super().__init__(build_encoder(config), build_decoder(config), truncation,
                          prefix_chunk=config.prefix_chunk, **kwargs)
         self.quantizer = VectorQuantizer(config.codebook_size, config.embedding_dim,
                                          beta=config.beta, use_ema=config.use_ema,
                                          ema_decay=config.ema_decay,
                                          dead_code_steps=config.dead_code_steps,
-                                         seed=config.seed, name="quantizer")
+                                         seed=config.seed, dtype="float32", name="quantizer")
         h, w = config.latent_hw
         self.quantizer.build((None, config.code_length, config.embedding_dim))
         self.truncation.build((None, config.code_length, config.embedding_dim))
@@ -309,15 +315,21 @@ class OrderedVQVAE(_Ordered):
             tokens = tf.transpose(tokens, [0, 2, 1])
         return tf.reshape(tokens, [-1, h, w, c])
 
+    def _latent(self, x, training):
+        return tf.cast(self.encoder(x, training=training), tf.float32)
+
+    def _decode_tokens(self, tokens, training=False):
+        return tf.cast(self.decoder(self._untokens(tokens), training=training), tf.float32)
+
     def _tokens(self, x, mask, training):
-        tokens = self._to_tokens(self.encoder(x, training=training))
+        tokens = self._to_tokens(self._latent(x, training))
         out = self.quantizer(tokens, loss_mask=mask, training=training)
         return out["quantized"], out
 
     def encode(self, images):
         """images float32 [N,H,W,C] in [0,1] -> codes int32 [N,K]."""
         x = self._preprocess(self._check_inputs(images))
-        tokens = self._to_tokens(self.encoder(x, training=False))
+        tokens = self._to_tokens(self._latent(x, False))
         return self.quantizer(tokens, training=False)["indices"]
 
     def decode(self, codes, num_codes=None):

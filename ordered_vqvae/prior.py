@@ -61,13 +61,15 @@ class DecoderBlock(keras.layers.Layer):
     def build(self, input_shape):
         width = input_shape[-1]
         self.head_dim = width // self.num_heads
-        self.norm1 = keras.layers.LayerNormalization(epsilon=1e-5, name="norm1")
-        self.qkv = keras.layers.Dense(3 * width, name="qkv")
-        self.proj = keras.layers.Dense(width, name="proj")
-        self.norm2 = keras.layers.LayerNormalization(epsilon=1e-5, name="norm2")
-        self.ffn_in = keras.layers.Dense(self.ffn_width, activation="gelu", name="ffn_in")
-        self.ffn_out = keras.layers.Dense(width, name="ffn_out")
-        self.drop = keras.layers.Dropout(self.dropout)
+        dtype = self.dtype_policy  # Sublayers compute in the block's dtype.
+        self.norm1 = keras.layers.LayerNormalization(epsilon=1e-5, dtype=dtype, name="norm1")
+        self.qkv = keras.layers.Dense(3 * width, dtype=dtype, name="qkv")
+        self.proj = keras.layers.Dense(width, dtype=dtype, name="proj")
+        self.norm2 = keras.layers.LayerNormalization(epsilon=1e-5, dtype=dtype, name="norm2")
+        self.ffn_in = keras.layers.Dense(self.ffn_width, activation="gelu", dtype=dtype,
+                                         name="ffn_in")
+        self.ffn_out = keras.layers.Dense(width, dtype=dtype, name="ffn_out")
+        self.drop = keras.layers.Dropout(self.dropout, dtype=dtype)
         for layer, shape in ((self.norm1, input_shape), (self.qkv, input_shape),
                              (self.proj, input_shape), (self.norm2, input_shape),
                              (self.ffn_in, input_shape),
@@ -112,7 +114,9 @@ class DecoderBlock(keras.layers.Layer):
             visible = visible[None, None]
         scores = tf.einsum("bhqd,bhkd->bhqk", q, keys) / math.sqrt(self.head_dim)
         scores = tf.where(visible, scores, tf.constant(NEG_INF, scores.dtype))
-        attn = self.drop(tf.nn.softmax(scores, axis=-1), training=training)
+        # The softmax in float32 whatever the compute dtype (bfloat16 has 8 bits of mantissa).
+        attn = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), scores.dtype)
+        attn = self.drop(attn, training=training)
         out = tf.transpose(tf.einsum("bhqk,bhkd->bhqd", attn, values), [0, 2, 1, 3])
         x = x + self.drop(self.proj(tf.reshape(out, tf.shape(x))), training=training)
         y = x + self.drop(self.ffn_out(self.ffn_in(self.norm2(x))), training=training)
@@ -145,14 +149,16 @@ class CodePrior(keras.Model):
         self.num_layers, self.num_heads, self.width = num_layers, num_heads, width
         self.ffn_width, self.dropout_rate = ffn_width, dropout
         init = keras.initializers.TruncatedNormal(stddev=0.02)
+        dtype = self.dtype_policy  # float32 by default; see `load_prior(dtype=)`.
         self.token_embedding = keras.layers.Embedding(codebook_size + 1, width,
-                                                      embeddings_initializer=init,
+                                                      embeddings_initializer=init, dtype=dtype,
                                                       name="token_embedding")
-        self.blocks = [DecoderBlock(num_heads, ffn_width, dropout, name=f"block_{i}")
+        self.blocks = [DecoderBlock(num_heads, ffn_width, dropout, dtype=dtype, name=f"block_{i}")
                        for i in range(num_layers)]
-        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
-        self.head = keras.layers.Dense(codebook_size, name="head")
-        self.embed_drop = keras.layers.Dropout(dropout)
+        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, dtype=dtype,
+                                                          name="final_norm")
+        self.head = keras.layers.Dense(codebook_size, dtype=dtype, name="head")
+        self.embed_drop = keras.layers.Dropout(dropout, dtype=dtype)
         self.token_embedding.build((None, None))
         self.position_embedding = self.add_weight(name="position_embedding",
                                                   shape=(code_length, width), initializer=init)
@@ -193,11 +199,12 @@ class CodePrior(keras.Model):
         x = self._embed(tokens, tf.constant(0), training)
         for block in self.blocks:
             x = block(x, training=training)
-        return self.head(self.final_norm(x))
+        return tf.cast(self.head(self.final_norm(x)), tf.float32)
 
     def init_cache(self, batch_size) -> List[Tuple[tf.Tensor, tf.Tensor]]:
         shape = [batch_size, self.num_heads, self.code_length, self.width // self.num_heads]
-        return [(tf.zeros(shape), tf.zeros(shape)) for _ in self.blocks]
+        dtype = self.compute_dtype
+        return [(tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in self.blocks]
 
     def call_with_cache(self, tokens, cache, cache_index):
         """tokens int [B, T] at positions cache_index.. -> (logits [B, T, V], updated cache).
@@ -208,7 +215,7 @@ class CodePrior(keras.Model):
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index)
             new_cache.append(layer_cache)
-        return self.head(self.final_norm(x)), new_cache
+        return tf.cast(self.head(self.final_norm(x)), tf.float32), new_cache
 
     def next(self, tokens, cache, index):
         """The sampler's step: the token [B] at position `index` (a scalar, or [B] per row)
@@ -263,6 +270,7 @@ class CodePrior(keras.Model):
 
 PRIOR_CONFIG = "prior.json"
 PRIOR_WEIGHTS = "prior.weights.h5"
+PRIOR_DTYPES = ("float32", "bfloat16")
 
 
 def save_prior(prior: CodePrior, directory: str) -> str:
@@ -270,10 +278,19 @@ def save_prior(prior: CodePrior, directory: str) -> str:
                                     PRIOR_WEIGHTS)
 
 
-def load_prior(directory: str) -> CodePrior:
-    """Reads a prior written by `save_prior` (by this or an earlier version)."""
+def load_prior(directory: str, dtype: str = "float32") -> CodePrior:
+    """Reads a prior written by `save_prior` (by this or an earlier version).
+
+    `dtype`: "float32" (the reference), or "bfloat16": weights, activations and key/value
+    cache in bfloat16, half the memory traffic per sampling step, with the attention
+    softmax and the logits in float32. Whether it is faster depends on the hardware (see
+    bench/sampler_speed.py); how far its samples drift, on the model (bench/bf16_drift.py).
+    """
+    if dtype not in PRIOR_DTYPES:
+        raise ValueError(f"dtype={dtype!r}, expected one of {PRIOR_DTYPES}")
+
     def build(config: dict) -> CodePrior:
-        prior = CodePrior.from_config(config)
+        prior = CodePrior.from_config({**config, "dtype": dtype})
         prior(tf.zeros((1, 1), tf.int32))
         return prior
 

@@ -9,7 +9,7 @@ from ordered_vqvae import configs, data, models, training
 from ordered_vqvae import sampler as sampler_module
 from ordered_vqvae.configs import PriorConfig, prior_preset
 from ordered_vqvae.generator import ImageGenerator
-from ordered_vqvae.prior import CodePrior
+from ordered_vqvae.prior import CodePrior, load_prior, save_prior
 from ordered_vqvae.sampler import FILL_CODE, AnytimeSampler, LogitFilter
 from pipeline.config import DataConfig
 
@@ -57,6 +57,41 @@ def test_cached_steps_equal_the_full_causal_pass():
     other = prior(tf.constant(changed)).numpy()
     np.testing.assert_allclose(other[:, :5], full[:, :5], atol=1e-5)
     assert np.abs(other[:, 5:] - full[:, 5:]).max() > 1e-3
+
+
+def test_a_bfloat16_prior_stays_close_to_its_float32_reference(sampler, tmp_path):
+    sampler.prior(tf.zeros((1, 1), tf.int32))  # Built, as saving needs.
+    save_prior(sampler.prior, str(tmp_path))
+    reference, half = load_prior(str(tmp_path)), load_prior(str(tmp_path), "bfloat16")
+    assert {w.dtype for w in reference.weights} == {"float32"}
+    assert {w.dtype for w in half.weights} == {"bfloat16"}
+    weights = [(a.numpy(), b.numpy().astype(np.float32))
+               for a, b in zip(reference.weights, half.weights)]
+    for a, b in weights:  # Rounded to bfloat16's 8-bit mantissa: relative error <= 2^-8.
+        np.testing.assert_allclose(b, a, rtol=2.0**-8, atol=1e-30)
+    assert {t.dtype for pair in half.init_cache(2) for t in pair} == {tf.bfloat16}
+    codes = tf.random.stateless_uniform((16, K), (3, 4), 0, V, tf.int32)
+    tokens = reference.next_code_pairs(codes)[0]
+    full, low = reference(tokens).numpy(), half(tokens)
+    assert low.dtype == tf.float32  # Logits and softmax in float32.
+    spread = full.max() - full.min()
+    assert 0 < np.abs(low.numpy() - full).max() < 0.02 * spread
+    bits = reference.bits_per_code(codes), half.bits_per_code(codes)
+    assert abs(bits[1] - bits[0]) < 0.005 * bits[0]
+    # Sampling: same seeds, same counter-based streams, so most codes agree; and the
+    # bfloat16 cache path matches its own full pass.
+    generator = ImageGenerator(half, sampler.autoencoder)
+    a = sampler.sample_codes(64, K, seed=5).numpy()
+    b = generator.sample_codes(64, K, seed=5).numpy()
+    assert b.min() >= 0 and b.max() < V
+    assert (a[:, 0] == b[:, 0]).mean() >= 0.9
+    cache, steps = half.init_cache(16), []
+    for i in range(K):
+        logits, cache = half.next(tokens[:, i], cache, tf.constant(i))
+        steps.append(logits.numpy())
+    np.testing.assert_allclose(np.stack(steps, 1), low.numpy(), atol=0.02 * spread)
+    with pytest.raises(ValueError, match="dtype='float16', expected one of"):
+        load_prior(str(tmp_path), "float16")
 
 
 def test_short_samples_carry_the_fill_beyond_k_and_decode_like_the_autoencoder(sampler):
