@@ -9,8 +9,8 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
   4. interruptible sampling (begin, then extend by chunks of 16, 8, 4 codes) against one
      pass, both to k = K;
   5. the sampler's achieved GFLOP/s (codes only, k = K) at batch 1 and the chosen batch,
-     against this machine's dense float32 matmul peak, measured in the same run, and batch
-     1's floor: the time to read the weights once at the measured memory bandwidth;
+     against this machine's dense float32 matmul peak, measured in the same run, and the rate
+     at which batch 1 streams the weights (every step reads all of them);
   6. the bfloat16 prior (`load_prior(dtype="bfloat16")`) against float32, with and without
      XLA, at batch 1 and the chosen batch, and the dense bfloat16 matmul peak both ways
      (bench/bf16_drift.py measures how far its samples drift).
@@ -44,15 +44,6 @@ def matmul_peak(repeats, n=2048, dtype=tf.float32, jit_compile=True):
     a = tf.cast(tf.random.normal((n, n)), dtype)
     matmul = tf.function(lambda x: tf.matmul(x, x), jit_compile=jit_compile)
     return 2 * n**3 / best_time(lambda: matmul(a).numpy(), repeats) / 1e9
-
-
-def read_bandwidth(repeats, rows=4096, columns=8192):
-    """GB/s at which a vector-matrix product under XLA streams a float32 [rows, columns]
-    matrix (128 MB, far larger than any cache), best of `repeats`: how fast a batch-1 step
-    can read its weights."""
-    x, w = tf.random.normal((1, rows)), tf.random.normal((rows, columns))
-    product = tf.function(tf.matmul, jit_compile=True)
-    return 4 * rows * columns / best_time(lambda: product(x, w).numpy(), repeats) / 1e9
 
 
 def flops_per_code(prior):
@@ -136,11 +127,10 @@ def main():
         rate = batch * K * flops_per_code(prior) / t / 1e9
         print(f"   batch {batch:3d}: {t:.3f} s, {1000 * t / K:.2f} ms per code, {rate:.1f} "
               f"GFLOP/s = {rate / peak:.0%} of the matmul peak")
-    weight_bytes = sum(int(tf.size(w)) * w.dtype.size for w in prior.weights)
-    bandwidth = read_bandwidth(args.repeats)
-    print(f"   every step reads all {weight_bytes / 1e6:.0f} MB of float32 weights; at the measured "
-          f"read bandwidth of {bandwidth:.1f} GB/s that alone takes "
-          f"{1000 * weight_bytes / bandwidth / 1e9:.2f} ms per code (batch 1's floor)")
+        if batch == 1:  # Every step reads every weight once, whatever the batch.
+            weight_bytes = sum(int(tf.size(w)) * tf.as_dtype(w.dtype).size for w in prior.weights)
+            print(f"   (batch 1 streams all {weight_bytes / 1e6:.0f} MB of weights per code: "
+                  f"{weight_bytes * K / t / 1e9:.1f} GB/s)")
     with tempfile.TemporaryDirectory() as directory:
         save_prior(prior, directory)
         half = load_prior(directory, "bfloat16")

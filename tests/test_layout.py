@@ -4,6 +4,8 @@ autoencoder, one module that renames files, and a command line that explains its
 import ast
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -126,3 +128,18 @@ def test_experiments_help_names_every_experiment():
 
     help_text = " ".join(cli.FLAGS["experiments"].help.split())
     assert all(name in help_text for name in experiments.EXPERIMENTS), help_text
+
+
+@pytest.mark.parametrize("given,expected", [
+    (None, "--xla_cpu_prefer_vector_width=512"),
+    ("--xla_dump_to=/tmp/x", "--xla_dump_to=/tmp/x --xla_cpu_prefer_vector_width=512"),
+    ("--xla_cpu_prefer_vector_width=256", "--xla_cpu_prefer_vector_width=256"),
+])
+def test_importing_the_package_asks_xla_for_wide_vectors_unless_told(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if given is not None:
+        env["XLA_FLAGS"] = given
+    out = subprocess.run([sys.executable, "-c", "import os, ordered_vqvae; "
+                          "print(os.environ['XLA_FLAGS'])"], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
