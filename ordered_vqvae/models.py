@@ -60,7 +60,8 @@ class _Ordered(keras.Model):
         return tf.convert_to_tensor(x, tf.float32)
 
     def _decode_tokens(self, tokens, training=False):
-        return self.decoder(self._untokens(tokens), training=training)
+        # float32 whatever the decoder computes in (see OrderedVQVAE on mixed precision).
+        return tf.cast(self.decoder(self._untokens(tokens), training=training), tf.float32)
 
     def _per_example_error(self, target, recon):
         axes = list(range(1, len(target.shape)))
@@ -317,9 +318,6 @@ class OrderedVQVAE(_Ordered):
 
     def _latent(self, x, training):
         return tf.cast(self.encoder(x, training=training), tf.float32)
-
-    def _decode_tokens(self, tokens, training=False):
-        return tf.cast(self.decoder(self._untokens(tokens), training=training), tf.float32)
 
     def _tokens(self, x, mask, training):
         tokens = self._to_tokens(self._latent(x, training))
