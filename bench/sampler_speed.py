@@ -136,9 +136,9 @@ def main():
         half = load_prior(directory, "bfloat16")
     print("6. bfloat16 prior against float32, codes only, k=K (alternating; ratio < 1: "
           "bfloat16 is faster):")
-    for jit in (True, False):
-        pair = {name: ImageGenerator(p, ae, jit_compile=jit).sample_codes
-                for name, p in (("float32", prior), ("bfloat16", half))}
+    for jit, reference in ((True, xla), (False, eager_loop)):
+        pair = {"float32": reference.sample_codes,
+                "bfloat16": ImageGenerator(half, ae, jit_compile=jit).sample_codes}
         for batch in sorted({1, B}):
             for fn in pair.values():
                 fn(batch, K).numpy()  # Compile.
