@@ -87,10 +87,14 @@ class VectorQuantizer(keras.layers.Layer):
 
     def distances(self, flat):
         """Squared L2 distances [M, codebook_size] from vectors [M, D], as one matmul."""
+        return tf.reduce_sum(flat * flat, axis=1, keepdims=True) + self._shifted_distances(flat)
+
+    def _shifted_distances(self, flat):
+        """The distances less ||x||^2, which is the same for every codeword: what the
+        nearest-codeword search needs, with one pass fewer over [M, codebook_size]."""
         codebook = tf.convert_to_tensor(self.codebook)
-        return (tf.reduce_sum(flat * flat, axis=1, keepdims=True)
-                - 2.0 * tf.matmul(flat, codebook, transpose_b=True)
-                + tf.reduce_sum(codebook * codebook, axis=1)[None, :])
+        return (tf.reduce_sum(codebook * codebook, axis=1)[None, :]
+                - 2.0 * tf.matmul(flat, codebook, transpose_b=True))
 
     def lookup(self, indices):
         """Codewords [..., D] for int indices [...]: the decode path.
@@ -113,14 +117,14 @@ class VectorQuantizer(keras.layers.Layer):
         # mean is the single-device value (see ordered_vqvae.replicas).
         total = tf.maximum(sum_over_replicas(tf.reduce_sum(weights)) / num_replicas(), 1.0)
 
-        indices = tf.argmin(self.distances(flat), axis=1, output_type=tf.int32)
-        onehot = tf.one_hot(indices, self.codebook_size) * weights[:, None]
-        counts = sum_over_replicas(tf.reduce_sum(onehot, axis=0))
+        indices = tf.argmin(self._shifted_distances(flat), axis=1, output_type=tf.int32)
+        counts = sum_over_replicas(
+            tf.math.unsorted_segment_sum(weights, indices, self.codebook_size))
         quantized_flat = self.lookup(indices)  # Read before any codebook update below.
         restarted = tf.constant(0.0)
         if training:
             if self.use_ema:
-                self._ema_update(flat, onehot, counts)
+                self._ema_update(flat, indices, weights, counts)
             if self.dead_code_steps > 0:
                 if num_replicas() > 1:
                     raise ValueError(f"dead_code_steps={self.dead_code_steps} re-seeds codewords "
@@ -151,10 +155,11 @@ class VectorQuantizer(keras.layers.Layer):
             "restarted": restarted,
         }
 
-    def _ema_update(self, flat, onehot, counts):
+    def _ema_update(self, flat, indices, weights, counts):
         d = self.ema_decay
         self.ema_cluster_size.assign(d * self.ema_cluster_size + (1 - d) * counts)
-        sums = sum_over_replicas(tf.matmul(onehot, flat, transpose_a=True))
+        sums = sum_over_replicas(tf.math.unsorted_segment_sum(flat * weights[:, None], indices,
+                                                              self.codebook_size))
         self.ema_sum.assign(d * self.ema_sum + (1 - d) * sums)
         n = tf.reduce_sum(self.ema_cluster_size)
         smoothed = (self.ema_cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n
