@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from ordered_vqvae.atomic import write_json
+from ordered_vqvae.normalization import BatchNormalization
 
 
 CLASSIFIER_JSON = "classifier.json"
@@ -94,14 +95,14 @@ def _resnet(x, widths=(32, 64, 128)):
 
     def conv_bn(x, width, stride=1):
         x = keras.layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False)(x)
-        return keras.layers.BatchNormalization()(x)
+        return BatchNormalization(synchronized=False)(x)
 
     x = keras.layers.ReLU()(conv_bn(x, widths[0]))
     for stage, width in enumerate(widths):
         stride = 1 if stage == 0 else 2
         y = conv_bn(keras.layers.ReLU()(conv_bn(x, width, stride)), width)
         if stride != 1 or x.shape[-1] != width:
-            x = keras.layers.BatchNormalization()(
+            x = BatchNormalization(synchronized=False)(
                 keras.layers.Conv2D(width, 1, strides=stride, use_bias=False)(x))
         x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
     return keras.layers.GlobalAveragePooling2D()(x)

@@ -16,6 +16,7 @@ import tensorflow as tf
 from ordered_vqvae import artifacts
 from ordered_vqvae.configs import AutoencoderConfig
 from ordered_vqvae.fit import finite_loss
+from ordered_vqvae.normalization import BatchNormalization
 from ordered_vqvae.quantizer import VectorQuantizer
 from ordered_vqvae.replicas import loggable, replica_share
 from ordered_vqvae.truncation import NestedTruncation
@@ -228,7 +229,7 @@ def build_encoder(config: AutoencoderConfig) -> keras.Model:
     layers = [keras.Input(config.image_shape)]
     for width in config.hidden:
         layers += [keras.layers.Conv2D(width, 4, 2, "same", use_bias=False, kernel_initializer=init),
-                   keras.layers.BatchNormalization(synchronized=True), keras.layers.ReLU()]
+                   BatchNormalization(), keras.layers.ReLU()]
     layers.append(keras.layers.Conv2D(config.latent_channels, 3, 1, "same", kernel_initializer=init))
     return keras.Sequential(layers, name="encoder")
 
@@ -240,11 +241,11 @@ def build_decoder(config: AutoencoderConfig) -> keras.Model:
     layers = [keras.Input((h, w, config.latent_channels)),
               keras.layers.Conv2D(config.hidden[-1], 3, 1, "same", use_bias=False,
                                   kernel_initializer=init),
-              keras.layers.BatchNormalization(synchronized=True), keras.layers.ReLU()]
+              BatchNormalization(), keras.layers.ReLU()]
     for width in reversed(config.hidden[:-1]):
         layers += [keras.layers.Conv2DTranspose(width, 4, 2, "same", use_bias=False,
                                                 kernel_initializer=init),
-                   keras.layers.BatchNormalization(synchronized=True), keras.layers.ReLU()]
+                   BatchNormalization(), keras.layers.ReLU()]
     layers += [keras.layers.Conv2DTranspose(config.image_shape[-1], 4, 2, "same",
                                             kernel_initializer=init),
                keras.layers.Activation("tanh")]
