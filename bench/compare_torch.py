@@ -62,7 +62,7 @@ def ours_training(steps, repeats):
 
     config = configs.preset("mnist")
     images = np.random.default_rng(0).uniform(size=(8192, 28, 28, 1)).astype(np.float32)
-    model, ds = autoencoder_for_fit(config, images)
+    model, ds = autoencoder_for_fit(config, images, (steps,))
     seconds = _median_seconds(
         lambda: model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False),
         repeats, warmup=1)

@@ -27,7 +27,7 @@ from harness import autoencoder_for_fit, timings
 
 def epoch_seconds(config, images, steps=60):
     """Seconds per epoch over `images`, from the time of `steps` batches after warm-up."""
-    model, ds = autoencoder_for_fit(config, images)
+    model, ds = autoencoder_for_fit(config, images, (10, steps))
     model.fit(ds, steps_per_epoch=10, epochs=1, verbose=0, shuffle=False)
     start = time.perf_counter()
     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)

@@ -18,18 +18,20 @@ def timings(fn, repeats: int, warmup: int = 1) -> list:
     return out
 
 
-def autoencoder_for_fit(config, images, jit_compile: bool = False):
+def autoencoder_for_fit(config, images, fit_steps, jit_compile: bool = False):
     """(an OrderedVQVAE compiled with its optimizer built, the seeded training stream over
-    `images`), seeded with 0: what `ovqvae train_autoencoder` runs `fit` on."""
+    `images`), seeded with 0: what `ovqvae train_autoencoder` runs `fit` on, with the steps
+    per compiled call it would pick for fit calls of `fit_steps` (a tuple of step counts)."""
     import keras
     import tensorflow as tf
 
-    from ordered_vqvae import models, training
+    from ordered_vqvae import fit, models, training
 
     keras.utils.set_random_seed(0)
     model = models.OrderedVQVAE(config)
     model(tf.zeros((1,) + config.image_shape))
     optimizer = keras.optimizers.Adam(config.learning_rate)
     optimizer.build(model.trainable_variables)
-    model.compile(optimizer=optimizer, jit_compile=jit_compile)
+    model.compile(optimizer=optimizer, jit_compile=jit_compile,
+                  steps_per_execution=fit.steps_per_execution(*fit_steps))
     return model, training.autoencoder_stream(model, images).dataset(0, 1000)

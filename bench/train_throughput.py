@@ -26,7 +26,7 @@ def images_per_second(config, images, steps, jit_compile=False, stream=True, pol
     # The training path: seeded epochs, lengths drawn in the input pipeline.
     keras.mixed_precision.set_global_policy(policy)  # Read when the model is built.
     try:
-        model, ds = autoencoder_for_fit(config, images, jit_compile)
+        model, ds = autoencoder_for_fit(config, images, (20, steps), jit_compile)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     if not stream:  # A plain shuffle buffer, lengths drawn in the model: no exact resume.

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable, Optional, Sequence, Union
@@ -30,12 +32,22 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
 
 
-def finite_loss(loss):
+def finite_loss(loss, steps_done):
     """The NaN guard: `loss`, with an in-graph check that stops the step before any update
     when it is NaN or Inf. Models apply it to the loss they differentiate (Keras' running
-    means would hide a NaN from the logs); `fit_stages` turns the failure into
-    TrainingDiverged naming the step."""
-    return tf.debugging.check_numerics(loss, NONFINITE_LOSS)
+    means would hide a NaN from the logs), with `steps_done` their optimizer's step count
+    (`optimizer.iterations`), which the failure reports; `fit_stages` turns the failure
+    into TrainingDiverged naming the step."""
+    check = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(loss)),
+                                [NONFINITE_LOSS, steps_done])
+    with tf.control_dependencies([check]):
+        return tf.identity(loss)
+
+
+def _failed_step(error: Exception) -> Optional[int]:
+    """The step (1-based) whose loss `finite_loss` found not finite, from its error."""
+    found = re.search(re.escape(NONFINITE_LOSS) + r"\] \[(\d+)\]", str(error))
+    return int(found.group(1)) + 1 if found else None
 
 
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -133,30 +145,51 @@ class TrainingData:
                                      ctx.get_per_replica_batch_size(self.batch_size)))
 
 
+MAX_STEPS_PER_EXECUTION = 16
+
+
+def steps_per_execution(*counts: int) -> int:
+    """The training steps Keras runs per compiled call (`compile(steps_per_execution=)`):
+    the largest n <= MAX_STEPS_PER_EXECUTION dividing every nonzero count (the steps per
+    epoch, a resume's skipped batches, the checkpoint interval), so that a call never
+    crosses an epoch's end or a checkpoint. (`fit_stages` runs one step per call under a
+    tf.distribute strategy.) Fewer calls cut the per-step overhead of the
+    training loop: the MNIST autoencoder trains about 1.1x faster with 13 than with 1."""
+    common = math.gcd(*counts)
+    return max(n for n in range(1, MAX_STEPS_PER_EXECUTION + 1) if common % n == 0)
+
+
 class _Position(keras.callbacks.Callback):
-    """Tracks where training is (epoch, batch in epoch, optimizer step), to say where it
-    diverged; saves a checkpoint every `every` batches, and at every epoch end records the
-    epoch's logs and saves one. Runs after the other callbacks, which may add logs."""
+    """Tracks where training is (epoch, first batch of the running call, steps done), to
+    say where it diverged; saves a checkpoint every `every` batches, and at every epoch end
+    records the epoch's logs and saves one. Runs after the other callbacks, which may add
+    logs. Keras calls the batch hooks once per compiled call of steps_per_execution steps,
+    with that call's first and last batch."""
 
     def __init__(self, save: Callable[[int, int], None], record: Callable[[int, dict], None],
                  every: int, first_batch: int = 0):
         super().__init__()
         self.save, self.record, self.every, self.first_batch = save, record, every, first_batch
-        self.epoch = self.batch = self.step = 0
+        self.epoch = self.batch = self.done = 0
 
     def on_train_begin(self, logs=None):
-        self.step = int(self.model.optimizer.iterations.numpy())
+        self.done = int(self.model.optimizer.iterations.numpy())
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
         self.batch = self.first_batch + batch
-        self.step += 1
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every and (self.batch + 1) % self.every == 0:
-            self.save(self.epoch, self.batch + 1)
+        end = self.first_batch + batch + 1  # Batches of this epoch done.
+        self.done += end - self.batch
+        if self.every and end % self.every == 0:
+            self.save(self.epoch, end)
+
+    def batch_of(self, step: int) -> int:
+        """The batch in the epoch of `step` (1-based) of the running call."""
+        return self.batch + step - 1 - self.done
 
     def on_epoch_end(self, epoch, logs=None):
         self.record(epoch, logs or {})
@@ -197,12 +230,13 @@ class _KeepBest(keras.callbacks.Callback):
 @dataclasses.dataclass
 class Stage:
     """A run of epochs with one fresh optimizer: epochs up to `end` (counted from the
-    start of training); `prepare(model, optimizer)` sets the model up and compiles it."""
+    start of training); `prepare(model, optimizer, steps_per_execution)` sets the model up
+    and compiles it."""
 
     name: str
     end: int
     make_optimizer: Callable[[], keras.optimizers.Optimizer]
-    prepare: Callable[[keras.Model, keras.optimizers.Optimizer], None]
+    prepare: Callable[[keras.Model, keras.optimizers.Optimizer, int], None]
     description: str = ""
 
 
@@ -300,7 +334,11 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
                 print(f"[{what}] stage '{stage.name}': epochs {initial + 1}..{stage.end} of "
                       f"{stages[-1].end}{at}"
                       f"{', ' + stage.description if stage.description else ''}", flush=True)
-            stage.prepare(model, optimizer)
+            # Several steps per call under a tf.distribute strategy fail in Keras 3.15
+            # ("You must feed a value for placeholder tensor" in its step loop).
+            per_call = (1 if tf.distribute.has_strategy()
+                        else steps_per_execution(spe, skip, checkpoint_every))
+            stage.prepare(model, optimizer, per_call)
 
             def save(epoch, batch, manager=manager):
                 epoch_var.assign(epoch)
@@ -324,12 +362,13 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
                               steps_per_epoch=spe - skip_batches, shuffle=False,
                               validation_data=validation_data)
                 except tf.errors.InvalidArgumentError as e:
-                    if NONFINITE_LOSS not in str(e):
+                    step = _failed_step(e)
+                    if step is None:
                         raise
                     raise TrainingDiverged(
-                        f"the training loss became NaN or Inf at step {position.step} (epoch "
-                        f"{position.epoch + 1}, batch {position.batch + 1}); the last good "
-                        f"checkpoint is {tf.train.latest_checkpoint(ckpt_dir) or 'none'}"
+                        f"the training loss became NaN or Inf at step {step} (epoch "
+                        f"{position.epoch + 1}, batch {position.batch_of(step) + 1}); the last "
+                        f"good checkpoint is {tf.train.latest_checkpoint(ckpt_dir) or 'none'}"
                     ) from None
         if keep is not None and keep.best is not None:
             model.set_weights(keep.best[2])

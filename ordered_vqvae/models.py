@@ -135,7 +135,8 @@ class _Ordered(keras.Model):
         x = self._check_inputs(data["image"] if isinstance(data, dict) else data)
         with tf.GradientTape() as tape:
             loss, recon, aux = self._nested_loss(x, training=True, lengths=lengths)
-            loss = finite_loss(loss)  # No update from a non-finite step.
+            # No update from a non-finite step.
+            loss = finite_loss(loss, self.optimizer.iterations)
             share = replica_share(loss)
         variables = self.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(share, variables), variables))

@@ -232,7 +232,8 @@ class CodePrior(keras.Model):
         super().compile(optimizer=optimizer, **kwargs)
 
     def compute_loss(self, *args, **kwargs):
-        return finite_loss(super().compute_loss(*args, **kwargs))  # The fit engine's NaN guard.
+        # The fit engine's NaN guard.
+        return finite_loss(super().compute_loss(*args, **kwargs), self.optimizer.iterations)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Under a tf.distribute strategy Keras (3.15) builds the compiled loss and metrics

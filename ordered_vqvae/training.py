@@ -51,9 +51,9 @@ class _CodeLengthMSE(keras.callbacks.Callback):
 
 def _autoencoder_stages(config: AutoencoderConfig):
     def stage(name, end, truncation, lr):
-        def prepare(model, optimizer):
+        def prepare(model, optimizer, steps_per_execution):
             model.truncation.distribution = truncation
-            model.compile(optimizer=optimizer)
+            model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
 
         return Stage(name, end, lambda: keras.optimizers.Adam(lr), prepare,
                      f"truncation={truncation}, lr={lr:g}")
@@ -153,8 +153,8 @@ def train_prior(config, code_length: int, codebook_size: int,
                                       weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.98,
                                       clipnorm=1.0)
 
-    def prepare(m, optimizer):
-        m.compile(optimizer=optimizer)
+    def prepare(m, optimizer, steps_per_execution):
+        m.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
 
     stage = Stage("prior", config.epochs, make_optimizer, prepare,
                   f"lr={config.learning_rate:g} (warm-up {config.warmup_steps} steps)")

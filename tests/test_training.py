@@ -58,6 +58,27 @@ def test_checkpoints_resume_and_logs(tmp_path, digits):
     assert model.code_length == 8
 
 
+def test_steps_per_execution_divides_epochs_resumes_and_checkpoints():
+    assert fit.steps_per_execution(468, 0, 0) == 13  # MNIST: 60,000 images, batch 128.
+    assert fit.steps_per_execution(22) == 11
+    assert fit.steps_per_execution(468, 6, 0) == 6  # Resumed after batch 6.
+    assert fit.steps_per_execution(468, 0, 4) == 4  # A checkpoint every 4 batches.
+    assert fit.steps_per_execution(17) == 1
+    assert fit.steps_per_execution(32) == 16
+
+
+def test_several_steps_per_call_train_exactly_as_one(tmp_path, digits, monkeypatch):
+    train, _ = digits
+    config = SMALL.replace(epochs=2)
+    assert fit.steps_per_execution(len(train) // config.batch_size) > 1
+    many = training.train_autoencoder(config, train, None, str(tmp_path / "many"), verbose=0)
+    monkeypatch.setattr(fit, "MAX_STEPS_PER_EXECUTION", 1)
+    one = training.train_autoencoder(config, train, None, str(tmp_path / "one"), verbose=0)
+    assert int(many.optimizer.iterations) == int(one.optimizer.iterations) == 2 * 22
+    for a, b in zip(_weights(many), _weights(one)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_two_stage_recipe_runs_pretrain_then_ordered_finetune(tmp_path, digits):
     train, _ = digits
     config = SMALL.replace(pretrain_epochs=1, epochs=1, truncation="uniform")
@@ -138,7 +159,7 @@ def test_keep_best_ends_with_the_best_epochs_weights_also_after_a_resume(tmp_pat
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
         stage = Stage("s", end, lambda: keras.optimizers.SGD(0.1),
-                      lambda m, o: m.compile(optimizer=o, loss="mse"))
+                      lambda m, o, n: m.compile(optimizer=o, loss="mse", steps_per_execution=n))
         data = TrainingData(np.random.default_rng(0).random((32, 3)).astype(np.float32), 8,
                             transform=lambda x: (x, 2 * x))
         fit_stages(model, [stage], data, str(tmp_path / "w"), "t", resume=resume, verbose=0,
