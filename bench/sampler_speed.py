@@ -10,7 +10,9 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
      pass, both to k = K;
   5. the sampler's achieved GFLOP/s (codes only, k = K) at batch 1 and the chosen batch,
      against this machine's dense float32 matmul peak, measured in the same run, and the rate
-     at which batch 1 streams the weights (every step reads all of them);
+     at which batch 1 streams the weights (every step reads all of them), and the rate of
+     one step's projections alone (the prior's own weight matrices, chained) with and
+     without XLA: the ceiling XLA's dots set for the sampler at that batch;
   6. the bfloat16 prior (`load_prior(dtype="bfloat16")`) against float32, with and without
      XLA, at batch 1 and the chosen batch, and the dense bfloat16 matmul peak both ways
      (bench/bf16_drift.py measures how far its samples drift).
@@ -53,6 +55,26 @@ def flops_per_code(prior):
     W, F, K, V = prior.width, prior.ffn_width, prior.code_length, prior.codebook_size
     per_layer = 2 * W * 3 * W + 2 * W * W + 2 * 2 * W * F + 2 * 2 * W * K
     return prior.num_layers * per_layer + 2 * W * V
+
+
+def projection_rate(prior, batch, repeats, jit_compile=True):
+    """GFLOP/s of one sampling step's projections alone at `batch` rows: per block the
+    fused QKV, output and two FFN matmuls on the prior's own kernels, chained as in the
+    step (attention, norms and activations left out)."""
+    kernels = [(b.qkv.kernel, b.proj.kernel, b.ffn_in.kernel, b.ffn_out.kernel)
+               for b in prior.blocks]
+    x = tf.random.normal((batch, prior.width))
+
+    @tf.function(jit_compile=jit_compile)
+    def step(x):
+        for qkv, proj, ffn_in, ffn_out in kernels:
+            x = x + tf.matmul(tf.matmul(x, qkv)[:, :prior.width], proj)
+            x = x + tf.matmul(tf.matmul(x, ffn_in), ffn_out)
+        return x
+
+    W, F = prior.width, prior.ffn_width
+    flops = batch * prior.num_layers * (2 * W * 3 * W + 2 * W * W + 2 * 2 * W * F)
+    return flops / best_time(lambda: step(x).numpy(), repeats * 10) / 1e9
 
 
 def naive_sampler(prior, batch, jit_compile=True):
@@ -131,6 +153,11 @@ def main():
             weight_bytes = sum(int(tf.size(w)) * tf.as_dtype(w.dtype).size for w in prior.weights)
             print(f"   (batch 1 streams all {weight_bytes / 1e6:.0f} MB of weights per code: "
                   f"{weight_bytes * K / t / 1e9:.1f} GB/s)")
+        xla_rate, tf_rate = (projection_rate(prior, batch, args.repeats, jit)
+                             for jit in (True, False))
+        print(f"   one step's projections alone at batch {batch}: XLA {xla_rate:.0f} GFLOP/s "
+              f"({xla_rate / peak:.0%} of the peak), TensorFlow's own kernels {tf_rate:.0f} "
+              f"({tf_rate / peak:.0%})")
     with tempfile.TemporaryDirectory() as directory:
         save_prior(prior, directory)
         half = load_prior(directory, "bfloat16")
