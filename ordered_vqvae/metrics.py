@@ -123,6 +123,7 @@ class DomainClassifier:
             raise ValueError(f"architecture={architecture!r}, expected 'auto' or one of "
                              f"{ARCHITECTURES}")
         self.architecture = architecture
+        self.num_classes = int(num_classes)
         keras.utils.set_random_seed(seed)
         inputs = keras.Input(image_shape)
         x = (_cnn if architecture == "cnn" else _resnet)(inputs)
@@ -151,16 +152,25 @@ class DomainClassifier:
                                            verbose=0)
 
     def save(self, directory: str) -> None:
-        """Weights, then classifier.json (architecture and test accuracy), written last."""
+        """Weights, then classifier.json (architecture, classes and test accuracy), written
+        last."""
         os.makedirs(directory, exist_ok=True)
         self.model.save_weights(os.path.join(directory, "classifier.weights.h5"))
         write_json(os.path.join(directory, CLASSIFIER_JSON),
-                   {"architecture": self.architecture, "accuracy": self.accuracy})
+                   {"architecture": self.architecture, "num_classes": self.num_classes,
+                    "accuracy": self.accuracy})
 
     @classmethod
-    def load(cls, directory: str, image_shape, num_classes: int) -> "DomainClassifier":
+    def load(cls, directory: str, image_shape,
+             num_classes: Optional[int] = None) -> "DomainClassifier":
+        """A classifier written by `save`; `num_classes` is needed only for files written
+        before the number of classes was recorded (the recorded number wins)."""
         with open(os.path.join(directory, CLASSIFIER_JSON)) as f:
             saved = json.load(f)
+        num_classes = saved.get("num_classes", num_classes)
+        if num_classes is None:
+            raise ValueError(f"{directory}/{CLASSIFIER_JSON} does not record num_classes; "
+                             "pass it to DomainClassifier.load")
         clf = cls(image_shape, num_classes, architecture=saved["architecture"])
         clf.model.load_weights(os.path.join(directory, "classifier.weights.h5"))
         clf.accuracy = saved["accuracy"]

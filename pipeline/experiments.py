@@ -159,8 +159,8 @@ def _classifier(cfg: ExperimentConfig, workdir: str, test,
     path = os.path.join(workdir, "classifier")
     shape = test_x.shape[1:]
     if os.path.exists(os.path.join(path, metrics.CLASSIFIER_JSON)):
-        num_classes = int(test_y.max()) + 1
-        return metrics.DomainClassifier.load(path, shape, num_classes)
+        # The recorded number of classes wins: the test subset may lack the last classes.
+        return metrics.DomainClassifier.load(path, shape, int(test_y.max()) + 1)
     train_x, train_y, _ = dataclasses.replace(cfg.base.data, max_train=None).arrays("train")
     clf = metrics.DomainClassifier(shape, int(max(train_y.max(), test_y.max())) + 1)
     epochs = cfg.classifier_epochs or CLASSIFIER_EPOCHS[clf.architecture]

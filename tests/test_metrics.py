@@ -1,5 +1,7 @@
 """Frechet distance against closed forms; the domain classifier on real digits."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -83,8 +85,16 @@ def test_resnet_classifier_learns_colour_images_and_round_trips(tmp_path):
     features = clf.features(x[500:])  # Inference: no flips or shifts, the same each call.
     np.testing.assert_array_equal(clf.features(x[500:]), features)
     clf.save(str(tmp_path / "clf"))
-    again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3), 3)
+    # The recorded number of classes wins over a caller's guess from a subset's labels.
+    again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3), 2)
     assert again.architecture == "resnet" and again.accuracy == accuracy
+    assert again.num_classes == 3
+    # A file from before the number was recorded takes the caller's, or names what is missing.
+    path = tmp_path / "clf" / metrics.CLASSIFIER_JSON
+    path.write_text(json.dumps({"architecture": "resnet", "accuracy": accuracy}))
+    assert metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3), 3).num_classes == 3
+    with pytest.raises(ValueError, match="does not record num_classes"):
+        metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3))
     np.testing.assert_allclose(again.features(x[500:]), features, atol=1e-5)
     with pytest.raises(ValueError, match="architecture='vgg'"):
         metrics.DomainClassifier((16, 16, 3), 3, architecture="vgg")
