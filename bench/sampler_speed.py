@@ -48,13 +48,18 @@ def matmul_peak(repeats, n=2048, dtype=tf.float32, jit_compile=True):
     return 2 * n**3 / best_time(lambda: matmul(a).numpy(), repeats) / 1e9
 
 
+def projection_flops(prior):
+    """FLOPs of one sampling step's projections for one row: per layer the fused QKV,
+    output and two FFN matmuls."""
+    W, F = prior.width, prior.ffn_width
+    return prior.num_layers * (2 * W * 3 * W + 2 * W * W + 2 * 2 * W * F)
+
+
 def flops_per_code(prior):
-    """FLOPs of one sampling step of one row: per layer the fused QKV, output, and FFN
-    projections and attention over all K cached positions (the cache has a fixed shape),
-    then the output head."""
-    W, F, K, V = prior.width, prior.ffn_width, prior.code_length, prior.codebook_size
-    per_layer = 2 * W * 3 * W + 2 * W * W + 2 * 2 * W * F + 2 * 2 * W * K
-    return prior.num_layers * per_layer + 2 * W * V
+    """FLOPs of one sampling step of one row: the projections, attention over all K cached
+    positions in every layer (the cache has a fixed shape), then the output head."""
+    W, K, V = prior.width, prior.code_length, prior.codebook_size
+    return projection_flops(prior) + prior.num_layers * 2 * 2 * W * K + 2 * W * V
 
 
 def projection_rate(prior, batch, repeats, jit_compile=True):
@@ -72,9 +77,8 @@ def projection_rate(prior, batch, repeats, jit_compile=True):
             x = x + tf.matmul(tf.matmul(x, ffn_in), ffn_out)
         return x
 
-    W, F = prior.width, prior.ffn_width
-    flops = batch * prior.num_layers * (2 * W * 3 * W + 2 * W * W + 2 * 2 * W * F)
-    return flops / best_time(lambda: step(x).numpy(), repeats * 10) / 1e9
+    return (batch * projection_flops(prior) / best_time(lambda: step(x).numpy(), repeats * 10)
+            / 1e9)
 
 
 def naive_sampler(prior, batch, jit_compile=True):
