@@ -35,7 +35,7 @@ flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds:<name> datasets
 flags.DEFINE_bool("download", False, "Allow TFDS to download a missing dataset.")
 flags.DEFINE_integer("image_size", None, "Resize and center-crop folder/TFDS images to this size.")
 flags.DEFINE_integer("max_train_images", None, "Use this many training images, chosen at random (the same in every stage).")
-flags.DEFINE_integer("max_test_images", None, "Use the first this many test images.")
+flags.DEFINE_integer("max_test_images", None, "Use this many test images, chosen at random (the same in every stage).")
 flags.DEFINE_string("preset", None, "Architecture preset: digits, mnist, cifar10, celeb_a "
                     "(default: from --dataset).")
 flags.DEFINE_integer("num_shards", 4, "Output TFRecord shards per split (extract).")

@@ -22,53 +22,62 @@ class DataConfig:
     data_dir: Optional[str] = None
     image_size: Optional[int] = None
     download: bool = False
-    max_train: Optional[int] = None  # A random choice of this many training examples,
-    max_test: Optional[int] = None   # and the first this many test examples.
-    subset_seed: int = 0             # The seed of max_train's choice.
+    max_train: Optional[int] = None  # Seeded random choices of this many training
+    max_test: Optional[int] = None   # and test examples (any listing order, class-sorted
+    subset_seed: int = 0             # folders included); the seed of both choices.
 
     def limit(self, split: str) -> Optional[int]:
         return self.max_train if split == "train" else self.max_test
 
-    def indices(self, split: str, num_examples: int):
-        """Which of a split's `num_examples` examples (by index in its sorted listing) the
-        pipeline uses: max_train chosen at random with subset_seed, or the first max_test;
-        None for all. Training and extraction read the same ones."""
-        import numpy as np
+    def cache_inputs(self) -> dict:
+        """The fields the stages' cache hashes. With max_test set, a tag for its rule too:
+        it used to keep the *first* max_test examples, so workdirs cached under that rule
+        (class-sorted for image folders) rerun instead of mixing the two choices."""
+        fields = dataclasses.asdict(self)
+        return fields if self.max_test is None else {**fields, "test_choice": "seeded"}
 
+    def indices(self, split: str, num_examples: int, sample: Optional[int] = None):
+        """Which of a split's `num_examples` examples (by index in its sorted listing) the
+        pipeline uses: max_train / max_test chosen at random with subset_seed, None for all.
+        Training and extraction read the same ones. `sample`: a further seeded choice of at
+        most this many of those (validation images, report grids, the FD floor)."""
         from ordered_vqvae import data
 
+        picked = None
         limit = self.limit(split)
-        if limit is None or limit >= num_examples:
-            return None
-        if split == "train":
-            return data.random_indices(num_examples, limit, self.subset_seed)
-        return np.arange(limit)
+        if limit is not None and limit < num_examples:
+            picked = data.random_indices(num_examples, limit, self.subset_seed)
+        pool = num_examples if picked is None else len(picked)
+        if sample is not None and sample < pool:
+            chosen = data.random_indices(pool, sample, self.subset_seed)
+            picked = chosen if picked is None else picked[chosen]
+        return picked
 
-    def dataset(self, split: str):
+    def dataset(self, split: str, sample: Optional[int] = None):
         """The split's examples that `indices` picks, as a tf.data stream of {"image",
         "label", "id"} read in one pass in the split's own order."""
         from ordered_vqvae import data
 
         size = None
-        if self.limit(split) is not None:
+        if self.limit(split) is not None or sample is not None:
             size = data.source_info(self.source, split, path=self.path, data_dir=self.data_dir,
                                     image_size=self.image_size).num_examples
-            if size is None:
+            if size is None and self.limit(split) is not None:
                 raise data.DataError(f"{self.source} {split} does not record its size, so "
                                      f"{self.limit(split)} of its examples cannot be picked")
         ds, _ = data.load(self.source, split, path=self.path, data_dir=self.data_dir,
                           image_size=self.image_size, download=self.download,
-                          indices=None if size is None else self.indices(split, size))
+                          indices=None if size is None else self.indices(split, size, sample))
+        if size is None and sample is not None:
+            ds = ds.take(sample)  # A source of unknown size: its first `sample`.
         return ds
 
-    def image_batches(self, split: str, batch_size: int = 512, limit: Optional[int] = None):
-        """Yields images float32 [B,H,W,C] of the split (the first `limit` when given), a
-        batch at a time: memory holds one batch whatever the split's size."""
+    def image_batches(self, split: str, batch_size: int = 512, sample: Optional[int] = None):
+        """Yields images float32 [B,H,W,C] of the split (a seeded choice of `sample` of them
+        when given), a batch at a time: memory holds one batch whatever the split's size."""
         import tensorflow as tf
 
-        ds = self.dataset(split)
-        if limit is not None:
-            ds = ds.take(limit)
+        ds = self.dataset(split, sample)
         try:
             for batch in ds.batch(batch_size).as_numpy_iterator():
                 yield batch["image"]

@@ -159,8 +159,11 @@ def _classifier(cfg: ExperimentConfig, workdir: str, test,
     path = os.path.join(workdir, "classifier")
     shape = test_x.shape[1:]
     if os.path.exists(os.path.join(path, metrics.CLASSIFIER_JSON)):
-        # The recorded number of classes wins: the test subset may lack the last classes.
-        return metrics.DomainClassifier.load(path, shape, int(test_y.max()) + 1)
+        clf = metrics.DomainClassifier.load(path, shape)
+        print(f"[experiments] domain classifier from {path}: test accuracy "
+              f"{clf.evaluate(test_x, test_y):.4f} on this run's {len(test_x)} test images",
+              flush=True)
+        return clf
     train_x, train_y, _ = dataclasses.replace(cfg.base.data, max_train=None).arrays("train")
     clf = metrics.DomainClassifier(shape, int(max(train_y.max(), test_y.max())) + 1)
     epochs = cfg.classifier_epochs or CLASSIFIER_EPOCHS[clf.architecture]
@@ -233,7 +236,7 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
     clf = _classifier(cfg, workdir, test, verbose)
     real_features = clf.features(test_x)
     # The floor: as many real training images as samples, against the same test features.
-    real = next(cfg.base.data.image_batches("train", batch_size=cfg.eval_samples))
+    real = np.concatenate(list(cfg.base.data.image_batches("train", sample=cfg.eval_samples)))
     real_fd = metrics.frechet_distance_of(clf.features(real), real_features)
     print(f"[experiments] real-vs-real domain FD {real_fd:.3f} ({len(real)} training images "
           "against the test set)", flush=True)

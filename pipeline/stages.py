@@ -92,7 +92,7 @@ def _train_autoencoder(config: PipelineConfig, ctx: Context) -> dict:
     print(f"[autoencoder] loading {config.data.source} ...", flush=True)
     train = _training_file(ctx, "autoencoder", "train_images.npy", lambda path: write_examples(
         path, checked(config.data.image_batches("train")), np.float32))
-    val_x = np.concatenate(list(config.data.image_batches("test", limit=2000)))
+    val_x = np.concatenate(list(config.data.image_batches("test", sample=2000)))
     print(f"[autoencoder] {len(train)} train images of shape {train.shape[1:]}, read from "
           f"disk a batch at a time; K={ae_config.code_length} codes, codebook_size="
           f"{ae_config.codebook_size}", flush=True)
@@ -161,7 +161,7 @@ def _report(config: PipelineConfig, ctx: Context) -> dict:
                for name in ("autoencoder", "extract", "prior")}
     path = report.build(config, models.load_autoencoder(ctx.artifact("autoencoder")),
                         load_prior(ctx.artifact("prior")), results,
-                        next(config.data.image_batches("test", config.report_samples)),
+                        next(config.data.image_batches("test", sample=config.report_samples)),
                         ctx.artifact("report"))
     print(f"[report] {os.path.join(path, 'report.md')}", flush=True)
     return {"report": os.path.join(path, "report.md")}
@@ -173,11 +173,11 @@ def _asdict(value) -> dict:
 
 STAGES: Tuple[Stage, ...] = (
     Stage("autoencoder", "train_autoencoder", "autoencoder", (),
-          lambda c: {"data": _asdict(c.data), "autoencoder": _asdict(c.autoencoder)},
+          lambda c: {"data": c.data.cache_inputs(), "autoencoder": _asdict(c.autoencoder)},
           _train_autoencoder, "train the ordered VQ-VAE on the images",
           ("data", "autoencoder", "training")),
     Stage("extract", "extract", "codes", ("autoencoder",),
-          lambda c: {"data": _asdict(c.data), "num_shards": c.num_shards},
+          lambda c: {"data": c.data.cache_inputs(), "num_shards": c.num_shards},
           _extract, "encode every image to code indices with Apache Beam (TFRecords)",
           ("data", "extract")),
     Stage("prior", "train_prior", "prior", ("extract",),
@@ -187,7 +187,7 @@ STAGES: Tuple[Stage, ...] = (
     Stage("export", "export", "saved_model", ("autoencoder", "prior"), lambda c: {},
           _export, "write the SavedModel with encode, decode and sample signatures"),
     Stage("report", "report", "report", ("autoencoder", "extract", "prior"),
-          lambda c: {"data": _asdict(c.data), "report_samples": c.report_samples,
+          lambda c: {"data": c.data.cache_inputs(), "report_samples": c.report_samples,
                      "seed": c.seed},
           _report, "write report.md, metrics.json and figures (samples at 25-100% of K)",
           ("data", "report")),

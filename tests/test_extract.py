@@ -190,6 +190,34 @@ def test_reads_in_pieces_give_the_same_shards_whatever_the_piece_size(autoencode
     assert meta["counts"] == {"test": 300} and meta["beam_counters"]["records_read"] == 300
 
 
+def test_subsets_are_seeded_choices_and_samples_are_chosen_from_them():
+    import dataclasses
+
+    everything = data.to_numpy(data.load("digits", "test")[0])
+    size = len(everything[2])
+    spec = DataConfig("digits", max_test=120, subset_seed=2)
+    picked = spec.indices("test", size)
+    np.testing.assert_array_equal(picked, data.random_indices(size, 120, 2))
+    assert picked.max() > size // 2  # Spread over the split, not its first rows.
+    assert spec.arrays("test")[2] == [everything[2][i] for i in picked]
+    # A sample: 30 of those 120, sorted, read alike by dataset and image_batches.
+    sample = spec.indices("test", size, sample=30)
+    assert len(sample) == 30 and (np.diff(sample) > 0).all() and set(sample) <= set(picked)
+    ids = [i.decode() for i in spec.dataset("test", sample=30).map(lambda e: e["id"])
+           .as_numpy_iterator()]
+    assert ids == [everything[2][i] for i in sample]
+    np.testing.assert_array_equal(np.concatenate(list(spec.image_batches("test", 7, sample=30))),
+                                  everything[0][sample])
+    np.testing.assert_array_equal(spec.indices("test", size, sample=500), picked)
+    whole = DataConfig("digits")
+    assert whole.indices("test", size) is None
+    np.testing.assert_array_equal(whole.indices("test", size, sample=30),
+                                  data.random_indices(size, 30, 0))
+    # Caches made when max_test kept the first images do not match the seeded choice.
+    assert whole.cache_inputs() == dataclasses.asdict(whole)
+    assert spec.cache_inputs() == {**dataclasses.asdict(spec), "test_choice": "seeded"}
+
+
 def test_max_train_extracts_the_images_training_reads(autoencoder_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "RANGE_SIZE", 37)  # 3 pieces, each a range with picks.
     spec = DataConfig("digits", max_train=100, subset_seed=5)
@@ -245,14 +273,19 @@ def test_a_tarball_and_a_limited_folder_read_like_the_folder(autoencoder_dir, fo
     assert a["counts"] == b["counts"] == {"test": 24}
     assert a["dead_letters"] == b["dead_letters"] == {"test": 2}
     assert _shard_bytes(tmp_path / "dir") == _shard_bytes(tmp_path / "tar")
-    # The first 10 files in sorted order: a/0..7, then b/0 and b/1.
+    # A seeded choice of 10 of the 26 files in sorted order, from every class (not the first
+    # 10, which a class-sorted listing would fill with two classes).
+    listing = ([f"test/a/{i}.png" for i in range(8)] + [f"test/b/{i}.png" for i in range(8)]
+               + ["test/b/corrupt.png"] + [f"test/c/{i}.png" for i in range(8)] + ["test/c/big.png"])
+    chosen = [listing[i] for i in data.random_indices(len(listing), 10, seed=0)]
+    assert {name.split("/")[1] for name in chosen} == {"a", "b", "c"}
     for name, path in (("dirlim", folder), ("tarlim", tarball)):
         meta = extract.run(autoencoder_dir, str(tmp_path / name),
                            DataConfig("image_folder", path=path, max_test=10), splits=["test"],
                            num_shards=1)
         ids = sorted(r["id"] for r in _read_records(str(tmp_path / name), "test", 8))
         assert meta["beam_counters"]["records_read"] == 10
-        assert ids == [f"test/a/{i}.png" for i in range(8)] + ["test/b/0.png", "test/b/1.png"]
+        assert ids == [n for n in chosen if n not in ("test/b/corrupt.png", "test/c/big.png")]
 
 
 def test_portable_runner_in_process_writes_the_direct_runners_bytes(autoencoder_dir, tmp_path,
