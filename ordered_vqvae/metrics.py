@@ -160,21 +160,37 @@ class DomainClassifier:
                    {"architecture": self.architecture, "num_classes": self.num_classes,
                     "accuracy": self.accuracy})
 
+    def evaluate(self, images, labels, batch_size: int = 500) -> float:
+        """The accuracy on labelled images, kept as `accuracy` (a cached classifier is
+        scored again on whatever test set a run uses)."""
+        logits = self.model.predict(np.asarray(images, np.float32), batch_size=batch_size,
+                                    verbose=0)
+        self.accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
+        return self.accuracy
+
     @classmethod
-    def load(cls, directory: str, image_shape,
-             num_classes: Optional[int] = None) -> "DomainClassifier":
-        """A classifier written by `save`; `num_classes` is needed only for files written
-        before the number of classes was recorded (the recorded number wins)."""
+    def load(cls, directory: str, image_shape) -> "DomainClassifier":
+        """A classifier written by `save` (files from before classifier.json recorded
+        num_classes give it by the width of their logits)."""
         with open(os.path.join(directory, CLASSIFIER_JSON)) as f:
             saved = json.load(f)
-        num_classes = saved.get("num_classes", num_classes)
-        if num_classes is None:
-            raise ValueError(f"{directory}/{CLASSIFIER_JSON} does not record num_classes; "
-                             "pass it to DomainClassifier.load")
+        weights = os.path.join(directory, "classifier.weights.h5")
+        num_classes = saved.get("num_classes") or _logits_width(weights)
         clf = cls(image_shape, num_classes, architecture=saved["architecture"])
-        clf.model.load_weights(os.path.join(directory, "classifier.weights.h5"))
+        clf.model.load_weights(weights)
         clf.accuracy = saved["accuracy"]
         return clf
+
+
+def _logits_width(weights_path: str) -> int:
+    """The number of outputs of the last Dense layer (the logits) in a Keras weights file,
+    whose groups are named by layer class and creation order: dense, dense_1, ..."""
+    import h5py
+
+    with h5py.File(weights_path, "r") as f:
+        names = [n for n in f["layers"] if n == "dense" or n.startswith("dense_")]
+        last = max(names, key=lambda n: 0 if n == "dense" else int(n[len("dense_"):]))
+        return int(f["layers"][last]["vars"]["1"].shape[0])
 
 
 class InceptionFeatures:

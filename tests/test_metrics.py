@@ -69,9 +69,13 @@ def test_domain_classifier_separates_real_digits_from_noise(tmp_path):
         np.random.default_rng(0).uniform(size=test.shape).astype(np.float32)))
     assert noise > 10 * same
     clf.save(str(tmp_path / "clf"))
-    again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (8, 8, 1), 10)
+    again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (8, 8, 1))
     np.testing.assert_allclose(again.features(test[:5]), real[:5], atol=1e-5)
     assert again.accuracy == accuracy
+    # Scored again on another test set: the share of its labels the logits' argmax gets.
+    assert again.evaluate(test[:100], yte[:100]) == pytest.approx(
+        np.mean(np.argmax(again.model.predict(test[:100], verbose=0), -1) == yte[:100]))
+    assert again.evaluate(test, yte) == pytest.approx(accuracy, abs=1e-6)
 
 
 def test_resnet_classifier_learns_colour_images_and_round_trips(tmp_path):
@@ -85,16 +89,13 @@ def test_resnet_classifier_learns_colour_images_and_round_trips(tmp_path):
     features = clf.features(x[500:])  # Inference: no flips or shifts, the same each call.
     np.testing.assert_array_equal(clf.features(x[500:]), features)
     clf.save(str(tmp_path / "clf"))
-    # The recorded number of classes wins over a caller's guess from a subset's labels.
-    again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3), 2)
+    again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3))
     assert again.architecture == "resnet" and again.accuracy == accuracy
     assert again.num_classes == 3
-    # A file from before the number was recorded takes the caller's, or names what is missing.
+    # A file from before the number was recorded: the logits' width in the weights gives it.
     path = tmp_path / "clf" / metrics.CLASSIFIER_JSON
     path.write_text(json.dumps({"architecture": "resnet", "accuracy": accuracy}))
-    assert metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3), 3).num_classes == 3
-    with pytest.raises(ValueError, match="does not record num_classes"):
-        metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3))
+    assert metrics.DomainClassifier.load(str(tmp_path / "clf"), (16, 16, 3)).num_classes == 3
     np.testing.assert_allclose(again.features(x[500:]), features, atol=1e-5)
     with pytest.raises(ValueError, match="architecture='vgg'"):
         metrics.DomainClassifier((16, 16, 3), 3, architecture="vgg")
