@@ -49,7 +49,7 @@ def test_ordered_unordered_time_channel_spatial_and_priority(tmp_path):
 
     cfg = _config(names)
     real = np.concatenate(list(cfg.base.data.image_batches("train", sample=300)))
-    test_x, test_y, _ = cfg.base.data.arrays("test")
+    test_x = cfg.base.data.arrays("test")[0]
     clf = metrics.DomainClassifier.load(os.path.join(workdir, "classifier"), test_x.shape[1:])
     ae = models.load_autoencoder(os.path.join(workdir, "variants", "ordered", "autoencoder"))
     recon = ae.decode(ae.encode(real), 4).numpy()

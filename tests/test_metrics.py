@@ -72,10 +72,9 @@ def test_domain_classifier_separates_real_digits_from_noise(tmp_path):
     again = metrics.DomainClassifier.load(str(tmp_path / "clf"), (8, 8, 1))
     np.testing.assert_allclose(again.features(test[:5]), real[:5], atol=1e-5)
     assert again.accuracy == accuracy
-    # Scored again on another test set: the share of its labels the logits' argmax gets.
-    assert again.evaluate(test[:100], yte[:100]) == pytest.approx(
-        np.mean(np.argmax(again.model.predict(test[:100], verbose=0), -1) == yte[:100]))
+    # Scored again: Keras's own accuracy from `fit` on the same images, chance on shifted labels.
     assert again.evaluate(test, yte) == pytest.approx(accuracy, abs=1e-6)
+    assert again.evaluate(test, (yte + 1) % 10) < 0.2 and again.accuracy < 0.2
 
 
 def test_resnet_classifier_learns_colour_images_and_round_trips(tmp_path):
