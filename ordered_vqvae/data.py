@@ -20,6 +20,7 @@ Nothing here downloads unless ``download=True`` is passed for a TFDS source.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import io
 import os
@@ -241,21 +242,8 @@ def folder_listing(root: str, split: str):
                     entries.append((rel, cls))
         all_classes = _class_dirs(root, split)
     elif is_tarball(root):
-        all_classes = set()
-        try:
-            with tf.io.gfile.GFile(root, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-                for member in tar:
-                    parts = member.name.rstrip("/").split("/")
-                    if member.isdir() and len(parts) >= 2 and parts[-2] == split:
-                        all_classes.add(parts[-1])
-                    if not member.isfile():
-                        continue
-                    cls = split_class(member.name, split)
-                    if cls is not None:
-                        all_classes.add(cls)
-                        entries.append((member.name, cls))
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise DataError(f"cannot read tarball {root!r}: {e}") from None
+        stat = tf.io.gfile.stat(root)
+        entries, all_classes = _tarball_listing(root, split, stat.length, stat.mtime_nsec)
     else:
         raise DataError(f"image folder {root!r} does not exist (expected a directory or a "
                         ".tar.gz of <split>/<class>/<image> files)")
@@ -268,6 +256,29 @@ def folder_listing(root: str, split: str):
         raise DataError(f"no images found under {root!r} for split {split!r}; expected "
                         f"<split>/<class>/<image> with extensions {IMAGE_EXTENSIONS}")
     return sorted(e[0] for e in entries), sorted(found)
+
+
+@functools.lru_cache(maxsize=8)
+def _tarball_listing(root: str, split: str, length: int, mtime_nsec: int):
+    """((member name, class) of the split's files, every class folder of the split) of a
+    tarball: one pass over the whole archive, so kept per file version (its size and
+    modification time), since picking a subset reads the listing again to read the split."""
+    entries, all_classes = [], set()
+    try:
+        with tf.io.gfile.GFile(root, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            for member in tar:
+                parts = member.name.rstrip("/").split("/")
+                if member.isdir() and len(parts) >= 2 and parts[-2] == split:
+                    all_classes.add(parts[-1])
+                if not member.isfile():
+                    continue
+                cls = split_class(member.name, split)
+                if cls is not None:
+                    all_classes.add(cls)
+                    entries.append((member.name, cls))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read tarball {root!r}: {e}") from None
+    return tuple(entries), frozenset(all_classes)
 
 
 def folder_patterns(root: str, split: str) -> list:

@@ -184,6 +184,25 @@ def test_image_folder_directory_and_tarball_agree(tmp_path):
         assert info.num_examples == 2
 
 
+def test_a_tarballs_listing_is_read_once_per_file_version(tmp_path, monkeypatch):
+    root = str(tmp_path / "imgs")
+    _make_folder(root)
+    tarball = str(tmp_path / "imgs.tar.gz")
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(data.tarfile, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    first = data.folder_listing(tarball, "train")
+    assert data.folder_listing(tarball, "train") == first and len(first[0]) == 6
+    assert len(opened) == 1
+    # Rewritten with one more image: a new size, so a new listing.
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(os.path.join(root, "train", "cat", "9.png"))
+    with real_open(tarball, "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    assert len(data.folder_listing(tarball, "train")[0]) == 7 and len(opened) == 2
+
+
 def test_image_folder_resize_center_crop_and_grayscale(tmp_path):
     root = str(tmp_path)
     _make_folder(root, sizes={("cat", 0): (10, 20)}, mode="L")
