@@ -190,11 +190,16 @@ def _samples_by_length(generator, lengths, n, seed, batch=250):
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def _codes_of(autoencoder, images, batch: int) -> np.ndarray:
+    """Codes int32 [N, K] of images [N, H, W, C], encoded `batch` at a time."""
+    return np.concatenate([autoencoder.encode(images[i:i + batch]).numpy()
+                           for i in range(0, len(images), batch)])
+
+
 def codebook_use(autoencoder, images, batch: int = 1000) -> dict:
     """How much of the codebook the codes of `images` use: the share of codewords that
     occur, and the perplexity exp(entropy) of their frequencies (1..codebook_size)."""
-    codes = np.concatenate([autoencoder.encode(images[i:i + batch]).numpy().ravel()
-                            for i in range(0, len(images), batch)])
+    codes = _codes_of(autoencoder, images, batch).ravel()
     counts = np.bincount(codes, minlength=autoencoder.codebook_size)
     p = counts[counts > 0] / counts.sum()
     return {"usage": float((counts > 0).mean()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
@@ -203,8 +208,7 @@ def codebook_use(autoencoder, images, batch: int = 1000) -> dict:
 def reconstruction_fd(autoencoder, clf, images, real_features, lengths, batch: int = 500) -> dict:
     """{k: domain FD of `images` reconstructed from their first k codes}: the distance the
     autoencoder alone leaves, with no prior (the floor's own images, so the two compare)."""
-    codes = np.concatenate([autoencoder.encode(images[i:i + batch]).numpy()
-                            for i in range(0, len(images), batch)])
+    codes = _codes_of(autoencoder, images, batch)
     out = {}
     for k in lengths:
         recon = np.concatenate([autoencoder.decode(codes[i:i + batch], k).numpy()
