@@ -68,6 +68,7 @@ class AutoencoderConfig:
     dead_code_steps: int = 0
     truncation: str = "uniform_per_example"
     full_code_share: float = 0.0   # Share of examples that keep all K codes in training.
+    length_power: float = 0.0      # P(k) in training tilted by k^length_power (0: as drawn).
     min_codes: int = 1
     geometric_p: float = 0.1
     fill: str = "learned"
@@ -98,6 +99,7 @@ class AutoencoderConfig:
         check_between("min_codes", self.min_codes, 1, self.code_length)
         check_between("geometric_p", self.geometric_p, 0.0, 1.0, low_open=True, high_open=True)
         check_between("full_code_share", self.full_code_share, 0.0, 1.0, high_open=True)
+        check_between("length_power", self.length_power, 0.0, 16.0)
 
     @property
     def latent_hw(self) -> Tuple[int, int]:

@@ -273,7 +273,8 @@ class OrderedVQVAE(_Ordered):
         truncation = NestedTruncation(config.code_length, distribution=config.truncation,
                                       min_codes=config.min_codes, geometric_p=config.geometric_p,
                                       fill=config.fill, seed=config.seed,
-                                      full_code_share=config.full_code_share, dtype="float32",
+                                      full_code_share=config.full_code_share,
+                                      length_power=config.length_power, dtype="float32",
                                       name="truncation")
         kwargs.setdefault("dtype", "float32")
         super().__init__(build_encoder(config), build_decoder(config), truncation,

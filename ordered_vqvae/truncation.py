@@ -22,6 +22,9 @@ class NestedTruncation(keras.layers.Layer):
       geometric: one k per example, P(k) proportional to (1 - p)^(k - min_codes).
       all: every k (the paper's exact objective); the model evaluates all prefixes and
         this layer supplies them (`prefix_lengths`); `call` alone then keeps all K.
+    `length_power` a tilts any of them toward long prefixes: P(k) is multiplied by k^a (a = 0
+    leaves it as it is), so that later positions train more often (keep probability about
+    1 - (j/K)^(a+1) for uniform k instead of 1 - j/K).
     `full_code_share` s mixes k = K into the distribution: P(k) = (1 - s) P(k) + s [k = K], so
     that a fixed share of examples trains the whole code (with `all`, P(k) weighs the loss
     of each prefix).
@@ -31,14 +34,16 @@ class NestedTruncation(keras.layers.Layer):
 
     def __init__(self, code_length: int, distribution: str = "uniform", min_codes: int = 1,
                  geometric_p: float = 0.1, fill: str = "zeros", seed: int = 0,
-                 full_code_share: float = 0.0, **kwargs):
+                 full_code_share: float = 0.0, length_power: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         check_choice("distribution", distribution, DISTRIBUTIONS)
         check_choice("fill", fill, FILLS)
         check_between("min_codes", min_codes, 1, code_length)
         check_between("geometric_p", geometric_p, 0.0, 1.0, low_open=True, high_open=True)
         check_between("full_code_share", full_code_share, 0.0, 1.0, high_open=True)
+        check_between("length_power", length_power, 0.0, 16.0)
         self.full_code_share = float(full_code_share)
+        self.length_power = float(length_power)
         self.code_length = int(code_length)
         self.distribution = distribution
         self.min_codes = int(min_codes)
@@ -68,6 +73,7 @@ class NestedTruncation(keras.layers.Layer):
             p = np.where(k >= self.min_codes, (1 - self.geometric_p) ** (k - self.min_codes), 0.0)
         else:
             p = (k >= self.min_codes).astype(np.float64)
+        p = p * k.astype(np.float64) ** self.length_power
         p = p / p.sum()
         return (1 - self.full_code_share) * p + self.full_code_share * (k == self.code_length)
 
@@ -128,5 +134,6 @@ class NestedTruncation(keras.layers.Layer):
         config = super().get_config()
         config.update(code_length=self.code_length, distribution=self.distribution,
                       min_codes=self.min_codes, geometric_p=self.geometric_p, fill=self.fill,
-                      seed=self.seed, full_code_share=self.full_code_share)
+                      seed=self.seed, full_code_share=self.full_code_share,
+                      length_power=self.length_power)
         return config

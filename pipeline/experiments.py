@@ -82,15 +82,17 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
             "ordering_price", "prior_size"} & set(cfg.names):
         out["ordered"] = variant()
     if {"ordered_vs_unordered", "ordering_price"} & set(cfg.names):
-        out["unordered"] = variant(truncation="none", full_code_share=0.0, fill="zeros")
+        out["unordered"] = variant(truncation="none", full_code_share=0.0, fill="zeros",
+                                   length_power=0.0)
     if "ordering_price" in cfg.names:
         # Each ingredient alone on the paper's recipe (uniform k, zeros fill, no full-code
-        # share), then the learned fill with full-code shares; all at the same epochs as
-        # "ordered" except "longer".
+        # share), then the learned fill with full-code shares or with P(k) tilted by k^power
+        # toward long prefixes; all at the same epochs as "ordered" except "longer".
         e = ae.epochs
 
         def paper(**overrides):
-            return variant(**{"full_code_share": 0.0, "fill": "zeros", **overrides})
+            return variant(**{"full_code_share": 0.0, "fill": "zeros", "length_power": 0.0,
+                               **overrides})
 
         out["price-paper"] = paper()
         out["price-pretrain"] = paper(pretrain_epochs=e // 2, epochs=e - e // 2)
@@ -101,6 +103,8 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
         for share in (0.5, 0.75, 0.9):
             out[f"price-learned_share_{round(100 * share)}"] = paper(fill="learned",
                                                                      full_code_share=share)
+        for power in (1, 2):
+            out[f"price-learned_power_{power}"] = paper(fill="learned", length_power=power)
     if "prior_size" in cfg.names:
         for name, overrides in PRIOR_STUDY:
             prior = base.prior.replace(**overrides(base.prior))
@@ -124,7 +128,7 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
                 ("ablate-wide", dict(truncation="uniform_per_example",
                                      hidden=tuple(h * 2 for h in ae.hidden)))):
             out[name] = dataclasses.replace(small, autoencoder=ae.replace(
-                epochs=epochs, full_code_share=0.0, fill="zeros", **overrides))
+                epochs=epochs, full_code_share=0.0, fill="zeros", length_power=0.0, **overrides))
     return out
 
 

@@ -171,9 +171,19 @@ def _asdict(value) -> dict:
     return dataclasses.asdict(value)
 
 
+# Autoencoder fields added after workdirs existed, with the value that trains as before: at that
+# value they stay out of the stage's inputs, so those workdirs keep their cached stages.
+_LATER_AUTOENCODER_FIELDS = {"length_power": 0.0}
+
+
+def _autoencoder_inputs(config) -> dict:
+    d = _asdict(config)
+    return {k: v for k, v in d.items() if _LATER_AUTOENCODER_FIELDS.get(k, object()) != v}
+
+
 STAGES: Tuple[Stage, ...] = (
     Stage("autoencoder", "train_autoencoder", "autoencoder", (),
-          lambda c: {"data": c.data.cache_inputs(), "autoencoder": _asdict(c.autoencoder)},
+          lambda c: {"data": c.data.cache_inputs(), "autoencoder": _autoencoder_inputs(c.autoencoder)},
           _train_autoencoder, "train the ordered VQ-VAE on the images",
           ("data", "autoencoder", "training")),
     Stage("extract", "extract", "codes", ("autoencoder",),

@@ -54,6 +54,24 @@ def test_a_full_code_share_mixes_k_equal_K_into_the_draw():
                                .length_probabilities(), [0.2, 0.2, 0.2, 0.4])
 
 
+def test_a_length_power_tilts_the_draw_toward_long_prefixes():
+    layer = _layer(4, distribution="uniform_per_example", length_power=1.0)
+    np.testing.assert_allclose(layer.length_probabilities(), [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+    freq = np.bincount(_sample(layer), minlength=5)[1:] / 20000
+    np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4], atol=0.015)
+    np.testing.assert_allclose(layer.keep_probabilities(), [1, 0.9, 0.7, 0.4])
+    # With min_codes, a full-code share and the other distributions: k^a times their P(k).
+    np.testing.assert_allclose(
+        _layer(4, distribution="all", min_codes=2, length_power=2.0, full_code_share=0.5)
+        .length_probabilities(), [0, 0.5 * 4 / 29, 0.5 * 9 / 29, 0.5 * 16 / 29 + 0.5])
+    p = np.array([1, 2 * 0.5, 3 * 0.25])
+    np.testing.assert_allclose(_layer(3, distribution="geometric", geometric_p=0.5,
+                                      length_power=1.0).length_probabilities(), p / p.sum())
+    for bad in (-1.0, float("nan"), 17.0):
+        with pytest.raises(ValueError, match=f"length_power={bad}, expected 0.0 <= "):
+            NestedTruncation(4, length_power=bad)
+
+
 def test_uniform_draws_one_length_per_batch_and_covers_the_range():
     layer = _layer(5, distribution="uniform", min_codes=2)
     seen = set()
@@ -109,5 +127,6 @@ def test_num_codes_out_of_range_and_bad_arguments():
 
 def test_config_round_trip():
     layer = NestedTruncation(7, distribution="geometric", min_codes=2, geometric_p=0.2,
-                             fill="learned", seed=4, full_code_share=0.25, name="t")
+                             fill="learned", seed=4, full_code_share=0.25, length_power=1.5,
+                             name="t")
     assert NestedTruncation.from_config(layer.get_config()).get_config() == layer.get_config()
