@@ -54,14 +54,18 @@ def save_image_rows(rows: Sequence[np.ndarray], labels: Sequence[str], path: str
     return path
 
 
-def save_curves(curves: Dict[str, Dict[float, float]], path: str, xlabel: str, ylabel: str,
-                title: str = "", logy: bool = False) -> str:
-    """Line plot of {name: {x: y}}; writes a PNG."""
+def curves_figure(curves: Dict[str, Dict[float, float]], xlabel: str, ylabel: str,
+                  title: str = "", logy: bool = False):
+    """A matplotlib figure plotting {name: {x: y}}. Past ten curves the colours repeat with
+    another line style and marker, and past five the legend stands beside the axes."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, points in curves.items():
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, points) in enumerate(curves.items()):
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+        turn = i // len(colours)
+        ax.plot(xs, [points[x] for x in xs], color=colours[i % len(colours)],
+                linestyle=("-", "--", ":")[turn % 3], marker="osD"[turn % 3], label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
@@ -69,7 +73,17 @@ def save_curves(curves: Dict[str, Dict[float, float]], path: str, xlabel: str, y
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(curves) > 5:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    else:
+        ax.legend()
+    return fig
+
+
+def save_curves(curves: Dict[str, Dict[float, float]], path: str, xlabel: str, ylabel: str,
+                title: str = "", logy: bool = False) -> str:
+    """`curves_figure` written to a PNG at `path`."""
+    fig = curves_figure(curves, xlabel, ylabel, title, logy)
     _atomic_savefig(fig, path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path

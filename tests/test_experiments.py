@@ -93,7 +93,8 @@ def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_pa
     assert list(price) == ["ordered", "price-paper", "price-pretrain", "price-full_share",
                            "price-full_share_90", "price-ema_restarts", "price-longer",
                            "price-learned_share_50", "price-learned_share_75",
-                           "price-learned_share_90"]
+                           "price-learned_share_90", "price-learned_power_1",
+                           "price-learned_power_2"]
     K = results["code_length"]
     unordered = results["variants"]["unordered"]
     for name, goals in price.items():
@@ -114,6 +115,9 @@ def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_pa
                                          "autoencoder.json")))
     assert (config["pretrain_epochs"], config["epochs"]) == (1, 2)
     assert (config["full_code_share"], config["fill"]) == (0.0, "zeros")  # The paper's recipe.
+    config = json.load(open(os.path.join(workdir, "variants", "price-learned_power_2",
+                                         "autoencoder", "autoencoder.json")))
+    assert (config["length_power"], config["fill"], config["full_code_share"]) == (2, "learned", 0)
     assert os.path.getsize(os.path.join(workdir, "experiments", "price_fd.png")) > 100
 
 
@@ -177,3 +181,21 @@ def test_a_prior_variant_recopies_the_ordered_models_stages_when_they_change(tmp
     finish(source, "second")  # The ordered model was retrained.
     experiments._share_upstream(source, target)
     assert held(target) == held(source) and held(target)[0][1] == "second"
+
+
+def test_many_curves_stay_apart_and_their_legend_beside_the_axes():
+    from ordered_vqvae import figures
+
+    curves = {f"v{i}": {1: i + 1.0, 2: i + 2.0} for i in range(13)}
+    fig = figures.curves_figure(curves, "k", "FD", logy=True)
+    ax = fig.axes[0]
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.lines}
+    assert len(ax.lines) == 13 and len(styles) == 13
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == list(curves)
+    fig.canvas.draw()
+    assert legend.get_window_extent().x0 > ax.get_window_extent().x1  # Right of the axes.
+    few = figures.curves_figure({"a": {1: 1.0}, "b": {1: 2.0}}, "k", "FD").axes[0]
+    few.figure.canvas.draw()
+    assert few.get_legend().get_window_extent().x1 <= few.get_window_extent().x1
+    figures._pyplot().close("all")

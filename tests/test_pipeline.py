@@ -1,5 +1,6 @@
 """The end-to-end pipeline, its caching, the SavedModel contract and the CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,6 +58,20 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(workdir, capsys):
     # A damaged artifact is not taken as finished.
     os.remove(os.path.join(workdir, "prior", "prior.weights.h5"))
     assert not stages._is_current(workdir, stages.BY_NAME["prior"], workdir_module.read_manifest(workdir, "prior")["input_hash"])
+
+
+def test_a_field_added_later_keeps_old_workdirs_cached_at_its_neutral_value(workdir):
+    config = tiny_config()
+    spec = stages.BY_NAME["autoencoder"]
+    inputs = stages.stage_inputs(config, workdir, spec)
+    assert config.autoencoder.length_power == 0.0 and "length_power" not in inputs["autoencoder"]
+    # So the hash is the one a workdir written before the field holds, and the run is current.
+    assert workdir_module.input_hash(inputs) == workdir_module.read_manifest(
+        workdir, "autoencoder")["input_hash"]
+    tilted = dataclasses.replace(config, autoencoder=config.autoencoder.replace(length_power=1.0))
+    inputs = stages.stage_inputs(tilted, workdir, spec)
+    assert inputs["autoencoder"]["length_power"] == 1.0
+    assert not stages._is_current(workdir, spec, workdir_module.input_hash(inputs))
 
 
 def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
