@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import keras
 import numpy as np
@@ -131,6 +131,7 @@ class DomainClassifier:
         logits = keras.layers.Dense(num_classes, name="logits")(keras.layers.Dropout(0.3)(features))
         self.model = keras.Model(inputs, logits)
         self.features_model = keras.Model(inputs, features)
+        self._both = keras.Model(inputs, [features, logits])
         self.accuracy: Optional[float] = None
 
     def fit(self, images, labels, test_images, test_labels, epochs: int = 3,
@@ -160,13 +161,14 @@ class DomainClassifier:
                    {"architecture": self.architecture, "num_classes": self.num_classes,
                     "accuracy": self.accuracy})
 
-    def evaluate(self, images, labels, batch_size: int = 500) -> float:
-        """The accuracy on labelled images, kept as `accuracy` (a cached classifier is
-        scored again on whatever test set a run uses)."""
-        logits = self.model.predict(np.asarray(images, np.float32), batch_size=batch_size,
-                                    verbose=0)
+    def evaluate(self, images, labels, batch_size: int = 500) -> Tuple[float, np.ndarray]:
+        """(accuracy, features) of labelled images from one pass; the accuracy is kept as
+        `accuracy` (a cached classifier is scored again on whatever test set a run uses, whose
+        features the FD needs too)."""
+        features, logits = self._both.predict(np.asarray(images, np.float32),
+                                              batch_size=batch_size, verbose=0)
         self.accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
-        return self.accuracy
+        return self.accuracy, features
 
     @classmethod
     def load(cls, directory: str, image_shape) -> "DomainClassifier":

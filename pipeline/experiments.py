@@ -155,19 +155,18 @@ def _share_upstream(source: str, target: str) -> None:
 CLASSIFIER_EPOCHS = {"cnn": 3, "resnet": 15}
 
 
-def _classifier(cfg: ExperimentConfig, workdir: str, test,
-                verbose: int = 0) -> metrics.DomainClassifier:
-    """The domain classifier, cached in the workdir; trained on the whole training split
-    (whatever max_train the variants use)."""
+def _classifier(cfg: ExperimentConfig, workdir: str, test, verbose: int = 0):
+    """(the domain classifier, its features of the test images). The classifier is cached in
+    the workdir; it trains on the whole training split (whatever max_train the variants use)."""
     test_x, test_y, _ = test
     path = os.path.join(workdir, "classifier")
     shape = test_x.shape[1:]
     if os.path.exists(os.path.join(path, metrics.CLASSIFIER_JSON)):
         clf = metrics.DomainClassifier.load(path, shape)
-        print(f"[experiments] domain classifier from {path}: test accuracy "
-              f"{clf.evaluate(test_x, test_y):.4f} on this run's {len(test_x)} test images",
-              flush=True)
-        return clf
+        accuracy, features = clf.evaluate(test_x, test_y)
+        print(f"[experiments] domain classifier from {path}: test accuracy {accuracy:.4f} on "
+              f"this run's {len(test_x)} test images", flush=True)
+        return clf, features
     train_x, train_y, _ = dataclasses.replace(cfg.base.data, max_train=None).arrays("train")
     clf = metrics.DomainClassifier(shape, int(max(train_y.max(), test_y.max())) + 1)
     epochs = cfg.classifier_epochs or CLASSIFIER_EPOCHS[clf.architecture]
@@ -176,7 +175,7 @@ def _classifier(cfg: ExperimentConfig, workdir: str, test,
     accuracy = clf.fit(train_x, train_y, test_x, test_y, epochs=epochs, verbose=verbose)
     print(f"[experiments] domain classifier test accuracy {accuracy:.4f}", flush=True)
     clf.save(path)
-    return clf
+    return clf, clf.features(test_x)
 
 
 def _generator(workdir: str) -> ImageGenerator:
@@ -256,8 +255,7 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
 
     test = cfg.base.data.arrays("test")
     test_x = test[0]
-    clf = _classifier(cfg, workdir, test, verbose)
-    real_features = clf.features(test_x)
+    clf, real_features = _classifier(cfg, workdir, test, verbose)
     # The floor: as many real training images as samples, against the same test features.
     real = np.concatenate(list(cfg.base.data.image_batches("train", sample=cfg.eval_samples)))
     real_fd = metrics.frechet_distance_of(clf.features(real), real_features)
