@@ -177,13 +177,14 @@ _LATER_AUTOENCODER_FIELDS = {"length_power": 0.0}
 
 
 def _autoencoder_inputs(config) -> dict:
-    d = _asdict(config)
-    return {k: v for k, v in d.items() if _LATER_AUTOENCODER_FIELDS.get(k, object()) != v}
+    later = _LATER_AUTOENCODER_FIELDS
+    return {k: v for k, v in _asdict(config).items() if not (k in later and v == later[k])}
 
 
 STAGES: Tuple[Stage, ...] = (
     Stage("autoencoder", "train_autoencoder", "autoencoder", (),
-          lambda c: {"data": c.data.cache_inputs(), "autoencoder": _autoencoder_inputs(c.autoencoder)},
+          lambda c: {"data": c.data.cache_inputs(),
+                     "autoencoder": _autoencoder_inputs(c.autoencoder)},
           _train_autoencoder, "train the ordered VQ-VAE on the images",
           ("data", "autoencoder", "training")),
     Stage("extract", "extract", "codes", ("autoencoder",),

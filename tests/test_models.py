@@ -214,10 +214,16 @@ def test_artifacts_written_with_the_old_vocabulary_still_load(tmp_path):
     del old["fill"]
     json.dump(old, open(config_path, "w"))
     assert models.load_autoencoder(path).config.fill == "zeros"
+    # One that names no length_power drew k untilted.
+    del old["length_power"]
+    json.dump(old, open(config_path, "w"))
+    assert models.load_autoencoder(path).truncation.length_power == 0.0
 
 
 def test_config_round_trip_and_weights_save_load(tmp_path):
-    model = models.OrderedVQVAE(TINY.replace(fill="learned", truncation="geometric"))
+    model = models.OrderedVQVAE(TINY.replace(fill="learned", truncation="geometric",
+                                             length_power=1.5))
+    assert model.truncation.length_power == 1.5
     x = tf.random.stateless_uniform((2, 8, 8, 1), seed=(3, 4))
     model(x)
     clone = models.OrderedVQVAE.from_config(model.get_config())
