@@ -124,6 +124,12 @@ class AutoencoderConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def cache_inputs(self) -> dict:
+        """The fields a pipeline's cache hashes. Fields added after workdirs existed are left
+        out at the value that trains as before, so those workdirs keep their cached stages."""
+        later = {"length_power": 0.0}
+        return {k: v for k, v in self.to_dict().items() if not (k in later and v == later[k])}
+
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderConfig":
         """The inverse of `to_dict`; also reads the keys of artifacts written before the

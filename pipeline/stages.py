@@ -171,20 +171,9 @@ def _asdict(value) -> dict:
     return dataclasses.asdict(value)
 
 
-# Autoencoder fields added after workdirs existed, with the value that trains as before: at that
-# value they stay out of the stage's inputs, so those workdirs keep their cached stages.
-_LATER_AUTOENCODER_FIELDS = {"length_power": 0.0}
-
-
-def _autoencoder_inputs(config) -> dict:
-    later = _LATER_AUTOENCODER_FIELDS
-    return {k: v for k, v in _asdict(config).items() if not (k in later and v == later[k])}
-
-
 STAGES: Tuple[Stage, ...] = (
     Stage("autoencoder", "train_autoencoder", "autoencoder", (),
-          lambda c: {"data": c.data.cache_inputs(),
-                     "autoencoder": _autoencoder_inputs(c.autoencoder)},
+          lambda c: {"data": c.data.cache_inputs(), "autoencoder": c.autoencoder.cache_inputs()},
           _train_autoencoder, "train the ordered VQ-VAE on the images",
           ("data", "autoencoder", "training")),
     Stage("extract", "extract", "codes", ("autoencoder",),
