@@ -47,6 +47,9 @@ PRIOR_STUDY = (
     ("prior-no_dropout", lambda p: dict(dropout=0.0)),
     ("prior-all_sequences", lambda p: dict(max_train_sequences=0)),
 )
+# The paper's recipe on top of any truncation: zeros fill, no full-code share, P(k) untilted.
+# The unordered model, the price study's "paper" recipes and the ablations all start from it.
+PAPER_RECIPE = dict(full_code_share=0.0, fill="zeros", length_power=0.0)
 # The ordering-price experiment's goals: (label, ratio of two FDs or MSEs, at most). Keys are
 # "fd"/"mse" at a fraction of K, of the variant or of the unordered model ("u_").
 PRICE_GOALS = (
@@ -82,8 +85,7 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
             "ordering_price", "prior_size"} & set(cfg.names):
         out["ordered"] = variant()
     if {"ordered_vs_unordered", "ordering_price"} & set(cfg.names):
-        out["unordered"] = variant(truncation="none", full_code_share=0.0, fill="zeros",
-                                   length_power=0.0)
+        out["unordered"] = variant(truncation="none", **PAPER_RECIPE)
     if "ordering_price" in cfg.names:
         # Each ingredient alone on the paper's recipe (uniform k, zeros fill, no full-code
         # share), then the learned fill with full-code shares or with P(k) tilted by k^power
@@ -91,8 +93,7 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
         e = ae.epochs
 
         def paper(**overrides):
-            return variant(**{"full_code_share": 0.0, "fill": "zeros", "length_power": 0.0,
-                               **overrides})
+            return variant(**{**PAPER_RECIPE, **overrides})
 
         out["price-paper"] = paper()
         out["price-pretrain"] = paper(pretrain_epochs=e // 2, epochs=e - e // 2)
@@ -128,7 +129,7 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
                 ("ablate-wide", dict(truncation="uniform_per_example",
                                      hidden=tuple(h * 2 for h in ae.hidden)))):
             out[name] = dataclasses.replace(small, autoencoder=ae.replace(
-                epochs=epochs, full_code_share=0.0, fill="zeros", length_power=0.0, **overrides))
+                epochs=epochs, **PAPER_RECIPE, **overrides))
     return out
 
 
