@@ -234,13 +234,15 @@ def folder_listing(root: str, split: str):
     a missing root, empty class folders or no images."""
     entries = []
     if tf.io.gfile.isdir(root):
-        for dirpath, _, files in tf.io.gfile.walk(root):
+        all_classes = set()
+        for dirpath, subdirs, files in tf.io.gfile.walk(root):
+            if os.path.basename(os.path.normpath(dirpath)) == split:
+                all_classes.update(subdirs)
             for name in files:
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
                 cls = split_class(rel, split)
                 if cls is not None:
                     entries.append((rel, cls))
-        all_classes = _class_dirs(root, split)
     elif is_tarball(root):
         stat = tf.io.gfile.stat(root)
         entries, all_classes = _tarball_listing(root, split, stat.length, stat.mtime_nsec)
@@ -288,14 +290,6 @@ def folder_patterns(root: str, split: str) -> list:
         if os.path.basename(os.path.normpath(dirpath)) == split:
             patterns += [os.path.join(dirpath, d, "*") for d in sorted(subdirs)]
     return patterns
-
-
-def _class_dirs(root: str, split: str) -> set:
-    classes = set()
-    for dirpath, subdirs, _ in tf.io.gfile.walk(root):
-        if os.path.basename(os.path.normpath(dirpath)) == split:
-            classes.update(subdirs)
-    return classes
 
 
 def _probe_image(data: bytes, name: str):
