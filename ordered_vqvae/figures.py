@@ -80,10 +80,34 @@ def curves_figure(curves: Dict[str, Dict[float, float]], xlabel: str, ylabel: st
     return fig
 
 
-def save_curves(curves: Dict[str, Dict[float, float]], path: str, xlabel: str, ylabel: str,
-                title: str = "", logy: bool = False) -> str:
-    """`curves_figure` written to a PNG at `path`."""
-    fig = curves_figure(curves, xlabel, ylabel, title, logy)
+def scatter_figure(points: Dict[str, Sequence[float]], xlabel: str, ylabels: Sequence[str],
+                   title: str = ""):
+    """A matplotlib figure of named points {name: (x, y_1, ..., y_n)}: one panel per y, each
+    point labelled with its name, so that variants can be told apart without a legend."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ylabels), figsize=(4.5 * len(ylabels), 3.8), squeeze=False)
+    for j, (ax, ylabel) in enumerate(zip(axes[0], ylabels)):
+        for name, values in points.items():
+            ax.plot(values[0], values[j + 1], "o", color="C0", markersize=4)
+            ax.annotate(name, (values[0], values[j + 1]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=6)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str) -> str:
+    """Writes a matplotlib figure to a PNG at `path` (atomically) and closes it."""
     _atomic_savefig(fig, path)
     _pyplot().close(fig)
     return path
+
+
+def save_curves(curves: Dict[str, Dict[float, float]], path: str, xlabel: str, ylabel: str,
+                title: str = "", logy: bool = False) -> str:
+    """`curves_figure` written to a PNG at `path`."""
+    return save_figure(curves_figure(curves, xlabel, ylabel, title, logy), path)

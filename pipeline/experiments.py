@@ -104,7 +104,7 @@ def _variant_configs(cfg: ExperimentConfig) -> Dict[str, PipelineConfig]:
         for share in (0.5, 0.75, 0.9):
             out[f"price-learned_share_{round(100 * share)}"] = paper(fill="learned",
                                                                      full_code_share=share)
-        for power in (1, 2):
+        for power in (1, 2, 5):
             out[f"price-learned_power_{power}"] = paper(fill="learned", length_power=power)
     if "prior_size" in cfg.names:
         for name, overrides in PRIOR_STUDY:
@@ -360,6 +360,12 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
             figs.append(figures.save_curves({n: r["mse"] for n, r in price.items()},
                                             os.path.join(tmp, "price_mse.png"), "codes kept (k)",
                                             "test MSE", "The price of ordering: MSE", logy=True))
+            K = results["code_length"]
+            figs.append(figures.save_figure(figures.scatter_figure(
+                {n: (r["val_bits_per_code"], r["mse"][K], r["fd"][K]) for n, r in price.items()},
+                "prior's validation bits per code", (f"test MSE at k={K}", f"domain FD at k={K}"),
+                "The price of ordering against the codes' rate"),
+                os.path.join(tmp, "price_rate.png")))
         if "prior_size" in cfg.names:
             study = {n: results["variants"][n] for n in _with_ordered(variants, "prior-")}
             figs.append(figures.save_curves({n: r["fd"] for n, r in study.items()},
@@ -512,4 +518,5 @@ def _price_markdown(results: dict, variants: Dict[str, PipelineConfig]) -> List[
     for name, goals in price.items():
         lines.append(f"| {name} | " + " | ".join(
             f"{g['ratio']:.2f}" + ("" if g["met"] else " (no)") for g in goals.values()) + " |")
-    return lines + ["", "![FD](price_fd.png) ![MSE](price_mse.png)", ""]
+    return lines + ["", "![FD](price_fd.png) ![MSE](price_mse.png) "
+                     "![MSE and FD against bits per code](price_rate.png)", ""]

@@ -94,7 +94,7 @@ def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_pa
                            "price-full_share_90", "price-ema_restarts", "price-longer",
                            "price-learned_share_50", "price-learned_share_75",
                            "price-learned_share_90", "price-learned_power_1",
-                           "price-learned_power_2"]
+                           "price-learned_power_2", "price-learned_power_5"]
     K = results["code_length"]
     unordered = results["variants"]["unordered"]
     for name, goals in price.items():
@@ -118,7 +118,8 @@ def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_pa
     config = json.load(open(os.path.join(workdir, "variants", "price-learned_power_2",
                                          "autoencoder", "autoencoder.json")))
     assert (config["length_power"], config["fill"], config["full_code_share"]) == (2, "learned", 0)
-    assert os.path.getsize(os.path.join(workdir, "experiments", "price_fd.png")) > 100
+    for figure in ("price_fd.png", "price_rate.png"):
+        assert os.path.getsize(os.path.join(workdir, "experiments", figure)) > 100
 
 
 @pytest.mark.slow  # Seven priors: `make test` runs it, Bazel's fast subset does not.
@@ -198,4 +199,19 @@ def test_many_curves_stay_apart_and_their_legend_beside_the_axes():
     few = figures.curves_figure({"a": {1: 1.0}, "b": {1: 2.0}}, "k", "FD").axes[0]
     few.figure.canvas.draw()
     assert few.get_legend().get_window_extent().x1 <= few.get_window_extent().x1
+    figures._pyplot().close("all")
+
+
+def test_scatter_figure_puts_every_named_point_in_every_panel():
+    from ordered_vqvae import figures
+
+    points = {"unordered": (4.56, 0.0043, 36.8), "ordered": (3.39, 0.0068, 11.7),
+              "k^5": (4.57, 0.0046, 31.7)}
+    fig = figures.scatter_figure(points, "bits per code", ("MSE", "FD"), "rate")
+    assert len(fig.axes) == 2
+    for j, ax in enumerate(fig.axes):
+        assert ax.get_ylabel() == ("MSE", "FD")[j]
+        assert [t.get_text() for t in ax.texts] == list(points)
+        plotted = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines]
+        assert plotted == [(v[0], v[j + 1]) for v in points.values()]
     figures._pyplot().close("all")
