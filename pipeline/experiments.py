@@ -362,7 +362,8 @@ def run(cfg: ExperimentConfig, workdir: str, verbose: int = 0) -> dict:
                                             "test MSE", "The price of ordering: MSE", logy=True))
             K = results["code_length"]
             figs.append(figures.save_figure(figures.scatter_figure(
-                {n: (r["val_bits_per_code"], r["mse"][K], r["fd"][K]) for n, r in price.items()},
+                {n.removeprefix("price-"): (r["val_bits_per_code"], r["mse"][K], r["fd"][K])
+                 for n, r in price.items()},
                 "prior's validation bits per code", (f"test MSE at k={K}", f"domain FD at k={K}"),
                 "The price of ordering against the codes' rate"),
                 os.path.join(tmp, "price_rate.png")))
