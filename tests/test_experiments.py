@@ -86,6 +86,7 @@ def test_ablations_cover_every_truncation_and_two_sizes(tmp_path):
         assert os.path.exists(os.path.join(str(tmp_path / "exp"), "experiments", png))
 
 
+@pytest.mark.slow  # Fourteen variants: `make test` runs it, Bazel's fast subset does not.
 def test_ordering_price_compares_variants_on_one_budget_against_the_goals(tmp_path):
     workdir = str(tmp_path / "exp")
     results = experiments.run(_config(("ordering_price",)), workdir)
