@@ -1,7 +1,8 @@
-"""How far a bfloat16 prior drifts from its float32 reference, on a trained pipeline workdir.
+"""How far a prior's bfloat16 copies drift from its float32 reference, on a trained workdir.
 
-Loads the workdir's prior twice (`load_prior(dtype="float32")` and `dtype="bfloat16"`) and
-prints, float32 against bfloat16:
+Loads the workdir's prior in each of `load_prior`'s dtypes ("float32", "bfloat16":
+everything in bfloat16, "bfloat16_weights": bfloat16 projection kernels only) and prints,
+each copy against float32:
   1. bits per code of the workdir's test codes;
   2. the share of sampled codes that agree when both sample from the same seeds (the random
      streams are counter-based, so only the logits differ), at each position decile;
@@ -42,15 +43,19 @@ def main():
         stages.artifact_path(args.workdir, "extract"), "test")))
     print(f"prior: {args.workdir}, K={K}; {len(test_codes)} test code sequences")
     bits = {d: g.prior.bits_per_code(test_codes) for d, g in generators.items()}
-    print(f"1. bits per code of the test codes: float32 {bits['float32']:.4f}, bfloat16 "
-          f"{bits['bfloat16']:.4f} ({bits['bfloat16'] - bits['float32']:+.4f})")
+    copies = [d for d in PRIOR_DTYPES if d != "float32"]
+    print(f"1. bits per code of the test codes: float32 {bits['float32']:.4f}; " + "; ".join(
+        f"{d} {bits[d]:.4f} ({bits[d] - bits['float32']:+.4f})" for d in copies))
     codes = {d: np.concatenate([g.sample_codes(min(250, args.samples - s), K, seed=s).numpy()
                                 for s in range(0, args.samples, 250)])
              for d, g in generators.items()}
-    same = codes["float32"] == codes["bfloat16"]
-    deciles = ", ".join(f"{same[:, K * i // 10:K * (i + 1) // 10].mean():.2f}" for i in range(10))
-    print(f"2. sampled codes equal under the same seeds: {same.mean():.3f} of all; rows equal "
-          f"in full: {same.all(axis=1).mean():.3f}; by position decile: {deciles}")
+    for d in copies:
+        same = codes["float32"] == codes[d]
+        deciles = ", ".join(f"{same[:, K * i // 10:K * (i + 1) // 10].mean():.2f}"
+                            for i in range(10))
+        print(f"2. {d}: sampled codes equal to float32's under the same seeds: "
+              f"{same.mean():.3f} of all; rows equal in full: {same.all(axis=1).mean():.3f}; "
+              f"by position decile: {deciles}")
     if not (args.classifier and args.data_path):
         return
     test_x, test_y, _ = data.to_numpy(data.load(args.dataset, "test", path=args.data_path)[0])
@@ -59,8 +64,8 @@ def main():
     for k in (K // 4, K):
         fd = {d: metrics.frechet_distance_of(
             clf.features(generators[d].decode(codes[d], k).numpy()), real) for d in PRIOR_DTYPES}
-        print(f"3. domain FD at k={k}: float32 {fd['float32']:.2f}, bfloat16 {fd['bfloat16']:.2f} "
-              f"(classifier accuracy {clf.accuracy:.4f})")
+        print(f"3. domain FD at k={k}: " + ", ".join(f"{d} {fd[d]:.2f}" for d in PRIOR_DTYPES)
+              + f" (classifier accuracy {clf.accuracy:.4f})")
 
 
 if __name__ == "__main__":

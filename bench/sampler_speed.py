@@ -13,9 +13,10 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
      at which batch 1 streams the weights (every step reads all of them), and the rate of
      one step's projections alone (the prior's own weight matrices, chained) with and
      without XLA: the ceiling XLA's dots set for the sampler at that batch;
-  6. the bfloat16 prior (`load_prior(dtype="bfloat16")`) against float32, with and without
-     XLA, at batch 1 and the chosen batch, and the dense bfloat16 matmul peak both ways
-     (bench/bf16_drift.py measures how far its samples drift).
+  6. the prior's bfloat16 copies (`load_prior(dtype="bfloat16")`: everything in bfloat16;
+     `"bfloat16_weights"`: bfloat16 projection kernels, float32 activations and cache)
+     against float32, with and without XLA, at batch 1 and the chosen batch, and the dense
+     bfloat16 matmul peak both ways (bench/bf16_drift.py measures how far samples drift).
 
   .venv/bin/python bench/sampler_speed.py [--batch=64] [--repeats=3]
 """
@@ -164,22 +165,24 @@ def main():
               f"({tf_rate / peak:.0%})")
     with tempfile.TemporaryDirectory() as directory:
         save_prior(prior, directory)
-        half = load_prior(directory, "bfloat16")
-    print("6. bfloat16 prior against float32, codes only, k=K (alternating; ratio < 1: "
-          "bfloat16 is faster):")
+        copies = {d: load_prior(directory, d) for d in ("bfloat16", "bfloat16_weights")}
+    print("6. bfloat16 copies of the prior against float32, codes only, k=K (alternating; "
+          "ratio < 1: the copy is faster):")
     for jit, reference in ((True, xla), (False, eager_loop)):
-        pair = {"float32": reference.sample_codes,
-                "bfloat16": ImageGenerator(half, ae, jit_compile=jit).sample_codes}
+        fns = {"float32": reference.sample_codes,
+               **{d: ImageGenerator(p, ae, jit_compile=jit).sample_codes
+                  for d, p in copies.items()}}
         for batch in sorted({1, B}):
-            for fn in pair.values():
+            for fn in fns.values():
                 fn(batch, K).numpy()  # Compile.
-            t = {name: [] for name in pair}
+            t = {name: [] for name in fns}
             for _ in range(args.repeats):
-                for name, fn in pair.items():
+                for name, fn in fns.items():
                     t[name] += timings(lambda: fn(batch, K).numpy(), 1, warmup=0)
             t = {name: min(v) for name, v in t.items()}
             print(f"   {'XLA' if jit else 'no XLA'}, batch {batch:3d}: float32 {t['float32']:.3f} "
-                  f"s, bfloat16 {t['bfloat16']:.3f} s: ratio {t['bfloat16'] / t['float32']:.2f}")
+                  "s; " + "; ".join(f"{d} {t[d]:.3f} s, ratio {t[d] / t['float32']:.2f}"
+                                    for d in copies))
     for jit in (True, False):
         bf16 = matmul_peak(args.repeats, dtype=tf.bfloat16, jit_compile=jit)
         f32 = peak if jit else matmul_peak(args.repeats, jit_compile=False)

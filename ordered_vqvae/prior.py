@@ -50,25 +50,67 @@ def write_positions(cache, update, index):
     return cache * (1 - inside) + tf.pad(update, pad)
 
 
+@tf.function(jit_compile=True)
+def _mixed_matmul(x, kernel):
+    """float32 x [..., n] times a bfloat16 kernel [n, m]: bfloat16 operands, float32
+    accumulation and result, in one dot that reads the kernel's 2 bytes per weight. XLA has
+    this dot and TensorFlow's CPU kernels do not, so it is always compiled (inlined when the
+    caller is itself compiled)."""
+    return tf.raw_ops.BatchMatMulV3(x=tf.cast(x, kernel.dtype), y=kernel, Tout=tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="ordered_vqvae")
+class Projection(keras.layers.Dense):
+    """Keras's Dense, whose kernel may be kept in bfloat16 (`kernel_dtype="bfloat16"`) while
+    the layer computes in float32: half the weight traffic of a sampling step, with float32
+    activations, accumulation and key/value cache. The default (None) is Dense itself."""
+
+    def __init__(self, units: int, kernel_dtype=None, **kwargs):
+        super().__init__(units, **kwargs)
+        self.kernel_dtype = kernel_dtype
+
+    def build(self, input_shape):
+        if self.kernel_dtype is None:
+            return super().build(input_shape)
+        # Not autocast: the product reads the bfloat16 kernel as it is.
+        self._kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units),
+                                       initializer=self.kernel_initializer,
+                                       dtype=self.kernel_dtype, autocast=False)
+        self.bias = self.add_weight(name="bias", shape=(self.units,),
+                                    initializer=self.bias_initializer)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        if self.kernel_dtype is None:
+            return super().call(inputs, training=training)
+        return self.activation(_mixed_matmul(inputs, self._kernel.value) + self.bias)
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_dtype": self.kernel_dtype}
+
+
 @keras.saving.register_keras_serializable(package="ordered_vqvae")
 class DecoderBlock(keras.layers.Layer):
-    """Pre-norm causal self-attention + feed-forward block."""
+    """Pre-norm causal self-attention + feed-forward block. `kernel_dtype`: the dtype its
+    four projections keep their kernels in (None: the block's dtype; see `Projection`)."""
 
-    def __init__(self, num_heads: int, ffn_width: int, dropout: float = 0.0, **kwargs):
+    def __init__(self, num_heads: int, ffn_width: int, dropout: float = 0.0,
+                 kernel_dtype=None, **kwargs):
         super().__init__(**kwargs)
         self.num_heads, self.ffn_width, self.dropout = num_heads, ffn_width, dropout
+        self.kernel_dtype = kernel_dtype
 
     def build(self, input_shape):
         width = input_shape[-1]
         self.head_dim = width // self.num_heads
         dtype = self.dtype_policy  # Sublayers compute in the block's dtype.
+        kernels = dict(dtype=dtype, kernel_dtype=self.kernel_dtype)
         self.norm1 = keras.layers.LayerNormalization(epsilon=1e-5, dtype=dtype, name="norm1")
-        self.qkv = keras.layers.Dense(3 * width, dtype=dtype, name="qkv")
-        self.proj = keras.layers.Dense(width, dtype=dtype, name="proj")
+        self.qkv = Projection(3 * width, name="qkv", **kernels)
+        self.proj = Projection(width, name="proj", **kernels)
         self.norm2 = keras.layers.LayerNormalization(epsilon=1e-5, dtype=dtype, name="norm2")
-        self.ffn_in = keras.layers.Dense(self.ffn_width, activation="gelu", dtype=dtype,
-                                         name="ffn_in")
-        self.ffn_out = keras.layers.Dense(width, dtype=dtype, name="ffn_out")
+        self.ffn_in = Projection(self.ffn_width, activation="gelu", name="ffn_in", **kernels)
+        self.ffn_out = Projection(width, name="ffn_out", **kernels)
         self.drop = keras.layers.Dropout(self.dropout, dtype=dtype)
         for layer, shape in ((self.norm1, input_shape), (self.qkv, input_shape),
                              (self.proj, input_shape), (self.norm2, input_shape),
@@ -124,7 +166,8 @@ class DecoderBlock(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_heads=self.num_heads, ffn_width=self.ffn_width, dropout=self.dropout)
+        config.update(num_heads=self.num_heads, ffn_width=self.ffn_width, dropout=self.dropout,
+                      kernel_dtype=self.kernel_dtype)
         return config
 
 
@@ -140,7 +183,7 @@ class CodePrior(keras.Model):
 
     def __init__(self, code_length: int, codebook_size: int, num_layers: int = 4,
                  num_heads: int = 8, width: int = 256, ffn_width: int = 1024,
-                 dropout: float = 0.1, **kwargs):
+                 dropout: float = 0.1, kernel_dtype=None, **kwargs):
         super().__init__(**kwargs)
         if code_length < 1 or codebook_size < 2:
             raise ValueError(f"code_length={code_length}, codebook_size={codebook_size}; "
@@ -148,13 +191,14 @@ class CodePrior(keras.Model):
         self.code_length, self.codebook_size = int(code_length), int(codebook_size)
         self.num_layers, self.num_heads, self.width = num_layers, num_heads, width
         self.ffn_width, self.dropout_rate = ffn_width, dropout
+        self.kernel_dtype = kernel_dtype  # The blocks' projections; see `load_prior`.
         init = keras.initializers.TruncatedNormal(stddev=0.02)
         dtype = self.dtype_policy  # float32 by default; see `load_prior(dtype=)`.
         self.token_embedding = keras.layers.Embedding(codebook_size + 1, width,
                                                       embeddings_initializer=init, dtype=dtype,
                                                       name="token_embedding")
-        self.blocks = [DecoderBlock(num_heads, ffn_width, dropout, dtype=dtype, name=f"block_{i}")
-                       for i in range(num_layers)]
+        self.blocks = [DecoderBlock(num_heads, ffn_width, dropout, kernel_dtype, dtype=dtype,
+                                    name=f"block_{i}") for i in range(num_layers)]
         self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, dtype=dtype,
                                                           name="final_norm")
         self.head = keras.layers.Dense(codebook_size, dtype=dtype, name="head")
@@ -266,12 +310,15 @@ class CodePrior(keras.Model):
     def get_config(self):
         return {"code_length": self.code_length, "codebook_size": self.codebook_size,
                 "num_layers": self.num_layers, "num_heads": self.num_heads, "width": self.width,
-                "ffn_width": self.ffn_width, "dropout": self.dropout_rate, "name": self.name}
+                "ffn_width": self.ffn_width, "dropout": self.dropout_rate, "name": self.name,
+                **({"kernel_dtype": self.kernel_dtype} if self.kernel_dtype else {})}
 
 
 PRIOR_CONFIG = "prior.json"
 PRIOR_WEIGHTS = "prior.weights.h5"
-PRIOR_DTYPES = ("float32", "bfloat16")
+# load_prior's precisions: (Keras dtype policy, the blocks' projection kernels).
+PRIOR_DTYPES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
+                "bfloat16_weights": ("float32", "bfloat16")}
 
 
 def save_prior(prior: CodePrior, directory: str) -> str:
@@ -282,16 +329,19 @@ def save_prior(prior: CodePrior, directory: str) -> str:
 def load_prior(directory: str, dtype: str = "float32") -> CodePrior:
     """Reads a prior written by `save_prior` (by this or an earlier version).
 
-    `dtype`: "float32" (the reference), or "bfloat16": weights, activations and key/value
-    cache in bfloat16, half the memory traffic per sampling step, with the attention
-    softmax and the logits in float32. Whether it is faster depends on the hardware (see
-    bench/sampler_speed.py); how far its samples drift, on the model (bench/bf16_drift.py).
+    `dtype`: "float32" (the reference); "bfloat16": weights, activations and key/value
+    cache in bfloat16, with the attention softmax and the logits in float32; or
+    "bfloat16_weights": the decoder blocks' projection kernels in bfloat16 (nine tenths of
+    the weights), everything else float32, each projection a bfloat16 product accumulated
+    in float32. Which is faster depends on the hardware and the batch (see
+    bench/sampler_speed.py); how far the samples drift, on the model (bench/bf16_drift.py).
     """
     if dtype not in PRIOR_DTYPES:
-        raise ValueError(f"dtype={dtype!r}, expected one of {PRIOR_DTYPES}")
+        raise ValueError(f"dtype={dtype!r}, expected one of {tuple(PRIOR_DTYPES)}")
+    policy, kernel_dtype = PRIOR_DTYPES[dtype]
 
     def build(config: dict) -> CodePrior:
-        prior = CodePrior.from_config({**config, "dtype": dtype})
+        prior = CodePrior.from_config({**config, "dtype": policy, "kernel_dtype": kernel_dtype})
         prior(tf.zeros((1, 1), tf.int32))
         return prior
 

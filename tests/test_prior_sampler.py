@@ -94,6 +94,37 @@ def test_a_bfloat16_prior_stays_close_to_its_float32_reference(sampler, tmp_path
         load_prior(str(tmp_path), "float16")
 
 
+def test_bfloat16_projection_kernels_keep_float32_activations_and_cache(sampler, tmp_path):
+    sampler.prior(tf.zeros((1, 1), tf.int32))
+    save_prior(sampler.prior, str(tmp_path))
+    reference, mixed = load_prior(str(tmp_path)), load_prior(str(tmp_path), "bfloat16_weights")
+    halves = [w for w in mixed.weights if w.dtype == "bfloat16"]
+    assert len(halves) == 4 * mixed.num_layers  # qkv, proj, ffn_in, ffn_out per block.
+    assert all(w.name == "kernel" and len(w.shape) == 2 for w in halves)
+    for a, b in zip(reference.weights, mixed.weights):
+        exact = 0 if b.dtype == "float32" else 2.0**-8  # Kernels rounded to bfloat16.
+        np.testing.assert_allclose(np.asarray(b.numpy(), np.float32), a.numpy(), rtol=exact,
+                                   atol=1e-30)
+    assert {t.dtype for pair in mixed.init_cache(2) for t in pair} == {tf.float32}
+    codes = tf.random.stateless_uniform((16, K), (3, 4), 0, V, tf.int32)
+    tokens = reference.next_code_pairs(codes)[0]
+    full, low = reference(tokens).numpy(), mixed(tokens)
+    assert low.dtype == tf.float32
+    spread = full.max() - full.min()
+    assert 0 < np.abs(low.numpy() - full).max() < 0.02 * spread
+    # The cached steps compute what the full pass does (float32 around the same products).
+    cache, steps = mixed.init_cache(16), []
+    for i in range(K):
+        logits, cache = mixed.next(tokens[:, i], cache, tf.constant(i))
+        steps.append(logits.numpy())
+    np.testing.assert_allclose(np.stack(steps, 1), low.numpy(), atol=1e-4 * spread)
+    a = sampler.sample_codes(64, K, seed=5).numpy()
+    for jit in (True, False):  # The mixed product is compiled on its own without XLA.
+        b = ImageGenerator(mixed, sampler.autoencoder, jit_compile=jit).sample_codes(
+            64, K, seed=5).numpy()
+        assert b.min() >= 0 and b.max() < V and (a[:, 0] == b[:, 0]).mean() >= 0.9
+
+
 def test_short_samples_carry_the_fill_beyond_k_and_decode_like_the_autoencoder(sampler):
     for k in (1, 3, K):
         images, codes = sampler.sample(5, k, seed=4)
