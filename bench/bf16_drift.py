@@ -58,8 +58,8 @@ def main():
               f"by position decile: {deciles}")
     if not (args.classifier and args.data_path):
         return
-    test_x, test_y, _ = data.to_numpy(data.load(args.dataset, "test", path=args.data_path)[0])
-    clf = metrics.DomainClassifier.load(args.classifier, test_x.shape[1:], int(test_y.max()) + 1)
+    test_x, _, _ = data.to_numpy(data.load(args.dataset, "test", path=args.data_path)[0])
+    clf = metrics.DomainClassifier.load(args.classifier, test_x.shape[1:])
     real = clf.features(test_x)
     for k in (K // 4, K):
         fd = {d: metrics.frechet_distance_of(

@@ -180,9 +180,11 @@ def main():
                 for name, fn in fns.items():
                     t[name] += timings(lambda: fn(batch, K).numpy(), 1, warmup=0)
             t = {name: min(v) for name, v in t.items()}
+            rate = {d: batch * K * flops_per_code(prior) / v / 1e9 for d, v in t.items()}
             print(f"   {'XLA' if jit else 'no XLA'}, batch {batch:3d}: float32 {t['float32']:.3f} "
-                  "s; " + "; ".join(f"{d} {t[d]:.3f} s, ratio {t[d] / t['float32']:.2f}"
-                                    for d in copies))
+                  f"s ({rate['float32']:.0f} GFLOP/s); " + "; ".join(
+                      f"{d} {t[d]:.3f} s ({rate[d]:.0f} GFLOP/s), ratio "
+                      f"{t[d] / t['float32']:.2f}" for d in copies))
     for jit in (True, False):
         bf16 = matmul_peak(args.repeats, dtype=tf.bfloat16, jit_compile=jit)
         f32 = peak if jit else matmul_peak(args.repeats, jit_compile=False)

@@ -145,7 +145,13 @@ class AnytimeModel(tf.Module):
 
 
 def export(autoencoder, prior, path: str) -> str:
-    """Writes the SavedModel to `path` atomically (temp dir beside it, then rename)."""
+    """Writes the SavedModel to `path` atomically (temp dir beside it, then rename). The
+    prior computes in float32 (its projection kernels may be bfloat16: `load_prior(dtype=
+    "bfloat16_weights")`), as the signatures' float32 key/value cache needs."""
+    if prior.compute_dtype != "float32":
+        raise ValueError(f"the prior computes in {prior.compute_dtype}; the SavedModel's "
+                         "key/value cache is float32: export a prior loaded with dtype "
+                         "'float32' or 'bfloat16_weights'")
     module = AnytimeModel(autoencoder, prior)
     signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
     with atomic_directory(path) as tmp:

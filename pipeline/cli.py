@@ -40,6 +40,10 @@ flags.DEFINE_string("preset", None, "Architecture preset: digits, mnist, cifar10
                     "(default: from --dataset).")
 flags.DEFINE_integer("num_shards", 4, "Output TFRecord shards per split (extract).")
 flags.DEFINE_integer("report_samples", 16, "Samples per row of the report's grids.")
+flags.DEFINE_enum("export_dtype", "float32", ["float32", "bfloat16_weights"], "The SavedModel's "
+                  "prior: float32 (the reference), or bfloat16_weights (its projection kernels "
+                  "in bfloat16, activations and cache float32; faster at large batches under "
+                  "XLA, a smaller file).")
 flags.DEFINE_bool("force", False, "Redo stages even when their manifest matches.")
 flags.DEFINE_enum("strategy", "", ["", "mirrored"], "Training under tf.distribute: "
                   "'mirrored' uses every local GPU (one replica each; --batch_size is the "
@@ -89,6 +93,7 @@ GROUPS = {
     "training": ["strategy", "checkpoint_every"],
     "extract": ["num_shards"],
     "report": ["report_samples"],
+    "export": ["export_dtype"],
     "autoencoder": [],
     "prior": [],
     "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",
@@ -98,7 +103,8 @@ GROUPS = {
     "experiments": ["experiments", "eval_samples", "inception_weights", "classifier_epochs",
                     "ablation_max_train_images", "ablation_epochs"],
 }
-ALL_STAGE_GROUPS = ("common", "data", "training", "extract", "report", "autoencoder", "prior")
+ALL_STAGE_GROUPS = ("common", "data", "training", "extract", "report", "export", "autoencoder",
+                    "prior")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +227,7 @@ def pipeline_config():
                                autoencoder_overrides=_overrides(AutoencoderConfig, ""),
                                prior_overrides=_overrides(PriorConfig, "prior_"),
                                num_shards=FLAGS.num_shards, report_samples=FLAGS.report_samples,
+                               export_dtype=FLAGS.export_dtype,
                                seed=FLAGS.seed or 0, checkpoint_every=FLAGS.checkpoint_every,
                                strategy=FLAGS.strategy)
     except (ValueError, TypeError) as e:

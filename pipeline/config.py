@@ -118,6 +118,7 @@ class PipelineConfig:
     prior: PriorConfig
     num_shards: int = 4            # TFRecord shards per split.
     report_samples: int = 16       # Samples per row of the report's grids.
+    export_dtype: str = "float32"  # The SavedModel's prior: "float32" or "bfloat16_weights".
     seed: int = 0
     beam_args: tuple = ()          # Beam options for the extract stage (not a cache input).
     checkpoint_every: int = 500    # Training checkpoints every this many batches and at

@@ -147,7 +147,8 @@ def _export(config: PipelineConfig, ctx: Context) -> dict:
     from ordered_vqvae.prior import load_prior
 
     path = export.export(models.load_autoencoder(ctx.artifact("autoencoder")),
-                         load_prior(ctx.artifact("prior")), ctx.artifact("export"))
+                         load_prior(ctx.artifact("prior"), config.export_dtype),
+                         ctx.artifact("export"))
     print(f"[export] SavedModel at {path}", flush=True)
     return {"saved_model": path}
 
@@ -184,8 +185,12 @@ STAGES: Tuple[Stage, ...] = (
           lambda c: {"prior": _asdict(c.prior)},
           _train_prior, "train the Transformer prior on the extracted codes",
           ("prior", "training")),
-    Stage("export", "export", "saved_model", ("autoencoder", "prior"), lambda c: {},
-          _export, "write the SavedModel with encode, decode and sample signatures"),
+    # The dtype is an input only when not float32, so that workdirs from before the flag
+    # stay current.
+    Stage("export", "export", "saved_model", ("autoencoder", "prior"),
+          lambda c: {} if c.export_dtype == "float32" else {"dtype": c.export_dtype},
+          _export, "write the SavedModel with encode, decode and sample signatures",
+          ("export",)),
     Stage("report", "report", "report", ("autoencoder", "extract", "prior"),
           lambda c: {"data": c.data.cache_inputs(), "report_samples": c.report_samples,
                      "seed": c.seed},

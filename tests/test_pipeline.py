@@ -74,6 +74,43 @@ def test_a_field_added_later_keeps_old_workdirs_cached_at_its_neutral_value(work
     assert not stages._is_current(workdir, spec, workdir_module.input_hash(inputs))
 
 
+def test_export_with_bfloat16_projection_kernels(finished_run, tmp_path):
+    workdir = copy_run(finished_run, tmp_path / "wd")
+    saved = os.path.join(workdir, "saved_model")
+    reference = tf.saved_model.load(saved)
+    reference_bytes = sum(os.path.getsize(os.path.join(saved, "variables", n))
+                          for n in os.listdir(os.path.join(saved, "variables")))
+    config = dataclasses.replace(tiny_config(), export_dtype="bfloat16_weights")
+    spec = stages.BY_NAME["export"]
+    inputs = stages.stage_inputs(tiny_config(), workdir, spec)  # Old workdirs stay current.
+    assert "dtype" not in inputs and workdir_module.input_hash(inputs) == \
+        workdir_module.read_manifest(workdir, "export")["input_hash"]
+    assert not stages._is_current(workdir, spec, workdir_module.input_hash(
+        stages.stage_inputs(config, workdir, spec)))
+    stages.run_pipeline(config, workdir, stages=["export"], verbose=0)
+    mixed = tf.saved_model.load(saved)
+    checkpoint = tf.train.load_checkpoint(os.path.join(saved, "variables", "variables"))
+    shapes = checkpoint.get_variable_to_shape_map()
+    halves = [n for n, d in checkpoint.get_variable_to_dtype_map().items() if d == tf.bfloat16]
+    layers = json.load(open(os.path.join(workdir, "prior", "prior.json")))["num_layers"]
+    assert len(halves) == 4 * layers and all(len(shapes[n]) == 2 for n in halves)
+    assert sum(os.path.getsize(os.path.join(saved, "variables", n))
+               for n in os.listdir(os.path.join(saved, "variables"))) < reference_bytes
+    args = dict(num_samples=tf.constant(32), num_codes=tf.constant(8), seed=tf.constant(3),
+                temperature=tf.constant(1.0))
+    a, b = (m.signatures["sample"](**args) for m in (reference, mixed))
+    assert b["codes"].shape == (32, 8) and b["images"].dtype == tf.float32
+    assert (a["codes"].numpy()[:, 0] == b["codes"].numpy()[:, 0]).mean() >= 0.9
+    state = mixed.signatures["begin"](num_samples=tf.constant(2), seed=tf.constant(3))
+    assert state["cache"].dtype == tf.float32
+    with pytest.raises(ValueError, match="computes in bfloat16"):
+        from ordered_vqvae import export
+        from ordered_vqvae.prior import load_prior
+
+        export.export(models.load_autoencoder(os.path.join(workdir, "autoencoder")),
+                      load_prior(os.path.join(workdir, "prior"), "bfloat16"), str(tmp_path / "x"))
+
+
 def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
     ae = models.load_autoencoder(os.path.join(workdir, "autoencoder"))
     x = np.random.default_rng(0).uniform(size=(5, 8, 8, 1)).astype(np.float32)
