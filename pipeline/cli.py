@@ -23,6 +23,7 @@ from absl import app, flags
 
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
 from ordered_vqvae.validation import op_error_text
+from pipeline.config import EXPORT_DTYPES
 from pipeline.stages import BY_COMMAND, STAGES, artifact_path
 
 FLAGS = flags.FLAGS
@@ -40,7 +41,7 @@ flags.DEFINE_string("preset", None, "Architecture preset: digits, mnist, cifar10
                     "(default: from --dataset).")
 flags.DEFINE_integer("num_shards", 4, "Output TFRecord shards per split (extract).")
 flags.DEFINE_integer("report_samples", 16, "Samples per row of the report's grids.")
-flags.DEFINE_enum("export_dtype", "float32", ["float32", "bfloat16_weights"], "The SavedModel's "
+flags.DEFINE_enum("export_dtype", "float32", list(EXPORT_DTYPES), "The SavedModel's "
                   "prior: float32 (the reference), or bfloat16_weights (its projection kernels "
                   "in bfloat16, activations and cache float32; faster at large batches under "
                   "XLA, a smaller file).")

@@ -6,6 +6,10 @@ import dataclasses
 from typing import Optional
 
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig, preset, prior_preset
+from ordered_vqvae.validation import check_choice
+
+# The prior precisions a SavedModel can hold (its signatures' key/value cache is float32).
+EXPORT_DTYPES = ("float32", "bfloat16_weights")
 
 # Which architecture preset a dataset uses by default.
 DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10",
@@ -124,6 +128,9 @@ class PipelineConfig:
     checkpoint_every: int = 500    # Training checkpoints every this many batches and at
                                    # every epoch end (0: epoch ends only; not a cache input).
     strategy: str = ""             # "mirrored": train on all local GPUs (not a cache input).
+
+    def __post_init__(self):
+        check_choice("export_dtype", self.export_dtype, EXPORT_DTYPES)
 
     def distribution(self):
         """The tf.distribute strategy the training stages run under (None: the default)."""

@@ -80,6 +80,8 @@ def test_export_with_bfloat16_projection_kernels(finished_run, tmp_path):
     reference = tf.saved_model.load(saved)
     reference_bytes = sum(os.path.getsize(os.path.join(saved, "variables", n))
                           for n in os.listdir(os.path.join(saved, "variables")))
+    with pytest.raises(ValueError, match="export_dtype='bfloat16', expected one of"):
+        dataclasses.replace(tiny_config(), export_dtype="bfloat16")  # Its cache is not float32.
     config = dataclasses.replace(tiny_config(), export_dtype="bfloat16_weights")
     spec = stages.BY_NAME["export"]
     inputs = stages.stage_inputs(tiny_config(), workdir, spec)  # Old workdirs stay current.
