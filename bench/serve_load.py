@@ -19,6 +19,7 @@ Writes a plot of latency and mean k against concurrency. The model is the MNIST 
 the small prior preset or `--prior=reference`, or `--saved_model`.
 
   .venv/bin/python bench/serve_load.py [--prior=mnist|reference] [--seconds=8]
+      [--export_dtype=float32|bfloat16_weights]
       [--num_samples=4] [--deadline_ms=D] [--plot=docs/serve_load.png]
 """
 
@@ -41,17 +42,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
 
 
-def build_saved_model(prior_preset: str, path: str) -> str:
+def build_saved_model(prior_preset: str, path: str, dtype: str = "float32") -> str:
     import tensorflow as tf
 
     from ordered_vqvae import configs, export, models
-    from ordered_vqvae.prior import CodePrior
+    from ordered_vqvae.prior import CodePrior, load_prior, save_prior
 
     ae = models.OrderedVQVAE(configs.preset("mnist"))
     ae(tf.zeros((1, 28, 28, 1)))
     prior = CodePrior.from_config_for(configs.prior_preset(prior_preset), ae.code_length,
                                       ae.codebook_size)
     prior(tf.zeros((1, 1), tf.int32))
+    if dtype != "float32":  # The copy `ovqvae export --export_dtype` writes.
+        prior = load_prior(save_prior(prior, path + "-prior"), dtype)
     return export.export(ae, prior, path)
 
 
@@ -157,15 +160,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prior", default="mnist", choices=["mnist", "reference"])
     parser.add_argument("--saved_model", default=None, help="Serve this instead of building one.")
+    parser.add_argument("--export_dtype", default="float32", choices=["float32", "bfloat16_weights"],
+                        help="The built SavedModel's prior precision (as `ovqvae export`).")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--num_samples", type=int, default=4)
     parser.add_argument("--deadline_ms", type=float, default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="ovqvae-load-")
-    saved = args.saved_model or build_saved_model(args.prior, os.path.join(tmp, "saved_model"))
+    saved = args.saved_model or build_saved_model(args.prior, os.path.join(tmp, "saved_model"),
+                                                  args.export_dtype)
     n = args.num_samples
-    print(f"MNIST preset, prior preset '{args.prior}', {n} samples per request, "
+    print(f"MNIST preset, prior preset '{args.prior}' ({args.export_dtype}), {n} samples per request, "
           f"{args.seconds:g} s per row, {os.cpu_count()} CPUs", flush=True)
 
     server = Server(saved)
