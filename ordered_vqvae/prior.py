@@ -31,6 +31,7 @@ from ordered_vqvae import artifacts
 from ordered_vqvae.configs import PriorConfig
 from ordered_vqvae.fit import finite_loss
 from ordered_vqvae.replicas import loggable
+from ordered_vqvae.validation import check_choice
 
 try:  # TensorFlow's XLA op wrapper: in place under XLA, and it has a plain TF kernel too.
     from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice as _update_slice
@@ -336,8 +337,7 @@ def load_prior(directory: str, dtype: str = "float32") -> CodePrior:
     in float32. Which is faster depends on the hardware and the batch (see
     bench/sampler_speed.py); how far the samples drift, on the model (bench/bf16_drift.py).
     """
-    if dtype not in PRIOR_DTYPES:
-        raise ValueError(f"dtype={dtype!r}, expected one of {tuple(PRIOR_DTYPES)}")
+    check_choice("dtype", dtype, PRIOR_DTYPES)
     policy, kernel_dtype = PRIOR_DTYPES[dtype]
 
     def build(config: dict) -> CodePrior:
