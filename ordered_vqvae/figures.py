@@ -80,23 +80,67 @@ def curves_figure(curves: Dict[str, Dict[float, float]], xlabel: str, ylabel: st
     return fig
 
 
+# Where a point's label may go, tried in turn (offset in points, alignment): beside the
+# point first, then further up or down, so that a cluster's labels do not cover each other.
+_LABEL_PLACES = [((4, dy), ha) for dy in (2, -10, 10, -18, 18, -26, 26, -34, 34)
+                 for ha in ("left", "right")]
+
+
+def _overlaps(box, boxes):
+    return any(box.x0 < b.x1 and b.x0 < box.x1 and box.y0 < b.y1 and b.y0 < box.y1
+               for b in boxes)
+
+
+def _place_labels(ax, labelled):
+    """Annotates each (name, x, y) at the first place in `_LABEL_PLACES` whose box overlaps
+    no label already placed and stays inside the axes (else at the first place)."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    inside, placed = ax.get_window_extent(renderer), []
+
+    def annotate(name, x, y, place):
+        (dx, dy), ha = place
+        text = ax.annotate(name, (x, y), textcoords="offset points", fontsize=6, ha=ha,
+                           va="center", xytext=(dx if ha == "left" else -dx, dy),
+                           arrowprops=dict(arrowstyle="-", lw=0.6, color="0.35", shrinkB=3)
+                           if abs(dy) >= 10 else None)
+        # The text's own box (an annotation's would include its leader line).
+        text.update_positions(renderer)
+        return text, Text.get_window_extent(text, renderer)
+
+    for name, x, y in labelled:
+        for place in _LABEL_PLACES:
+            text, box = annotate(name, x, y, place)
+            if (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0
+                    and box.y1 <= inside.y1 and not _overlaps(box, placed)):
+                break
+            text.remove()
+        else:  # Nowhere free: the first place, overlapping.
+            text, box = annotate(name, x, y, _LABEL_PLACES[0])
+        placed.append(box)
+
+
 def scatter_figure(points: Dict[str, Sequence[float]], xlabel: str, ylabels: Sequence[str],
                    title: str = ""):
     """A matplotlib figure of named points {name: (x, y_1, ..., y_n)}: one panel per y, each
-    point labelled with its name, so that variants can be told apart without a legend."""
+    point labelled with its name where the label covers no other label, so that variants
+    can be told apart without a legend."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(ylabels), figsize=(4.5 * len(ylabels), 3.8), squeeze=False)
     for j, (ax, ylabel) in enumerate(zip(axes[0], ylabels)):
-        for name, values in points.items():
+        for values in points.values():
             ax.plot(values[0], values[j + 1], "o", color="C0", markersize=4)
-            ax.annotate(name, (values[0], values[j + 1]), textcoords="offset points",
-                        xytext=(3, 3), fontsize=6)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.1)  # Room for labels beside the outermost points.
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    fig.canvas.draw()  # Settles the limits and layout that the labels' boxes depend on.
+    for j, ax in enumerate(axes[0]):
+        _place_labels(ax, [(name, values[0], values[j + 1]) for name, values in points.items()])
     return fig
 
 

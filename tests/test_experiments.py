@@ -216,3 +216,27 @@ def test_scatter_figure_puts_every_named_point_in_every_panel():
         plotted = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines]
         assert plotted == [(v[0], v[j + 1]) for v in points.values()]
     figures._pyplot().close("all")
+
+
+def test_scatter_figure_labels_of_a_cluster_do_not_cover_each_other():
+    from matplotlib.text import Text
+
+    from ordered_vqvae import figures
+
+    # The price study's crowded corner: four recipes within 0.4 bits and 0.5 FD.
+    points = {"learned_power_1": (4.01, 20.0), "learned_power_2": (4.21, 19.9),
+              "full_share_90": (4.32, 19.9), "learned_share_90": (4.39, 19.5),
+              "ordered": (3.39, 11.7), "unordered": (4.56, 36.8)}
+    fig = figures.scatter_figure(points, "bits per code", ("FD",))
+    ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+    boxes = []
+    for text in ax.texts:
+        text.update_positions(renderer)
+        boxes.append(Text.get_window_extent(text, renderer))
+    assert [t.get_text() for t in ax.texts] == list(points)
+    inside = ax.get_window_extent(renderer)
+    for i, box in enumerate(boxes):
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1, ax.texts[i].get_text()
+        for other in boxes[:i]:
+            assert not box.overlaps(other), ax.texts[i].get_text()
+    figures._pyplot().close("all")
