@@ -10,7 +10,8 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
      pass, both to k = K;
   5. the sampler's achieved GFLOP/s (codes only, k = K) at batch 1 and the chosen batch,
      against this machine's dense float32 matmul peak, measured in the same run, and the rate
-     at which batch 1 streams the weights (every step reads all of them), and the rate of
+     at which batch 1 streams the weights (every step reads all of them) against the rate
+     at which the machine reads memory (a sum over 512 MB), and the rate of
      one step's projections alone (the prior's own weight matrices, chained) with and
      without XLA: the ceiling XLA's dots set for the sampler at that batch;
   6. the prior's bfloat16 copies (`load_prior(dtype="bfloat16")`: everything in bfloat16;
@@ -47,6 +48,15 @@ def matmul_peak(repeats, n=2048, dtype=tf.float32, jit_compile=True):
     a = tf.cast(tf.random.normal((n, n)), dtype)
     matmul = tf.function(lambda x: tf.matmul(x, x), jit_compile=jit_compile)
     return 2 * n**3 / best_time(lambda: matmul(a).numpy(), repeats) / 1e9
+
+
+def read_bandwidth(repeats, megabytes=512):
+    """GB/s at which this machine reads memory: the best of `repeats` sums of a float32
+    array of `megabytes` (far larger than any cache), by TensorFlow's own multi-threaded
+    reduction."""
+    x = tf.ones([megabytes * 2**20 // 4])
+    total = tf.function(tf.reduce_sum)
+    return x.shape[0] * 4 / best_time(lambda: total(x).numpy(), repeats) / 1e9
 
 
 def projection_flops(prior):
@@ -156,8 +166,10 @@ def main():
               f"GFLOP/s = {rate / peak:.0%} of the matmul peak")
         if batch == 1:  # Every step reads every weight once, whatever the batch.
             weight_bytes = sum(int(tf.size(w)) * tf.as_dtype(w.dtype).size for w in prior.weights)
+            streamed, read = weight_bytes * K / t / 1e9, read_bandwidth(args.repeats)
             print(f"   (batch 1 streams all {weight_bytes / 1e6:.0f} MB of weights per code: "
-                  f"{weight_bytes * K / t / 1e9:.1f} GB/s)")
+                  f"{streamed:.1f} GB/s = {streamed / read:.0%} of the {read:.1f} GB/s at "
+                  f"which this machine reads memory, measured in the same run)")
         xla_rate, tf_rate = (projection_rate(prior, batch, args.repeats, jit)
                              for jit in (True, False))
         print(f"   one step's projections alone at batch {batch}: XLA {xla_rate:.0f} GFLOP/s "
