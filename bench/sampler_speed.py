@@ -11,9 +11,11 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
   5. the sampler's achieved GFLOP/s (codes only, k = K) at batch 1 and the chosen batch,
      against this machine's dense float32 matmul peak, measured in the same run, and the rate
      at which batch 1 streams the weights (every step reads all of them) against the rate
-     at which the machine reads memory (a sum over 512 MB), and the rate of
-     one step's projections alone (the prior's own weight matrices, chained) with and
-     without XLA: the ceiling XLA's dots set for the sampler at that batch;
+     at which the machine reads memory (a sum over 512 MB), batch 1 with its one-row
+     products split (the default for this prior, see `prior.row_matmul`) against whole,
+     and the rate of one step's projections alone (the prior's own weight matrices,
+     chained) with and without XLA: the ceiling XLA's dots set for the sampler at that
+     batch;
   6. the prior's bfloat16 copies (`load_prior(dtype="bfloat16")`: everything in bfloat16;
      `"bfloat16_weights"`: bfloat16 projection kernels, float32 activations and cache)
      against float32, with and without XLA, at batch 1 and the chosen batch, and the dense
@@ -170,6 +172,17 @@ def main():
             print(f"   (batch 1 streams all {weight_bytes / 1e6:.0f} MB of weights per code: "
                   f"{streamed:.1f} GB/s = {streamed / read:.0%} of the {read:.1f} GB/s at "
                   f"which this machine reads memory, measured in the same run)")
+            parts, prior.row_product_parts = prior.row_product_parts, 1
+            whole = ImageGenerator(prior, ae, jit_compile=True)
+            whole.sample_codes(1, K).numpy()  # Traced with whole one-row products.
+            prior.row_product_parts = parts
+            split, unsplit = [], []
+            for _ in range(args.repeats):
+                split += timings(lambda: xla.sample_codes(1, K).numpy(), 1, warmup=0)
+                unsplit += timings(lambda: whole.sample_codes(1, K).numpy(), 1, warmup=0)
+            print(f"   one-row products in {parts} parts (this prior's default) against whole: "
+                  f"{1000 * min(split) / K:.2f} against {1000 * min(unsplit) / K:.2f} ms per "
+                  f"code, ratio {min(split) / min(unsplit):.2f}")
         xla_rate, tf_rate = (projection_rate(prior, batch, args.repeats, jit)
                              for jit in (True, False))
         print(f"   one step's projections alone at batch {batch}: XLA {xla_rate:.0f} GFLOP/s "

@@ -37,6 +37,17 @@ try:  # TensorFlow's XLA op wrapper: in place under XLA, and it has a plain TF k
     from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice as _update_slice
 except ImportError:  # pragma: no cover - other TF builds: a padded blend, same result.
     _update_slice = None
+try:  # Whether the op being built will be compiled by XLA.
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+except ImportError:  # pragma: no cover - other TF builds: one-row products stay whole.
+    GraphOrParentsInXlaContext = None
+
+# One-row products under XLA (see `row_matmul`): split in this many parts when a prior's
+# projection kernels total at least this many bytes. Smaller priors stay in the caches,
+# where the split only adds work (on 2-core EPYCs: 7 MB of weights 1.38x slower split,
+# 10 MB 0.87x, 20 MB 0.64x, 77 MB 0.62x; `bench/sampler_speed.py` section 5).
+ROW_PRODUCT_PARTS = 4
+ROW_PRODUCT_MIN_BYTES = 8 * 2**20
 
 NEG_INF = -1e9
 
@@ -60,11 +71,34 @@ def _mixed_matmul(x, kernel):
     return tf.raw_ops.BatchMatMulV3(x=tf.cast(x, kernel.dtype), y=kernel, Tout=tf.float32)
 
 
+def _compiled_by_xla() -> bool:
+    return GraphOrParentsInXlaContext is not None and GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
+
+
+def row_matmul(x, kernel, parts: int):
+    """x [..., n] holding one row, times kernel [n, m], as `parts` products of n / parts
+    inputs each (a batched product over free reshapes), accumulated in float32 and summed,
+    in x's dtype. XLA computes a matrix-vector product on one thread, and the batched one
+    on every core. The sum runs in another order than the whole product's, so results
+    differ from it in the last bits."""
+    n, m = kernel.shape
+    pieces = tf.cast(tf.reshape(x, [parts, 1, n // parts]), kernel.dtype)
+    y = tf.raw_ops.BatchMatMulV3(x=pieces, y=tf.reshape(kernel, [parts, n // parts, m]),
+                                 Tout=tf.float32)
+    return tf.cast(tf.reshape(tf.reduce_sum(y, axis=0), x.shape[:-1] + [m]), x.dtype)
+
+
 @keras.saving.register_keras_serializable(package="ordered_vqvae")
 class Projection(keras.layers.Dense):
     """Keras's Dense, whose kernel may be kept in bfloat16 (`kernel_dtype="bfloat16"`) while
     the layer computes in float32: half the weight traffic of a sampling step, with float32
-    activations, accumulation and key/value cache. The default (None) is Dense itself."""
+    activations, accumulation and key/value cache. The default (None) is Dense itself.
+
+    `row_parts` > 1 (a runtime setting, not saved): a product of one row under XLA is
+    computed by `row_matmul` in that many parts (`CodePrior` sets it by its size)."""
+
+    row_parts = 1
 
     def __init__(self, units: int, kernel_dtype=None, **kwargs):
         super().__init__(units, **kwargs)
@@ -82,9 +116,14 @@ class Projection(keras.layers.Dense):
         self.built = True
 
     def call(self, inputs, training=None):
-        if self.kernel_dtype is None:
-            return super().call(inputs, training=training)
-        return self.activation(_mixed_matmul(inputs, self._kernel.value) + self.bias)
+        kernel = self.kernel if self.kernel_dtype is None else self._kernel.value
+        parts = self.row_parts
+        if (parts > 1 and inputs.shape[:-1].num_elements() == 1
+                and inputs.shape[-1] % parts == 0 and _compiled_by_xla()):
+            return self.activation(row_matmul(inputs, kernel, parts) + self.bias)
+        if self.kernel_dtype is not None:
+            return self.activation(_mixed_matmul(inputs, kernel) + self.bias)
+        return super().call(inputs, training=training)
 
     def get_config(self):
         return {**super().get_config(), "kernel_dtype": self.kernel_dtype}
@@ -211,6 +250,24 @@ class CodePrior(keras.Model):
             block.build((None, None, width))
         self.final_norm.build((None, None, width))
         self.head.build((None, None, width))
+        kernel_bytes = sum(int(np.prod(p.kernel.shape)) * tf.as_dtype(p.kernel.dtype).size
+                           for p in self.projections)
+        self.row_product_parts = ROW_PRODUCT_PARTS if kernel_bytes >= ROW_PRODUCT_MIN_BYTES else 1
+
+    @property
+    def projections(self) -> List[Projection]:
+        return [p for b in self.blocks for p in (b.qkv, b.proj, b.ffn_in, b.ffn_out)]
+
+    @property
+    def row_product_parts(self) -> int:
+        """How the blocks' projections compute one row under XLA (sampling at batch 1):
+        in this many parts, or whole (1); see `row_matmul`. Read when a program is traced."""
+        return max([p.row_parts for p in self.projections], default=1)
+
+    @row_product_parts.setter
+    def row_product_parts(self, parts: int):
+        for projection in self.projections:
+            projection.row_parts = int(parts)
 
     @classmethod
     def from_config_for(cls, config: PriorConfig, code_length: int, codebook_size: int):

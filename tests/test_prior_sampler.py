@@ -125,6 +125,69 @@ def test_bfloat16_projection_kernels_keep_float32_activations_and_cache(sampler,
         assert b.min() >= 0 and b.max() < V and (a[:, 0] == b[:, 0]).mean() >= 0.9
 
 
+def test_row_matmul_equals_the_whole_product():
+    from ordered_vqvae.prior import row_matmul
+
+    row_matmul = tf.function(row_matmul, jit_compile=True)  # Where the sampler calls it.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 1, 64)).astype(np.float32)
+    kernel = rng.standard_normal((64, 48)).astype(np.float32)
+    for parts in (2, 4, 8):
+        y = row_matmul(tf.constant(x), tf.constant(kernel), parts)
+        assert y.shape == (1, 1, 48) and y.dtype == tf.float32
+        np.testing.assert_allclose(y.numpy(), x @ kernel, rtol=1e-5, atol=1e-5)
+    # A bfloat16 kernel: its rounded values, accumulated in float32.
+    half = tf.constant(kernel, tf.bfloat16)
+    exact = x.astype(tf.bfloat16.as_numpy_dtype).astype(np.float32) @ half.numpy().astype(
+        np.float32)
+    np.testing.assert_allclose(row_matmul(tf.constant(x), half, 4).numpy(), exact, rtol=1e-5,
+                               atol=1e-4)
+
+
+def test_one_row_sampling_splits_the_products_under_xla_with_the_same_codes(monkeypatch):
+    from ordered_vqvae import prior as prior_module
+
+    calls = []
+    whole_products = prior_module.row_matmul
+
+    def counted(x, kernel, parts):
+        calls.append((tuple(x.shape), parts))
+        return whole_products(x, kernel, parts)
+
+    monkeypatch.setattr(prior_module, "row_matmul", counted)
+    prior = _prior()
+    assert prior.row_product_parts == 1  # 33 kB of kernels: split only past 8 MiB.
+    codes = {}
+    for parts in (1, 4):
+        prior.row_product_parts = parts
+        for jit in (True, False):
+            sampler = AnytimeSampler.for_prior(prior, jit_compile=jit)
+            codes[parts, jit] = sampler.sample_codes(1, K, seed=7).numpy()
+            split = calls[:]
+            calls.clear()
+            # Only one row under XLA takes the split: the 4 projections of both blocks.
+            assert len(split) == (8 if parts > 1 and jit else 0), (parts, jit)
+            assert all(shape == (1, 1, 32) or shape == (1, 1, 64) for shape, _ in split)
+            sampler.sample_codes(2, K, seed=7)
+            assert not calls
+    for key, value in codes.items():
+        np.testing.assert_array_equal(value, codes[1, True], err_msg=str(key))
+    # Its logits stay within float32 rounding of the whole products'.
+    tokens = tf.constant([[V, 3, 5]])
+
+    @tf.function(jit_compile=True)
+    def steps(tokens):
+        logits, _ = prior.call_with_cache(tokens[:, :1], prior.init_cache(1), tf.constant(0))
+        return logits
+
+    split_logits = steps(tokens).numpy()
+    prior.row_product_parts = 1
+    whole_logits = tf.function(steps.python_function, jit_compile=True)(tokens).numpy()
+    np.testing.assert_allclose(split_logits, whole_logits, rtol=1e-5, atol=1e-5)
+    big = CodePrior.from_config_for(prior_preset("reference"), 64, 256)
+    assert big.row_product_parts == prior_module.ROW_PRODUCT_PARTS
+
+
 def test_short_samples_carry_the_fill_beyond_k_and_decode_like_the_autoencoder(sampler):
     for k in (1, 3, K):
         images, codes = sampler.sample(5, k, seed=4)
