@@ -79,16 +79,17 @@ def _compiled_by_xla() -> bool:
 
 
 def row_matmul(x, kernel, parts: int):
-    """x [..., n] holding one row, times kernel [n, m], as `parts` products of n / parts
-    inputs each (a batched product over free reshapes), accumulated in float32 and summed,
-    in x's dtype. XLA computes a matrix-vector product on one thread, and the batched one
-    on every core. The sum runs in another order than the whole product's, so results
-    differ from it in the last bits."""
+    """x [..., n] times kernel [n, m] as `parts` products of n / parts inputs each (one
+    batched product), accumulated in float32 and summed, in x's dtype. XLA computes a
+    matrix-vector product on one thread and the batched one on every core, so this is for
+    one row (where the reshapes are free). The sum runs in another order than the whole
+    product's, so results differ from it in the last bits."""
     n, m = kernel.shape
-    pieces = tf.cast(tf.reshape(x, [parts, 1, n // parts]), kernel.dtype)
-    y = tf.raw_ops.BatchMatMulV3(x=pieces, y=tf.reshape(kernel, [parts, n // parts, m]),
-                                 Tout=tf.float32)
-    return tf.cast(tf.reshape(tf.reduce_sum(y, axis=0), x.shape[:-1] + [m]), x.dtype)
+    pieces = tf.transpose(tf.reshape(x, [-1, parts, n // parts]), [1, 0, 2])
+    y = tf.raw_ops.BatchMatMulV3(x=tf.cast(pieces, kernel.dtype),
+                                 y=tf.reshape(kernel, [parts, n // parts, m]), Tout=tf.float32)
+    shape = tf.concat([tf.shape(x)[:-1], [m]], 0)
+    return tf.cast(tf.reshape(tf.reduce_sum(y, axis=0), shape), x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="ordered_vqvae")
@@ -119,13 +120,19 @@ class Projection(keras.layers.Dense):
 
     def call(self, inputs, training=None):
         kernel = self.kernel if self.kernel_dtype is None else self._kernel.value
-        parts = self.row_parts
-        if (parts > 1 and inputs.shape[:-1].num_elements() == 1
-                and inputs.shape[-1] % parts == 0 and _compiled_by_xla()):
-            return self.activation(row_matmul(inputs, kernel, parts) + self.bias)
-        if self.kernel_dtype is not None:
-            return self.activation(_mixed_matmul(inputs, kernel) + self.bias)
-        return super().call(inputs, training=training)
+        return self.activation(self._matmul(inputs, kernel) + self.bias)
+
+    def _matmul(self, x, kernel):
+        def whole():
+            return tf.matmul(x, kernel) if self.kernel_dtype is None else _mixed_matmul(x, kernel)
+
+        parts, rows = self.row_parts, x.shape[:-1].num_elements()
+        if parts < 2 or rows not in (1, None) or x.shape[-1] % parts or not _compiled_by_xla():
+            return whole()
+        if rows == 1:
+            return row_matmul(x, kernel, parts)
+        # Rows known only at run time (a SavedModel's signature): the choice is made there.
+        return tf.cond(tf.size(x) == x.shape[-1], lambda: row_matmul(x, kernel, parts), whole)
 
     def get_config(self):
         return {**super().get_config(), "kernel_dtype": self.kernel_dtype}

@@ -184,6 +184,17 @@ def test_one_row_sampling_splits_the_products_under_xla_with_the_same_codes(monk
     prior.row_product_parts = 1
     whole_logits = tf.function(steps.python_function, jit_compile=True)(tokens).numpy()
     np.testing.assert_allclose(split_logits, whole_logits, rtol=1e-5, atol=1e-5)
+    # Rows unknown until run time (a SavedModel's signature): split for one row only.
+    layer = prior.blocks[0].ffn_in
+    layer.row_parts = 4
+    project = tf.function(layer, jit_compile=True,
+                          input_signature=[tf.TensorSpec([None, 1, 32], tf.float32)])
+    calls.clear()
+    for rows in (1, 3):
+        x = tf.random.normal((rows, 1, 32), seed=rows)
+        expected = tf.nn.gelu(x.numpy() @ layer.kernel.numpy() + layer.bias.numpy())
+        np.testing.assert_allclose(project(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert calls == [((None, 1, 32), 4)]  # Traced once, as one branch of a condition.
     big = CodePrior.from_config_for(prior_preset("reference"), 64, 256)
     assert big.row_product_parts == prior_module.ROW_PRODUCT_PARTS
 
