@@ -46,8 +46,8 @@ except ImportError:  # pragma: no cover - other TF builds: one-row products stay
 
 # One-row products under XLA (see `row_matmul`): split in this many parts when a prior's
 # projection kernels total at least this many bytes. Smaller priors stay in the caches,
-# where the split only adds work (on 2-core EPYCs: 7 MB of weights 1.38x slower split,
-# 10 MB 0.87x, 20 MB 0.64x, 77 MB 0.62x; `bench/sampler_speed.py` section 5).
+# where the split only adds work (sampling at batch 1 on a 2-core EPYC, split against
+# whole: priors of 7 MB 1.38x the time, 10 MB 0.87x, 20 MB 0.64x, 77 MB 0.62x).
 ROW_PRODUCT_PARTS = 4
 ROW_PRODUCT_MIN_BYTES = 8 * 2**20
 
@@ -120,14 +120,15 @@ class Projection(keras.layers.Dense):
 
     def call(self, inputs, training=None):
         kernel = self.kernel if self.kernel_dtype is None else self._kernel.value
-        return self.activation(self._matmul(inputs, kernel) + self.bias)
+        return self.activation(self._matmul(inputs, kernel, training) + self.bias)
 
-    def _matmul(self, x, kernel):
+    def _matmul(self, x, kernel, training):
         def whole():
             return tf.matmul(x, kernel) if self.kernel_dtype is None else _mixed_matmul(x, kernel)
 
         parts, rows = self.row_parts, x.shape[:-1].num_elements()
-        if parts < 2 or rows not in (1, None) or x.shape[-1] % parts or not _compiled_by_xla():
+        if (parts < 2 or training or rows not in (1, None) or x.shape[-1] % parts
+                or not _compiled_by_xla()):
             return whole()
         if rows == 1:
             return row_matmul(x, kernel, parts)
