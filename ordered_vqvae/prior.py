@@ -8,8 +8,8 @@ with an optional key/value cache, as keras-hub's `TransformerDecoder` does:
 - with `cache` and `cache_index`: the positions starting at `cache_index`, attending to the
   cache, which they update. The cache is one (keys, values) pair of [B, heads, K, head_dim]
   tensors per layer, written with a dynamic-update-slice (in place under XLA) and read by
-  fixed-shape masked attention, so a compiled sampling loop costs O(k) in the codes it
-  generates. (On 2 CPU cores this layout ran 1.5x faster than keras-hub's own cache.)
+  masked attention over the cache's filled part (the first of 8 widths that holds it), so
+  a compiled sampling loop costs O(k) in the codes it generates. (On 2 CPU cores this layout ran 1.5x faster than keras-hub's own cache.)
   At batch 1 under XLA, a large prior's projections run as batched products over
   quarters of their inputs (`row_matmul`), which XLA spreads over every core.
 
@@ -50,6 +50,10 @@ except ImportError:  # pragma: no cover - other TF builds: one-row products stay
 # whole: priors of 7 MB 1.38x the time, 10 MB 0.87x, 20 MB 0.64x, 77 MB 0.62x).
 ROW_PRODUCT_PARTS = 4
 ROW_PRODUCT_MIN_BYTES = 8 * 2**20
+# A cached step attends to the first of this many widths of the cache (K/8, 2K/8, ..., K)
+# that holds every position written so far, not to all K: the cache is read in full only
+# in the last eighth of a pass.
+ATTENTION_BUCKETS = 8
 
 NEG_INF = -1e9
 
@@ -64,13 +68,14 @@ def write_positions(cache, update, index):
     return cache * (1 - inside) + tf.pad(update, pad)
 
 
-@tf.function(jit_compile=True)
-def _mixed_matmul(x, kernel):
+def _mixed_product(x, kernel):
     """float32 x [..., n] times a bfloat16 kernel [n, m]: bfloat16 operands, float32
     accumulation and result, in one dot that reads the kernel's 2 bytes per weight. XLA has
-    this dot and TensorFlow's CPU kernels do not, so it is always compiled (inlined when the
-    caller is itself compiled)."""
+    this dot and TensorFlow's CPU kernels do not: outside XLA, call `_mixed_matmul`."""
     return tf.raw_ops.BatchMatMulV3(x=tf.cast(x, kernel.dtype), y=kernel, Tout=tf.float32)
+
+
+_mixed_matmul = tf.function(_mixed_product, jit_compile=True)
 
 
 def _compiled_by_xla() -> bool:
@@ -123,12 +128,17 @@ class Projection(keras.layers.Dense):
         return self.activation(self._matmul(inputs, kernel, training) + self.bias)
 
     def _matmul(self, x, kernel, training):
+        xla = _compiled_by_xla()
+
         def whole():
-            return tf.matmul(x, kernel) if self.kernel_dtype is None else _mixed_matmul(x, kernel)
+            if self.kernel_dtype is None:
+                return tf.matmul(x, kernel)
+            # Under XLA the op itself (a nested compiled function beside the attention's
+            # switch_case crashed TF 2.21's XLA compiler); without, its compiled call.
+            return _mixed_product(x, kernel) if xla else _mixed_matmul(x, kernel)
 
         parts, rows = self.row_parts, x.shape[:-1].num_elements()
-        if (parts < 2 or training or rows not in (1, None) or x.shape[-1] % parts
-                or not _compiled_by_xla()):
+        if parts < 2 or training or rows not in (1, None) or x.shape[-1] % parts or not xla:
             return whole()
         if rows == 1:
             return row_matmul(x, kernel, parts)
@@ -204,15 +214,29 @@ class DecoderBlock(keras.layers.Layer):
                        <= cache_index + tf.range(steps)[:, None])  # [T, K]
         if visible.shape.rank == 2:
             visible = visible[None, None]
+        length = keys.shape[2]
+        if cache is None or length is None:
+            out = self._attend(q, keys, values, visible, training)
+        else:  # Only the filled part: the first of ATTENTION_BUCKETS widths that holds it.
+            widths = sorted({-(-length * (i + 1) // ATTENTION_BUCKETS)
+                             for i in range(ATTENTION_BUCKETS)})
+            last = tf.reduce_max(cache_index) + steps - 1
+            out = tf.switch_case(  # Past the last width (never): the last branch, all of it.
+                tf.reduce_sum(tf.cast(tf.constant(widths) <= last, tf.int32)),
+                [lambda w=w: self._attend(q, keys[:, :, :w], values[:, :, :w],
+                                          visible[..., :w], training) for w in widths])
+        out = tf.transpose(out, [0, 2, 1, 3])
+        x = x + self.drop(self.proj(tf.reshape(out, tf.shape(x))), training=training)
+        y = x + self.drop(self.ffn_out(self.ffn_in(self.norm2(x))), training=training)
+        return y if cache is None else (y, (keys, values))
+
+    def _attend(self, q, keys, values, visible, training):
+        """Masked attention of q [B, h, T, d] over keys, values [B, h, L, d]: [B, h, T, d]."""
         scores = tf.einsum("bhqd,bhkd->bhqk", q, keys) / math.sqrt(self.head_dim)
         scores = tf.where(visible, scores, tf.constant(NEG_INF, scores.dtype))
         # The softmax in float32 whatever the compute dtype (bfloat16 has 8 bits of mantissa).
         attn = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), scores.dtype)
-        attn = self.drop(attn, training=training)
-        out = tf.transpose(tf.einsum("bhqk,bhkd->bhqd", attn, values), [0, 2, 1, 3])
-        x = x + self.drop(self.proj(tf.reshape(out, tf.shape(x))), training=training)
-        y = x + self.drop(self.ffn_out(self.ffn_in(self.norm2(x))), training=training)
-        return y if cache is None else (y, (keys, values))
+        return tf.einsum("bhqk,bhkd->bhqd", self.drop(attn, training=training), values)
 
     def get_config(self):
         config = super().get_config()

@@ -59,6 +59,23 @@ def test_cached_steps_equal_the_full_causal_pass():
     assert np.abs(other[:, 5:] - full[:, 5:]).max() > 1e-3
 
 
+def test_cached_steps_read_only_the_filled_part_of_the_cache():
+    prior = _prior()
+    codes = tf.random.stateless_uniform((2, K), (5, 6), 0, V, tf.int32)
+    tokens = prior.next_code_pairs(codes)[0]
+    cache = prior.init_cache(2)
+    for i in range(K):
+        # NaN in every position not yet written: whole-cache attention would multiply them
+        # by zero weights and return NaN; the step reads only the first K/8 * j positions
+        # that hold position i (K = 8: positions 0..i).
+        unwritten = (np.arange(K) > i)[None, None, :, None]
+        poisoned = [tuple(tf.where(unwritten, np.nan, t) for t in pair) for pair in cache]
+        dirty, _ = prior.next(tokens[:, i], poisoned, tf.constant(i))
+        logits, cache = prior.next(tokens[:, i], cache, tf.constant(i))
+        assert np.isfinite(dirty.numpy()).all(), i
+        np.testing.assert_allclose(dirty.numpy(), logits.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_a_bfloat16_prior_stays_close_to_its_float32_reference(sampler, tmp_path):
     sampler.prior(tf.zeros((1, 1), tf.int32))  # Built, as saving needs.
     save_prior(sampler.prior, str(tmp_path))
