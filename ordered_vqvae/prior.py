@@ -9,7 +9,8 @@ with an optional key/value cache, as keras-hub's `TransformerDecoder` does:
   cache, which they update. The cache is one (keys, values) pair of [B, heads, K, head_dim]
   tensors per layer, written with a dynamic-update-slice (in place under XLA) and read by
   masked attention over the cache's filled part (the first of 8 widths that holds it), so
-  a compiled sampling loop costs O(k) in the codes it generates. (On 2 CPU cores this layout ran 1.5x faster than keras-hub's own cache.)
+  a compiled sampling loop costs O(k) in the codes it generates. (On 2 CPU cores this
+  layout ran 1.5x faster than keras-hub's own cache.)
   At batch 1 under XLA, a large prior's projections run as batched products over
   quarters of their inputs (`row_matmul`), which XLA spreads over every core.
 
@@ -69,9 +70,10 @@ def write_positions(cache, update, index):
 
 
 def _mixed_product(x, kernel):
-    """float32 x [..., n] times a bfloat16 kernel [n, m]: bfloat16 operands, float32
-    accumulation and result, in one dot that reads the kernel's 2 bytes per weight. XLA has
-    this dot and TensorFlow's CPU kernels do not: outside XLA, call `_mixed_matmul`."""
+    """x [..., n] times kernel [..., n, m] with operands in the kernel's dtype, float32
+    accumulation and result: for a bfloat16 kernel, one dot that reads its 2 bytes per
+    weight. XLA has that dot and TensorFlow's CPU kernels do not: outside XLA, call
+    `_mixed_matmul`."""
     return tf.raw_ops.BatchMatMulV3(x=tf.cast(x, kernel.dtype), y=kernel, Tout=tf.float32)
 
 
@@ -91,8 +93,7 @@ def row_matmul(x, kernel, parts: int):
     product's, so results differ from it in the last bits."""
     n, m = kernel.shape
     pieces = tf.transpose(tf.reshape(x, [-1, parts, n // parts]), [1, 0, 2])
-    y = tf.raw_ops.BatchMatMulV3(x=tf.cast(pieces, kernel.dtype),
-                                 y=tf.reshape(kernel, [parts, n // parts, m]), Tout=tf.float32)
+    y = _mixed_product(pieces, tf.reshape(kernel, [parts, n // parts, m]))
     shape = tf.concat([tf.shape(x)[:-1], [m]], 0)
     return tf.cast(tf.reshape(tf.reduce_sum(y, axis=0), shape), x.dtype)
 

@@ -165,11 +165,11 @@ def test_one_row_sampling_splits_the_products_under_xla_with_the_same_codes(monk
     from ordered_vqvae import prior as prior_module
 
     calls = []
-    whole_products = prior_module.row_matmul
+    row_matmul = prior_module.row_matmul
 
     def counted(x, kernel, parts):
         calls.append((tuple(x.shape), parts))
-        return whole_products(x, kernel, parts)
+        return row_matmul(x, kernel, parts)
 
     monkeypatch.setattr(prior_module, "row_matmul", counted)
     prior = _prior()
