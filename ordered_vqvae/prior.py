@@ -51,9 +51,11 @@ except ImportError:  # pragma: no cover - other TF builds: one-row products stay
 # whole: priors of 7 MB 1.38x the time, 10 MB 0.87x, 20 MB 0.64x, 77 MB 0.62x).
 ROW_PRODUCT_PARTS = 4
 ROW_PRODUCT_MIN_BYTES = 8 * 2**20
-# A cached step attends to the first of this many widths of the cache (K/8, 2K/8, ..., K)
-# that holds every position written so far, not to all K: the cache is read in full only
-# in the last eighth of a pass.
+# A cached step on a cache of all K positions (interruptible sampling, continuous batching)
+# attends to the first of this many widths of it (K/8, 2K/8, ..., K) that holds every
+# position written so far, not to all K: the cache is read in full only in the last eighth
+# of a pass. (Each narrower width is a copy; the one-pass sampler avoids them by growing a
+# shorter cache as it goes, see `CodePrior.resize_cache`.)
 ATTENTION_BUCKETS = 8
 
 NEG_INF = -1e9
@@ -184,15 +186,16 @@ class DecoderBlock(keras.layers.Layer):
         shape = tf.concat([tf.shape(x)[:2], [self.num_heads, self.head_dim]], 0)
         return tf.transpose(tf.reshape(x, shape), [0, 2, 1, 3])
 
-    def call(self, x, cache=None, cache_index=None, training=False):
+    def call(self, x, cache=None, cache_index=None, training=False, buckets=1):
         """x [B, T, width] -> [B, T, width].
 
         Without `cache`, position t attends to 0..t. With `cache` = (keys, values), each
-        [B, heads, K, head_dim], and `cache_index` (int32 scalar), x holds positions
+        [B, heads, L, head_dim], and `cache_index` (int32 scalar), x holds positions
         cache_index..cache_index+T-1: they are written into the cache and attend to every
         cached position up to their own. Returns (y, updated cache) then. `cache_index` may
         also be int32 [B], one position per row (T = 1): rows at different positions share
-        one call, as continuous batching needs.
+        one call, as continuous batching needs. `buckets` > 1: attend only to the first of
+        that many widths of the cache (L/buckets, ..., L) that holds every written position.
         """
         q, k, v = (self._heads(t) for t in tf.split(self.qkv(self.norm1(x)), 3, axis=-1))
         steps = tf.shape(x)[1]
@@ -216,11 +219,10 @@ class DecoderBlock(keras.layers.Layer):
         if visible.shape.rank == 2:
             visible = visible[None, None]
         length = keys.shape[2]
-        if cache is None or length is None:
+        if cache is None or length is None or buckets < 2:
             out = self._attend(q, keys, values, visible, training)
-        else:  # Only the filled part: the first of ATTENTION_BUCKETS widths that holds it.
-            widths = sorted({-(-length * (i + 1) // ATTENTION_BUCKETS)
-                             for i in range(ATTENTION_BUCKETS)})
+        else:  # Only the filled part: the first width that holds it.
+            widths = sorted({-(-length * (i + 1) // buckets) for i in range(buckets)})
             last = tf.reduce_max(cache_index) + steps - 1
             out = tf.switch_case(  # Past the last width (never): the last branch, all of it.
                 tf.reduce_sum(tf.cast(tf.constant(widths) <= last, tf.int32)),
@@ -338,10 +340,24 @@ class CodePrior(keras.Model):
             x = block(x, training=training)
         return tf.cast(self.head(self.final_norm(x)), tf.float32)
 
-    def init_cache(self, batch_size) -> List[Tuple[tf.Tensor, tf.Tensor]]:
-        shape = [batch_size, self.num_heads, self.code_length, self.width // self.num_heads]
+    def init_cache(self, batch_size, length=None) -> List[Tuple[tf.Tensor, tf.Tensor]]:
+        """Per block (keys, values), zeros [B, heads, length (default K), head_dim]."""
+        length = self.code_length if length is None else length
+        shape = [batch_size, self.num_heads, length, self.width // self.num_heads]
         dtype = self.compute_dtype
         return [(tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in self.blocks]
+
+    @staticmethod
+    def resize_cache(cache, length: int):
+        """The cache holding positions 0..length-1: cut, or padded with zeros. A cache
+        shorter than K is attended in full, a cache of K in buckets (`DecoderBlock.call`):
+        the sampler's one pass grows it as it goes, so no step reads unwritten positions."""
+        def resize(t):
+            have = t.shape[2]
+            if have >= length:
+                return t[:, :, :length]
+            return tf.pad(t, [[0, 0], [0, 0], [0, length - have], [0, 0]])
+        return [(resize(keys), resize(values)) for keys, values in cache]
 
     def call_with_cache(self, tokens, cache, cache_index):
         """tokens int [B, T] at positions cache_index.. -> (logits [B, T, V], updated cache).
@@ -350,7 +366,9 @@ class CodePrior(keras.Model):
         x = self._embed(tokens, cache_index, False)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index)
+            full = layer_cache[0].shape[2] == self.code_length
+            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index,
+                                   buckets=ATTENTION_BUCKETS if full else 1)
             new_cache.append(layer_cache)
         return tf.cast(self.head(self.final_norm(x)), tf.float32), new_cache
 

@@ -29,6 +29,9 @@ from ordered_vqvae.validation import check_num_codes
 
 FILL_CODE = 0  # The code value written beyond k; never read by the decoder.
 MASKED = -1e30  # The logit of a token a filter removed.
+# One pass (`generate`) runs in this many segments, each on a cache just long enough for
+# the positions it reaches, when the model can resize its cache.
+CACHE_SEGMENTS = 8
 
 
 def logit_ranks(logits):
@@ -168,6 +171,9 @@ class AnytimeSampler:
       next_fn: `next(tokens int32 [B], cache, index) -> (logits [B, V], cache)`; index is
         int32 [B], each row's position, or a scalar when every row is at the same one.
       init_cache: `init_cache(batch_size) -> cache`, the nested tensors `next_fn` carries.
+      resize_cache: optional `resize_cache(cache, length) -> cache` holding positions
+        0..length-1 (a static length). Given, one pass grows the cache in CACHE_SEGMENTS
+        steps, so that a step's attention reads only the positions its segment can reach.
       code_length: K, the length of a full sequence.
       start_token: the token fed at position 0.
       vocabulary_size: V, the size of the logits' last axis.
@@ -177,8 +183,9 @@ class AnytimeSampler:
 
     def __init__(self, next_fn: Callable, init_cache: Callable, code_length: int,
                  start_token: int, vocabulary_size: int,
-                 filters: Sequence[LogitFilter] = DEFAULT_FILTERS, jit_compile: bool = True):
-        self.next_fn, self.init_cache = next_fn, init_cache
+                 filters: Sequence[LogitFilter] = DEFAULT_FILTERS, jit_compile: bool = True,
+                 resize_cache: Optional[Callable] = None):
+        self.next_fn, self.init_cache, self.resize_cache = next_fn, init_cache, resize_cache
         self.code_length, self.start_token = int(code_length), int(start_token)
         self.vocabulary_size = int(vocabulary_size)
         self.filters = tuple(filters)
@@ -190,7 +197,7 @@ class AnytimeSampler:
     def for_prior(cls, prior, **kwargs) -> "AnytimeSampler":
         """The sampler of a CodePrior: its `next`, its cache, K and codebook."""
         return cls(prior.next, prior.init_cache, prior.code_length, prior.start_token,
-                   prior.codebook_size, **kwargs)
+                   prior.codebook_size, resize_cache=prior.resize_cache, **kwargs)
 
     def begin(self, batch_size) -> SamplingState:
         """A fresh state: no codes yet, an empty cache, every row at position 0."""
@@ -245,10 +252,17 @@ class AnytimeSampler:
     def _generate(self, prefix, num_fixed, num_codes, seed, settings):
         """One pass: prefix int32 [B, K] (copied for positions < num_fixed), k = num_codes,
         row streams from `seed` -> (codes [B, K], all logits finite)."""
-        batch = tf.shape(prefix)[0]
-        state = self._extend(self.begin(batch), tf.constant(self.code_length),
-                             row_seeds(seed, batch), tf.fill([batch], num_codes), settings,
-                             prefix, num_fixed, in_step=True)
+        K, batch = self.code_length, tf.shape(prefix)[0]
+        seeds, limits, state = row_seeds(seed, batch), tf.fill([batch], num_codes), self.begin(batch)
+        ends = [K] if self.resize_cache is None else sorted(
+            {-(-K * (i + 1) // CACHE_SEGMENTS) for i in range(CACHE_SEGMENTS)})
+        start = 0
+        for end in ends:  # Segments past k run no step.
+            if self.resize_cache is not None:
+                state = state._replace(cache=self.resize_cache(state.cache, end))
+            state = self._extend(state, tf.constant(end - start), seeds, limits, settings,
+                                 prefix, num_fixed, in_step=True)
+            start = end
         return state.codes, state.finite
 
     def settings(self, **values) -> Dict[str, tf.Tensor]:

@@ -10,7 +10,7 @@ from ordered_vqvae import sampler as sampler_module
 from ordered_vqvae.configs import PriorConfig, prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior, load_prior, save_prior
-from ordered_vqvae.sampler import FILL_CODE, AnytimeSampler, LogitFilter
+from ordered_vqvae.sampler import CACHE_SEGMENTS, FILL_CODE, AnytimeSampler, LogitFilter
 from pipeline.config import DataConfig
 
 K, V = 8, 32
@@ -74,6 +74,35 @@ def test_cached_steps_read_only_the_filled_part_of_the_cache():
         logits, cache = prior.next(tokens[:, i], cache, tf.constant(i))
         assert np.isfinite(dirty.numpy()).all(), i
         np.testing.assert_allclose(dirty.numpy(), logits.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_one_pass_grows_the_cache_by_segments_and_attends_to_all_of_it(monkeypatch):
+    from ordered_vqvae.prior import DecoderBlock
+
+    prior = _prior()
+    cache = [tuple(tf.random.normal([2, 4, 3, 8]) for _ in range(2))]
+    longer, shorter = (prior.resize_cache(cache, n)[0][0].numpy() for n in (5, 2))
+    np.testing.assert_array_equal(longer[:, :, :3], cache[0][0].numpy())
+    assert longer.shape[2] == 5 and not longer[:, :, 3:].any()
+    np.testing.assert_array_equal(shorter, cache[0][0].numpy()[:, :, :2])
+    widths, attend = [], DecoderBlock._attend
+
+    def spy(self, q, keys, *args):
+        widths.append(keys.shape[2])
+        return attend(self, q, keys, *args)
+
+    monkeypatch.setattr(DecoderBlock, "_attend", spy)
+    sampler = AnytimeSampler.for_prior(prior)
+    one_pass = sampler.sample_codes(2, K, seed=3).numpy()
+    # K = 8 in CACHE_SEGMENTS = 8 segments, each traced once: each block attends once to a
+    # cache of exactly the segment's end; the last one's cache of K, in 8 buckets.
+    buckets = [w for _ in prior.blocks for w in range(1, K + 1)]
+    assert widths == [w for w in range(1, K) for _ in prior.blocks] + buckets
+    widths.clear()
+    state = sampler.extend(sampler.begin(2), tf.constant(K), sampler_module.row_seeds(3, 2),
+                           tf.fill([2], K), sampler.settings())
+    assert widths == buckets
+    np.testing.assert_array_equal(state.codes.numpy(), one_pass)
 
 
 def test_a_bfloat16_prior_stays_close_to_its_float32_reference(sampler, tmp_path):
@@ -182,8 +211,10 @@ def test_one_row_sampling_splits_the_products_under_xla_with_the_same_codes(monk
             codes[parts, jit] = sampler.sample_codes(1, K, seed=7).numpy()
             split = calls[:]
             calls.clear()
-            # Only one row under XLA takes the split: the 4 projections of both blocks.
-            assert len(split) == (8 if parts > 1 and jit else 0), (parts, jit)
+            # Only one row under XLA takes the split: the 4 projections of both blocks,
+            # traced once per segment of the pass.
+            segments = len({-(-K * (i + 1) // CACHE_SEGMENTS) for i in range(CACHE_SEGMENTS)})
+            assert len(split) == (8 * segments if parts > 1 and jit else 0), (parts, jit)
             assert all(shape == (1, 1, 32) or shape == (1, 1, 64) for shape, _ in split)
             sampler.sample_codes(2, K, seed=7)
             assert not calls
