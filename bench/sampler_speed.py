@@ -13,9 +13,10 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
      at which batch 1 streams the weights (every step reads all of them) against the rate
      at which the machine reads memory (a sum over 512 MB), batch 1 with its one-row
      products split (the default for this prior, see `prior.row_matmul`) against whole,
-     and the rate of one step's projections alone (the prior's own weight matrices,
-     chained) with and without XLA: the ceiling XLA's dots set for the sampler at that
-     batch;
+     the chosen batch's one pass in cache segments (the default) against one loop whose
+     every step attends to all K cached positions, and the rate of one step's projections alone (the prior's
+     own weight matrices, chained) with and without XLA: the ceiling XLA's dots set for
+     the sampler at that batch;
   6. the prior's bfloat16 copies (`load_prior(dtype="bfloat16")`: everything in bfloat16;
      `"bfloat16_weights"`: bfloat16 projection kernels, float32 activations and cache)
      against float32, with and without XLA, at batch 1 and the chosen batch, and the dense
@@ -36,7 +37,7 @@ from ordered_vqvae import configs, models
 from ordered_vqvae.configs import prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior, load_prior, save_prior
-from ordered_vqvae.sampler import FILL_CODE, row_seeds
+from ordered_vqvae.sampler import CACHE_SEGMENTS, FILL_CODE, row_seeds
 from harness import timings
 
 
@@ -70,7 +71,8 @@ def projection_flops(prior):
 
 def flops_per_code(prior):
     """FLOPs of one sampling step of one row: the projections, attention over all K cached
-    positions in every layer (the cache has a fixed shape), then the output head."""
+    positions in every layer, then the output head. (One pass reads about 9/16 of the K
+    positions, see `sampler.CACHE_SEGMENTS`; the count stays that of a cache of K.)"""
     W, K, V = prior.width, prior.code_length, prior.codebook_size
     return projection_flops(prior) + prior.num_layers * 2 * 2 * W * K + 2 * W * V
 
@@ -183,6 +185,18 @@ def main():
             print(f"   one-row products in {parts} parts (this prior's default) against whole: "
                   f"{1000 * min(split) / K:.2f} against {1000 * min(unsplit) / K:.2f} ms per "
                   f"code, ratio {min(split) / min(unsplit):.2f}")
+        else:
+            one_loop = ImageGenerator(prior, ae, jit_compile=True)
+            one_loop.sampler.resize_cache = None  # Every step attends to all K positions.
+            one_loop.sample_codes(batch, K).numpy()
+            grown, whole = [], []
+            for _ in range(args.repeats):
+                grown += timings(lambda: xla.sample_codes(batch, K).numpy(), 1, warmup=0)
+                whole += timings(lambda: one_loop.sample_codes(batch, K).numpy(), 1, warmup=0)
+            print(f"   one pass in {CACHE_SEGMENTS} cache segments (the default) against one loop "
+                  f"over all K cached positions: {1000 * min(grown) / K:.2f} against "
+                  f"{1000 * min(whole) / K:.2f} ms per code, ratio "
+                  f"{min(grown) / min(whole):.2f}")
         xla_rate, tf_rate = (projection_rate(prior, batch, args.repeats, jit)
                              for jit in (True, False))
         print(f"   one step's projections alone at batch {batch}: XLA {xla_rate:.0f} GFLOP/s "

@@ -51,11 +51,12 @@ except ImportError:  # pragma: no cover - other TF builds: one-row products stay
 # whole: priors of 7 MB 1.38x the time, 10 MB 0.87x, 20 MB 0.64x, 77 MB 0.62x).
 ROW_PRODUCT_PARTS = 4
 ROW_PRODUCT_MIN_BYTES = 8 * 2**20
-# A cached step on a cache of all K positions (interruptible sampling, continuous batching)
-# attends to the first of this many widths of it (K/8, 2K/8, ..., K) that holds every
-# position written so far, not to all K: the cache is read in full only in the last eighth
-# of a pass. (Each narrower width is a copy; the one-pass sampler avoids them by growing a
-# shorter cache as it goes, see `CodePrior.resize_cache`.)
+# A cached step with one position per row (interruptible sampling, continuous batching)
+# attends to the first of this many widths of the cache (L/8, 2L/8, ..., L) that holds
+# every position written so far, not to all L: the cache is read in full only in the last
+# eighth of a pass. (Each narrower width is a copy. A step with one position for all rows,
+# the sampler's one pass, attends to all of its cache instead: the pass grows the cache as
+# it goes, see `CodePrior.resize_cache`.)
 ATTENTION_BUCKETS = 8
 
 NEG_INF = -1e9
@@ -340,18 +341,17 @@ class CodePrior(keras.Model):
             x = block(x, training=training)
         return tf.cast(self.head(self.final_norm(x)), tf.float32)
 
-    def init_cache(self, batch_size, length=None) -> List[Tuple[tf.Tensor, tf.Tensor]]:
-        """Per block (keys, values), zeros [B, heads, length (default K), head_dim]."""
-        length = self.code_length if length is None else length
-        shape = [batch_size, self.num_heads, length, self.width // self.num_heads]
+    def init_cache(self, batch_size) -> List[Tuple[tf.Tensor, tf.Tensor]]:
+        """Per block (keys, values), zeros [B, heads, K, head_dim]."""
+        shape = [batch_size, self.num_heads, self.code_length, self.width // self.num_heads]
         dtype = self.compute_dtype
         return [(tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in self.blocks]
 
     @staticmethod
     def resize_cache(cache, length: int):
-        """The cache holding positions 0..length-1: cut, or padded with zeros. A cache
-        shorter than K is attended in full, a cache of K in buckets (`DecoderBlock.call`):
-        the sampler's one pass grows it as it goes, so no step reads unwritten positions."""
+        """The cache holding positions 0..length-1 (a static length): cut, or padded with
+        zeros. The sampler's one pass grows it as it goes, so that its steps, which attend to
+        all of the cache, read no position their segment cannot reach."""
         def resize(t):
             have = t.shape[2]
             if have >= length:
@@ -361,14 +361,15 @@ class CodePrior(keras.Model):
 
     def call_with_cache(self, tokens, cache, cache_index):
         """tokens int [B, T] at positions cache_index.. -> (logits [B, T, V], updated cache).
-        `cache_index`: an int32 scalar, or int32 [B] (one position per row, T = 1)."""
+        `cache_index`: an int32 scalar (attending to all of the cache), or int32 [B] (one
+        position per row, T = 1; attending in ATTENTION_BUCKETS widths)."""
         cache_index = tf.convert_to_tensor(cache_index, tf.int32)
         x = self._embed(tokens, cache_index, False)
         new_cache = []
+        buckets = ATTENTION_BUCKETS if cache_index.shape.rank == 1 else 1
         for block, layer_cache in zip(self.blocks, cache):
-            full = layer_cache[0].shape[2] == self.code_length
             x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index,
-                                   buckets=ATTENTION_BUCKETS if full else 1)
+                                   buckets=buckets)
             new_cache.append(layer_cache)
         return tf.cast(self.head(self.final_norm(x)), tf.float32), new_cache
 

@@ -66,12 +66,12 @@ def test_cached_steps_read_only_the_filled_part_of_the_cache():
     cache = prior.init_cache(2)
     for i in range(K):
         # NaN in every position not yet written: whole-cache attention would multiply them
-        # by zero weights and return NaN; the step reads only the first K/8 * j positions
-        # that hold position i (K = 8: positions 0..i).
+        # by zero weights and return NaN; a step with one position per row reads only the
+        # first K/8 * j positions that hold position i (K = 8: positions 0..i).
         unwritten = (np.arange(K) > i)[None, None, :, None]
         poisoned = [tuple(tf.where(unwritten, np.nan, t) for t in pair) for pair in cache]
-        dirty, _ = prior.next(tokens[:, i], poisoned, tf.constant(i))
-        logits, cache = prior.next(tokens[:, i], cache, tf.constant(i))
+        dirty, _ = prior.next(tokens[:, i], poisoned, tf.fill([2], i))
+        logits, cache = prior.next(tokens[:, i], cache, tf.fill([2], i))
         assert np.isfinite(dirty.numpy()).all(), i
         np.testing.assert_allclose(dirty.numpy(), logits.numpy(), rtol=1e-6, atol=1e-6)
 
@@ -95,13 +95,12 @@ def test_one_pass_grows_the_cache_by_segments_and_attends_to_all_of_it(monkeypat
     sampler = AnytimeSampler.for_prior(prior)
     one_pass = sampler.sample_codes(2, K, seed=3).numpy()
     # K = 8 in CACHE_SEGMENTS = 8 segments, each traced once: each block attends once to a
-    # cache of exactly the segment's end; the last one's cache of K, in 8 buckets.
-    buckets = [w for _ in prior.blocks for w in range(1, K + 1)]
-    assert widths == [w for w in range(1, K) for _ in prior.blocks] + buckets
+    # cache of exactly the segment's end.
+    assert widths == [w for w in range(1, K + 1) for _ in prior.blocks]
     widths.clear()
     state = sampler.extend(sampler.begin(2), tf.constant(K), sampler_module.row_seeds(3, 2),
                            tf.fill([2], K), sampler.settings())
-    assert widths == buckets
+    assert widths == [w for _ in prior.blocks for w in range(1, K + 1)]  # In 8 buckets.
     np.testing.assert_array_equal(state.codes.numpy(), one_pass)
 
 
