@@ -6,11 +6,13 @@ with an optional key/value cache, as keras-hub's `TransformerDecoder` does:
 
 - without a cache: a full causal pass over [B, T] positions (training, scoring);
 - with `cache` and `cache_index`: the positions starting at `cache_index`, attending to the
-  cache, which they update. The cache is one (keys, values) pair of [B, heads, K, head_dim]
+  cache, which they update. The cache is one (keys, values) pair of [B, heads, L, head_dim]
   tensors per layer, written with a dynamic-update-slice (in place under XLA) and read by
-  masked attention over the cache's filled part (the first of 8 widths that holds it), so
-  a compiled sampling loop costs O(k) in the codes it generates. (On 2 CPU cores this
-  layout ran 1.5x faster than keras-hub's own cache.)
+  masked attention: with one position for all rows, over all L (the sampler's one pass
+  grows L segment by segment, `resize_cache`); with one position per row, over the first
+  of 8 widths of the cache that holds every written position. So a compiled sampling loop
+  costs O(k) in the codes it generates. (On 2 CPU cores this layout ran 1.5x faster than
+  keras-hub's own cache.)
   At batch 1 under XLA, a large prior's projections run as batched products over
   quarters of their inputs (`row_matmul`), which XLA spreads over every core.
 

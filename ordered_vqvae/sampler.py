@@ -15,6 +15,8 @@ join or leave between chunks (continuous batching), and a row's codes depend onl
 seed, never on which rows it shares a call with. Chunk length, limits and filter settings
 are runtime tensors: one compiled program per batch size serves every k and setting, and
 its cost grows linearly with the codes generated. Tokens beyond a row's k stay FILL_CODE.
+A fresh batch sampled in one pass (`generate`) runs in CACHE_SEGMENTS segments when the
+model can resize its cache, each on a cache just long enough for the positions it reaches.
 """
 
 from __future__ import annotations
