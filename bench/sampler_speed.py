@@ -14,9 +14,9 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
      at which the machine reads memory (a sum over 512 MB), batch 1 with its one-row
      products split (the default for this prior, see `prior.row_matmul`) against whole,
      the chosen batch's one pass in cache segments (the default) against one loop whose
-     every step attends to all K cached positions, and the rate of one step's projections alone (the prior's
-     own weight matrices, chained) with and without XLA: the ceiling XLA's dots set for
-     the sampler at that batch;
+     every step attends to all K cached positions, and the rate of one step's projections
+     alone (the prior's own weight matrices, chained) with and without XLA: the ceiling
+     XLA's dots set for the sampler at that batch;
   6. the prior's bfloat16 copies (`load_prior(dtype="bfloat16")`: everything in bfloat16;
      `"bfloat16_weights"`: bfloat16 projection kernels, float32 activations and cache)
      against float32, with and without XLA, at batch 1 and the chosen batch, and the dense

@@ -31,9 +31,7 @@ from ordered_vqvae.validation import check_num_codes
 
 FILL_CODE = 0  # The code value written beyond k; never read by the decoder.
 MASKED = -1e30  # The logit of a token a filter removed.
-# One pass (`generate`) runs in this many segments, each on a cache just long enough for
-# the positions it reaches, when the model can resize its cache.
-CACHE_SEGMENTS = 8
+CACHE_SEGMENTS = 8  # The segments of one pass (`generate`); see the docstring above.
 
 
 def logit_ranks(logits):
@@ -255,7 +253,8 @@ class AnytimeSampler:
         """One pass: prefix int32 [B, K] (copied for positions < num_fixed), k = num_codes,
         row streams from `seed` -> (codes [B, K], all logits finite)."""
         K, batch = self.code_length, tf.shape(prefix)[0]
-        seeds, limits, state = row_seeds(seed, batch), tf.fill([batch], num_codes), self.begin(batch)
+        seeds, limits = row_seeds(seed, batch), tf.fill([batch], num_codes)
+        state = self.begin(batch)
         ends = [K] if self.resize_cache is None else sorted(
             {-(-K * (i + 1) // CACHE_SEGMENTS) for i in range(CACHE_SEGMENTS)})
         start = 0
