@@ -36,6 +36,7 @@ from ordered_vqvae import artifacts
 from ordered_vqvae.configs import PriorConfig
 from ordered_vqvae.fit import finite_loss
 from ordered_vqvae.replicas import loggable
+from ordered_vqvae.sampler import prefix_ends
 from ordered_vqvae.validation import check_choice
 
 try:  # TensorFlow's XLA op wrapper: in place under XLA, and it has a plain TF kernel too.
@@ -225,7 +226,7 @@ class DecoderBlock(keras.layers.Layer):
         if cache is None or length is None or buckets < 2:
             out = self._attend(q, keys, values, visible, training)
         else:  # Only the filled part: the first width that holds it.
-            widths = sorted({-(-length * (i + 1) // buckets) for i in range(buckets)})
+            widths = prefix_ends(length, buckets)
             last = tf.reduce_max(cache_index) + steps - 1
             out = tf.switch_case(  # Past the last width (never): the last branch, all of it.
                 tf.reduce_sum(tf.cast(tf.constant(widths) <= last, tf.int32)),

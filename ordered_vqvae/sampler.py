@@ -34,6 +34,12 @@ MASKED = -1e30  # The logit of a token a filter removed.
 CACHE_SEGMENTS = 8  # The segments of one pass (`generate`); see the docstring above.
 
 
+def prefix_ends(length: int, parts: int) -> list:
+    """The ends of `parts` prefixes of 0..length-1 whose lengths grow in near-equal steps
+    (fewer when length < parts): prefix_ends(64, 8) = [8, 16, ..., 64]."""
+    return sorted({-(-length * (i + 1) // parts) for i in range(parts)})
+
+
 def logit_ranks(logits):
     """int32 [B, V]: each logit's rank in its row, 0 for the largest; ties go to the lower
     index, so that "the top k" is always exactly k tokens."""
@@ -255,8 +261,7 @@ class AnytimeSampler:
         K, batch = self.code_length, tf.shape(prefix)[0]
         seeds, limits = row_seeds(seed, batch), tf.fill([batch], num_codes)
         state = self.begin(batch)
-        ends = [K] if self.resize_cache is None else sorted(
-            {-(-K * (i + 1) // CACHE_SEGMENTS) for i in range(CACHE_SEGMENTS)})
+        ends = [K] if self.resize_cache is None else prefix_ends(K, CACHE_SEGMENTS)
         start = 0
         for end in ends:  # Segments past k run no step.
             if self.resize_cache is not None:

@@ -10,7 +10,8 @@ from ordered_vqvae import sampler as sampler_module
 from ordered_vqvae.configs import PriorConfig, prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior, load_prior, save_prior
-from ordered_vqvae.sampler import CACHE_SEGMENTS, FILL_CODE, AnytimeSampler, LogitFilter
+from ordered_vqvae.sampler import (CACHE_SEGMENTS, FILL_CODE, AnytimeSampler, LogitFilter,
+                                   prefix_ends)
 from pipeline.config import DataConfig
 
 K, V = 8, 32
@@ -74,6 +75,13 @@ def test_cached_steps_read_only_the_filled_part_of_the_cache():
         logits, cache = prior.next(tokens[:, i], cache, tf.fill([2], i))
         assert np.isfinite(dirty.numpy()).all(), i
         np.testing.assert_allclose(dirty.numpy(), logits.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_prefix_ends_grow_in_near_equal_steps_to_the_length():
+    assert prefix_ends(64, 8) == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert prefix_ends(10, 4) == [3, 5, 8, 10]
+    assert prefix_ends(5, 8) == [1, 2, 3, 4, 5]  # Fewer parts than asked, none empty.
+    assert prefix_ends(7, 1) == [7]
 
 
 def test_one_pass_grows_the_cache_by_segments_and_attends_to_all_of_it(monkeypatch):
@@ -212,7 +220,7 @@ def test_one_row_sampling_splits_the_products_under_xla_with_the_same_codes(monk
             calls.clear()
             # Only one row under XLA takes the split: the 4 projections of both blocks,
             # traced once per segment of the pass.
-            segments = len({-(-K * (i + 1) // CACHE_SEGMENTS) for i in range(CACHE_SEGMENTS)})
+            segments = len(prefix_ends(K, CACHE_SEGMENTS))
             assert len(split) == (8 * segments if parts > 1 and jit else 0), (parts, jit)
             assert all(shape == (1, 1, 32) or shape == (1, 1, 64) for shape, _ in split)
             sampler.sample_codes(2, K, seed=7)
