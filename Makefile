@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ovqvae demo --workdir=workdir/digits
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Optional: torch (CPU) and transformers for bench/compare_torch.py, in their own environment.
 PEERS := .venv-peers
