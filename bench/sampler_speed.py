@@ -1,7 +1,8 @@
 """Anytime sampler speed, measured side by side in one run.
 
 The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 codes of a
-256-codeword MNIST autoencoder, batch 64. Prints:
+256-codeword MNIST autoencoder, batch 64, sampled as a long-lived sampler would: its one
+pass in `sampler.CACHE_SEGMENTS` cache segments (`cache_segments`). Prints:
   1. time(k) / time(K) for k = K/4, K/2, 3K/4 (linear cost: ~0.25/0.5/0.75 plus the
      decoder's fixed share);
   2. the cached XLA loop against naive sampling that reruns the whole prefix each step;
@@ -13,8 +14,9 @@ The reference-size prior (6 layers, 8 heads, width 512, FFN 2048) over K=64 code
      at which batch 1 streams the weights (every step reads all of them) against the rate
      at which the machine reads memory (a sum over 512 MB), batch 1 with its one-row
      products split (the default for this prior, see `prior.row_matmul`) against whole,
-     the chosen batch's one pass in cache segments (the default) against one loop whose
-     every step attends to all K cached positions, and the rate of one step's projections
+     the chosen batch's one pass in cache segments against one loop whose every step
+     attends to all K cached positions (the default), their first calls (trace and
+     compile) and their passes, and the rate of one step's projections
      alone (the prior's own weight matrices, chained) with and without XLA: the ceiling
      XLA's dots set for the sampler at that batch;
   6. the prior's bfloat16 copies (`load_prior(dtype="bfloat16")`: everything in bfloat16;
@@ -72,7 +74,8 @@ def projection_flops(prior):
 def flops_per_code(prior):
     """FLOPs of one sampling step of one row: the projections, attention over all K cached
     positions in every layer, then the output head. (One pass reads about 9/16 of the K
-    positions, see `sampler.CACHE_SEGMENTS`; the count stays that of a cache of K.)"""
+    positions in cache segments, see `AnytimeSampler`; the count stays that of a cache of
+    K.)"""
     W, K, V = prior.width, prior.code_length, prior.codebook_size
     return projection_flops(prior) + prior.num_layers * 2 * 2 * W * K + 2 * W * V
 
@@ -129,8 +132,8 @@ def main():
     K, V, B = ae.code_length, ae.codebook_size, args.batch
     prior = CodePrior.from_config_for(prior_preset("reference"), K, V)
     prior(tf.zeros((1, 1), tf.int32))  # Built, as saving a copy needs.
-    xla = ImageGenerator(prior, ae, jit_compile=True)
-    eager_loop = ImageGenerator(prior, ae, jit_compile=False)
+    xla, eager_loop = (ImageGenerator(prior, ae, jit_compile=jit,
+                                      cache_segments=CACHE_SEGMENTS) for jit in (True, False))
 
     print(f"prior: 6 layers, 8 heads, width 512; K={K}, vocabulary {V}, batch {B}")
     full = best_time(lambda: xla.sample(B, K)[0].numpy(), args.repeats)
@@ -186,17 +189,21 @@ def main():
                   f"{1000 * min(split) / K:.2f} against {1000 * min(unsplit) / K:.2f} ms per "
                   f"code, ratio {min(split) / min(unsplit):.2f}")
         else:
-            one_loop = ImageGenerator(prior, ae, jit_compile=True)
-            one_loop.sampler.resize_cache = None  # Every step attends to all K positions.
-            one_loop.sample_codes(batch, K).numpy()
+            first = {}
+            for segments in (CACHE_SEGMENTS, 1):  # Fresh samplers: trace and compile.
+                fresh = ImageGenerator(prior, ae, jit_compile=True, cache_segments=segments)
+                first[segments] = timings(lambda: fresh.sample_codes(batch, K).numpy(), 1,
+                                          warmup=0)[0]
+            one_loop = fresh  # Every step attends to all K cached positions.
             grown, whole = [], []
             for _ in range(args.repeats):
                 grown += timings(lambda: xla.sample_codes(batch, K).numpy(), 1, warmup=0)
                 whole += timings(lambda: one_loop.sample_codes(batch, K).numpy(), 1, warmup=0)
-            print(f"   one pass in {CACHE_SEGMENTS} cache segments (the default) against one loop "
-                  f"over all K cached positions: {1000 * min(grown) / K:.2f} against "
+            print(f"   one pass in {CACHE_SEGMENTS} cache segments against one loop over all K "
+                  f"cached positions (the default): {1000 * min(grown) / K:.2f} against "
                   f"{1000 * min(whole) / K:.2f} ms per code, ratio "
-                  f"{min(grown) / min(whole):.2f}")
+                  f"{min(grown) / min(whole):.2f}; first call (trace and compile) "
+                  f"{first[CACHE_SEGMENTS]:.1f} against {first[1]:.1f} s")
         xla_rate, tf_rate = (projection_rate(prior, batch, args.repeats, jit)
                              for jit in (True, False))
         print(f"   one step's projections alone at batch {batch}: XLA {xla_rate:.0f} GFLOP/s "
@@ -209,7 +216,8 @@ def main():
           "ratio < 1: the copy is faster):")
     for jit, reference in ((True, xla), (False, eager_loop)):
         fns = {"float32": reference.sample_codes,
-               **{d: ImageGenerator(p, ae, jit_compile=jit).sample_codes
+               **{d: ImageGenerator(p, ae, jit_compile=jit,
+                                    cache_segments=CACHE_SEGMENTS).sample_codes
                   for d, p in copies.items()}}
         for batch in sorted({1, B}):
             for fn in fns.values():

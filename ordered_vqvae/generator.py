@@ -25,9 +25,11 @@ class ImageGenerator:
       prior: a `CodePrior` over the autoencoder's codes.
       autoencoder: the `OrderedVQVAE`.
       jit_compile: compile the sampling loop with XLA (the fast path).
+      cache_segments: the sampler's (see `AnytimeSampler`): more than 1 pays in a generator
+        that samples many batches of one size.
     """
 
-    def __init__(self, prior, autoencoder, jit_compile: bool = True):
+    def __init__(self, prior, autoencoder, jit_compile: bool = True, cache_segments: int = 1):
         if prior.code_length != autoencoder.code_length:
             raise ValueError(f"the prior models K={prior.code_length} codes but the autoencoder "
                              f"has K={autoencoder.code_length}")
@@ -36,7 +38,8 @@ class ImageGenerator:
                              f"autoencoder's codebook has {autoencoder.codebook_size}")
         self.prior, self.autoencoder = prior, autoencoder
         self.code_length = prior.code_length
-        self.sampler = AnytimeSampler.for_prior(prior, jit_compile=jit_compile)
+        self.sampler = AnytimeSampler.for_prior(prior, jit_compile=jit_compile,
+                                                cache_segments=cache_segments)
         self.decode = tf.function(autoencoder.decode)
 
     def sample_codes(self, num_samples: int, num_codes: int, seed: int = 0,

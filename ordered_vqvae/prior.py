@@ -8,8 +8,8 @@ with an optional key/value cache, as keras-hub's `TransformerDecoder` does:
 - with `cache` and `cache_index`: the positions starting at `cache_index`, attending to the
   cache, which they update. The cache is one (keys, values) pair of [B, heads, L, head_dim]
   tensors per layer, written with a dynamic-update-slice (in place under XLA) and read by
-  masked attention: with one position for all rows, over all L (the sampler's one pass
-  grows L segment by segment, `resize_cache`); with one position per row, over the first
+  masked attention: with one position for all rows, over all L (a sampler's one pass may
+  grow L segment by segment, `resize_cache`); with one position per row, over the first
   of 8 widths of the cache that holds every written position. So a compiled sampling loop
   costs O(k) in the codes it generates. (On 2 CPU cores this layout ran 1.5x faster than
   keras-hub's own cache.)
@@ -58,7 +58,7 @@ ROW_PRODUCT_MIN_BYTES = 8 * 2**20
 # attends to the first of this many widths of the cache (L/8, 2L/8, ..., L) that holds
 # every position written so far, not to all L: the cache is read in full only in the last
 # eighth of a pass. (Each narrower width is a copy. A step with one position for all rows,
-# the sampler's one pass, attends to all of its cache instead: the pass grows the cache as
+# the sampler's one pass, attends to all of its cache instead, which the pass may grow as
 # it goes, see `CodePrior.resize_cache`.)
 ATTENTION_BUCKETS = 8
 
@@ -353,8 +353,8 @@ class CodePrior(keras.Model):
     @staticmethod
     def resize_cache(cache, length: int):
         """The cache holding positions 0..length-1 (a static length): cut, or padded with
-        zeros. The sampler's one pass grows it as it goes, so that its steps, which attend to
-        all of the cache, read no position their segment cannot reach."""
+        zeros. A sampler's one pass in segments grows it as it goes, so that its steps, which
+        attend to all of the cache, read no position their segment cannot reach."""
         def resize(t):
             have = t.shape[2]
             if have >= length:

@@ -100,11 +100,20 @@ def test_one_pass_grows_the_cache_by_segments_and_attends_to_all_of_it(monkeypat
         return attend(self, q, keys, *args)
 
     monkeypatch.setattr(DecoderBlock, "_attend", spy)
-    sampler = AnytimeSampler.for_prior(prior)
+    sampler = AnytimeSampler.for_prior(prior, cache_segments=CACHE_SEGMENTS)
     one_pass = sampler.sample_codes(2, K, seed=3).numpy()
     # K = 8 in CACHE_SEGMENTS = 8 segments, each traced once: each block attends once to a
     # cache of exactly the segment's end.
     assert widths == [w for w in range(1, K + 1) for _ in prior.blocks]
+    widths.clear()
+    # By default one loop: each block attends once, to the whole cache; the same codes.
+    one_loop = AnytimeSampler.for_prior(prior)
+    np.testing.assert_array_equal(one_loop.sample_codes(2, K, seed=3).numpy(), one_pass)
+    assert widths == [K for _ in prior.blocks]
+    widths.clear()
+    halves = AnytimeSampler.for_prior(prior, cache_segments=2)
+    np.testing.assert_array_equal(halves.sample_codes(2, K, seed=3).numpy(), one_pass)
+    assert widths == [w for w in (K // 2, K) for _ in prior.blocks]
     widths.clear()
     state = sampler.extend(sampler.begin(2), tf.constant(K), sampler_module.row_seeds(3, 2),
                            tf.fill([2], K), sampler.settings())
@@ -218,10 +227,8 @@ def test_one_row_sampling_splits_the_products_under_xla_with_the_same_codes(monk
             codes[parts, jit] = sampler.sample_codes(1, K, seed=7).numpy()
             split = calls[:]
             calls.clear()
-            # Only one row under XLA takes the split: the 4 projections of both blocks,
-            # traced once per segment of the pass.
-            segments = len(prefix_ends(K, CACHE_SEGMENTS))
-            assert len(split) == (8 * segments if parts > 1 and jit else 0), (parts, jit)
+            # Only one row under XLA takes the split: the 4 projections of both blocks.
+            assert len(split) == (8 if parts > 1 and jit else 0), (parts, jit)
             assert all(shape == (1, 1, 32) or shape == (1, 1, 64) for shape, _ in split)
             sampler.sample_codes(2, K, seed=7)
             assert not calls
@@ -397,6 +404,11 @@ def test_bad_arguments_name_the_value(sampler):
         ImageGenerator(broken, ae).sample(2, 3)
     with pytest.raises(ValueError, match="width=30 is not divisible by num_heads=4"):
         PriorConfig(width=30, num_heads=4)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=f"cache_segments={bad}, expected an integer >= 1"):
+            ImageGenerator(_prior(), ae, cache_segments=bad)
+    with pytest.raises(ValueError, match="cache_segments=8 needs a resize_cache function"):
+        AnytimeSampler(broken.next, broken.init_cache, K, V, V, cache_segments=8)
 
 
 def test_prior_config_round_trip():
