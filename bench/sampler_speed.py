@@ -189,12 +189,11 @@ def main():
                   f"{1000 * min(split) / K:.2f} against {1000 * min(unsplit) / K:.2f} ms per "
                   f"code, ratio {min(split) / min(unsplit):.2f}")
         else:
-            first = {}
-            for segments in (CACHE_SEGMENTS, 1):  # Fresh samplers: trace and compile.
-                fresh = ImageGenerator(prior, ae, jit_compile=True, cache_segments=segments)
-                first[segments] = timings(lambda: fresh.sample_codes(batch, K).numpy(), 1,
-                                          warmup=0)[0]
-            one_loop = fresh  # Every step attends to all K cached positions.
+            fresh = {s: ImageGenerator(prior, ae, jit_compile=True, cache_segments=s)
+                     for s in (CACHE_SEGMENTS, 1)}
+            first = {s: timings(lambda g=g: g.sample_codes(batch, K).numpy(), 1, warmup=0)[0]
+                     for s, g in fresh.items()}  # Trace and compile.
+            one_loop = fresh[1]  # Every step attends to all K cached positions.
             grown, whole = [], []
             for _ in range(args.repeats):
                 grown += timings(lambda: xla.sample_codes(batch, K).numpy(), 1, warmup=0)
