@@ -10,25 +10,27 @@ pass in `sampler.CACHE_SEGMENTS` cache segments (`cache_segments`). Prints:
   4. interruptible sampling (begin, then extend by chunks of 16, 8, 4 codes) against one
      pass, both to k = K;
   5. the sampler's achieved GFLOP/s (codes only, k = K) at batch 1 and the chosen batch,
-     against this machine's dense float32 matmul peak, measured in the same run, and the rate
-     at which batch 1 streams the weights (every step reads all of them) against the rate
-     at which the machine reads memory (a sum over 512 MB), batch 1 with its one-row
-     products split (the default for this prior, see `prior.row_matmul`) against whole,
-     the chosen batch's one pass in cache segments against one loop whose every step
-     attends to all K cached positions (the default), their first calls (trace and
-     compile) and their passes, and the rate of one step's projections
-     alone (the prior's own weight matrices, chained) with and without XLA: the ceiling
-     XLA's dots set for the sampler at that batch;
+     against this machine's dense float32 matmul peak, and the rate at which batch 1
+     streams the weights (every step reads all of them) against the rate at which the
+     machine reads memory (a sum over 512 MB), each reference timed in turn with the
+     sampler (see `in_turn`), batch 1 with its one-row products split (the default for this
+     prior, see `prior.row_matmul`) against whole, the chosen batch's one pass in cache
+     segments against one loop whose every step attends to all K cached positions (the
+     default), their first calls (trace and compile) and their passes, and the rate of one
+     step's projections alone (the prior's own weight matrices, chained) with and without
+     XLA: the ceiling XLA's dots set for the sampler at that batch;
   6. the prior's bfloat16 copies (`load_prior(dtype="bfloat16")`: everything in bfloat16;
      `"bfloat16_weights"`: bfloat16 projection kernels, float32 activations and cache)
-     against float32, with and without XLA, at batch 1 and the chosen batch, and the dense
-     bfloat16 matmul peak both ways (bench/bf16_drift.py measures how far samples drift).
+     against float32 (and, under XLA, the float32 matmul peak), timed in turn, with and
+     without XLA, at batch 1 and the chosen batch, and the dense bfloat16 matmul peak both
+     ways (bench/bf16_drift.py measures how far samples drift).
 
   .venv/bin/python bench/sampler_speed.py [--batch=64] [--repeats=3]
 """
 
 import argparse
 import os
+import statistics
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,21 +49,49 @@ def best_time(fn, repeats):
     return min(timings(fn, repeats))
 
 
-def matmul_peak(repeats, n=2048, dtype=tf.float32, jit_compile=True):
-    """GFLOP/s of a [n, n] x [n, n] matmul, best of `repeats` (without XLA: TensorFlow's
-    own kernel, oneDNN on x86)."""
+def in_turn(fns, rounds):
+    """name -> seconds of each of `rounds` calls of `fns[name]` (each called once untimed
+    first), the callables taking turns, so that all see the same machine: a shared one's
+    speed drifts by up to 2x between minutes, and a reference timed apart from the program
+    it is a reference for (a matmul peak, a memory read rate) can then fall below what that
+    program itself reaches."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += timings(fn, 1, warmup=0)
+    return times
+
+
+def dense_matmul(n=2048, dtype=tf.float32, jit_compile=True):
+    """(a call of a [n, n] x [n, n] matmul, its FLOPs); without XLA TensorFlow's own kernel,
+    oneDNN on x86."""
     a = tf.cast(tf.random.normal((n, n)), dtype)
     matmul = tf.function(lambda x: tf.matmul(x, x), jit_compile=jit_compile)
-    return 2 * n**3 / best_time(lambda: matmul(a).numpy(), repeats) / 1e9
+    return lambda: matmul(a).numpy(), 2 * n**3
 
 
-def read_bandwidth(repeats, megabytes=512):
-    """GB/s at which this machine reads memory: the best of `repeats` sums of a float32
-    array of `megabytes` (far larger than any cache), by TensorFlow's own multi-threaded
-    reduction."""
+def matmul_peak(repeats, **kwargs):
+    """GFLOP/s of `dense_matmul(**kwargs)`, best of `repeats`."""
+    call, flop = dense_matmul(**kwargs)
+    return flop / best_time(call, repeats) / 1e9
+
+
+def memory_read(megabytes=512):
+    """(a sum of a float32 array of `megabytes`, far larger than any cache, by TensorFlow's
+    own multi-threaded reduction; the bytes it reads): how fast this machine reads memory."""
     x = tf.ones([megabytes * 2**20 // 4])
     total = tf.function(tf.reduce_sum)
-    return x.shape[0] * 4 / best_time(lambda: total(x).numpy(), repeats) / 1e9
+    return lambda: total(x).numpy(), x.shape[0] * 4
+
+
+def against(times, work, reference_times, reference_work):
+    """A program's best rate (work per second), the reference's best rate, and the median
+    over rounds of the program's rate / the reference's rate in the same round."""
+    rate = [work / t for t in times]
+    reference = [reference_work / t for t in reference_times]
+    return max(rate), max(reference), statistics.median(a / b for a, b in zip(rate, reference))
 
 
 def projection_flops(prior):
@@ -162,46 +192,55 @@ def main():
     for chunk in (16, 8, 4):
         t = best_time(lambda: chunked(chunk), args.repeats)
         print(f"   chunks of {chunk:2d}: {t:.3f} s, {t / cached_codes:.2f}x the one-pass time")
-    peak = matmul_peak(args.repeats)
-    print(f"5. dense float32 matmul peak (2048^3, XLA): {peak:.0f} GFLOP/s; the sampler, codes "
-          f"only, k=K ({flops_per_code(prior) / 1e6:.1f} MFLOP per code and row):")
+    rounds = max(args.repeats, 5)
+    print(f"5. the sampler, codes only, k=K ({flops_per_code(prior) / 1e6:.1f} MFLOP per code "
+          f"and row), against the dense float32 matmul peak (2048^3, XLA) and, at batch 1, "
+          f"the rate at which this machine reads memory, each timed in turn with it "
+          f"({rounds} rounds; the median ratio over the rounds, the best rates):")
+    matmul, matmul_flop = dense_matmul()
+    read, read_bytes = memory_read()
+    weight_bytes = sum(int(tf.size(w)) * tf.as_dtype(w.dtype).size for w in prior.weights)
+    peak = 0
     for batch in sorted({1, B}):
-        t = cached_codes if batch == B else best_time(
-            lambda: xla.sample_codes(batch, K).numpy(), args.repeats)
-        rate = batch * K * flops_per_code(prior) / t / 1e9
-        print(f"   batch {batch:3d}: {t:.3f} s, {1000 * t / K:.2f} ms per code, {rate:.1f} "
-              f"GFLOP/s = {rate / peak:.0%} of the matmul peak")
+        fns = {"sampler": lambda: xla.sample_codes(batch, K).numpy(), "peak": matmul}
+        times = in_turn({**fns, "read": read} if batch == 1 else fns, rounds)
+        flop = batch * K * flops_per_code(prior)
+        rate, batch_peak, ratio = against(times["sampler"], flop, times["peak"], matmul_flop)
+        peak = max(peak, batch_peak / 1e9)  # GFLOP/s, for the comparisons below.
+        t = min(times["sampler"])
+        print(f"   batch {batch:3d}: {t:.3f} s, {1000 * t / K:.2f} ms per code, "
+              f"{rate / 1e9:.1f} GFLOP/s: {ratio:.0%} of the peak ({batch_peak / 1e9:.0f} "
+              f"GFLOP/s)")
         if batch == 1:  # Every step reads every weight once, whatever the batch.
-            weight_bytes = sum(int(tf.size(w)) * tf.as_dtype(w.dtype).size for w in prior.weights)
-            streamed, read = weight_bytes * K / t / 1e9, read_bandwidth(args.repeats)
+            streamed, fastest, share = against(times["sampler"], weight_bytes * K,
+                                               times["read"], read_bytes)
             print(f"   (batch 1 streams all {weight_bytes / 1e6:.0f} MB of weights per code: "
-                  f"{streamed:.1f} GB/s = {streamed / read:.0%} of the {read:.1f} GB/s at "
-                  f"which this machine reads memory, measured in the same run)")
+                  f"{streamed / 1e9:.1f} GB/s, {share:.0%} of the rate at which this machine "
+                  f"reads memory ({fastest / 1e9:.1f} GB/s, a sum over 512 MB))")
             parts, prior.row_product_parts = prior.row_product_parts, 1
             whole = ImageGenerator(prior, ae, jit_compile=True)
             whole.sample_codes(1, K).numpy()  # Traced with whole one-row products.
             prior.row_product_parts = parts
-            split, unsplit = [], []
-            for _ in range(args.repeats):
-                split += timings(lambda: xla.sample_codes(1, K).numpy(), 1, warmup=0)
-                unsplit += timings(lambda: whole.sample_codes(1, K).numpy(), 1, warmup=0)
+            t = {name: min(v) for name, v in in_turn(
+                {"split": lambda: xla.sample_codes(1, K).numpy(),
+                 "whole": lambda: whole.sample_codes(1, K).numpy()}, args.repeats).items()}
             print(f"   one-row products in {parts} parts (this prior's default) against whole: "
-                  f"{1000 * min(split) / K:.2f} against {1000 * min(unsplit) / K:.2f} ms per "
-                  f"code, ratio {min(split) / min(unsplit):.2f}")
+                  f"{1000 * t['split'] / K:.2f} against {1000 * t['whole'] / K:.2f} ms per "
+                  f"code, ratio {t['split'] / t['whole']:.2f}")
         else:
             fresh = {s: ImageGenerator(prior, ae, jit_compile=True, cache_segments=s)
                      for s in (CACHE_SEGMENTS, 1)}
             first = {s: timings(lambda g=g: g.sample_codes(batch, K).numpy(), 1, warmup=0)[0]
                      for s, g in fresh.items()}  # Trace and compile.
             one_loop = fresh[1]  # Every step attends to all K cached positions.
-            grown, whole = [], []
-            for _ in range(args.repeats):
-                grown += timings(lambda: xla.sample_codes(batch, K).numpy(), 1, warmup=0)
-                whole += timings(lambda: one_loop.sample_codes(batch, K).numpy(), 1, warmup=0)
+            t = {name: min(v) for name, v in in_turn(
+                {"grown": lambda: xla.sample_codes(batch, K).numpy(),
+                 "whole": lambda: one_loop.sample_codes(batch, K).numpy()},
+                args.repeats).items()}
             print(f"   one pass in {CACHE_SEGMENTS} cache segments against one loop over all K "
-                  f"cached positions (the default): {1000 * min(grown) / K:.2f} against "
-                  f"{1000 * min(whole) / K:.2f} ms per code, ratio "
-                  f"{min(grown) / min(whole):.2f}; first call (trace and compile) "
+                  f"cached positions (the default): {1000 * t['grown'] / K:.2f} against "
+                  f"{1000 * t['whole'] / K:.2f} ms per code, ratio "
+                  f"{t['grown'] / t['whole']:.2f}; first call (trace and compile) "
                   f"{first[CACHE_SEGMENTS]:.1f} against {first[1]:.1f} s")
         xla_rate, tf_rate = (projection_rate(prior, batch, args.repeats, jit)
                              for jit in (True, False))
@@ -211,25 +250,26 @@ def main():
     with tempfile.TemporaryDirectory() as directory:
         save_prior(prior, directory)
         copies = {d: load_prior(directory, d) for d in ("bfloat16", "bfloat16_weights")}
-    print("6. bfloat16 copies of the prior against float32, codes only, k=K (alternating; "
-          "ratio < 1: the copy is faster):")
+    print("6. bfloat16 copies of the prior against float32, codes only, k=K (timed in turn, "
+          "with the float32 matmul peak under XLA; ratio < 1: the copy is faster):")
     for jit, reference in ((True, xla), (False, eager_loop)):
-        fns = {"float32": reference.sample_codes,
-               **{d: ImageGenerator(p, ae, jit_compile=jit,
-                                    cache_segments=CACHE_SEGMENTS).sample_codes
-                  for d, p in copies.items()}}
+        samplers = {"float32": reference.sample_codes,
+                    **{d: ImageGenerator(p, ae, jit_compile=jit,
+                                         cache_segments=CACHE_SEGMENTS).sample_codes
+                       for d, p in copies.items()}}
         for batch in sorted({1, B}):
-            for fn in fns.values():
-                fn(batch, K).numpy()  # Compile.
-            t = {name: [] for name in fns}
-            for _ in range(args.repeats):
-                for name, fn in fns.items():
-                    t[name] += timings(lambda: fn(batch, K).numpy(), 1, warmup=0)
-            t = {name: min(v) for name, v in t.items()}
-            rate = {d: batch * K * flops_per_code(prior) / v / 1e9 for d, v in t.items()}
+            fns = {d: lambda fn=fn: fn(batch, K).numpy() for d, fn in samplers.items()}
+            times = in_turn({**fns, "peak": matmul} if jit else fns, args.repeats)
+            t = {d: min(times[d]) for d in samplers}
+            flop = batch * K * flops_per_code(prior)
+
+            def share(d):  # Of the float32 peak, timed in turn with it.
+                return (f", {against(times[d], flop, times['peak'], matmul_flop)[2]:.0%} of "
+                        "the peak" if jit else "")
+
             print(f"   {'XLA' if jit else 'no XLA'}, batch {batch:3d}: float32 {t['float32']:.3f} "
-                  f"s ({rate['float32']:.0f} GFLOP/s); " + "; ".join(
-                      f"{d} {t[d]:.3f} s ({rate[d]:.0f} GFLOP/s), ratio "
+                  f"s ({flop / t['float32'] / 1e9:.0f} GFLOP/s{share('float32')}); " + "; ".join(
+                      f"{d} {t[d]:.3f} s ({flop / t[d] / 1e9:.0f} GFLOP/s{share(d)}), ratio "
                       f"{t[d] / t['float32']:.2f}" for d in copies))
     for jit in (True, False):
         bf16 = matmul_peak(args.repeats, dtype=tf.bfloat16, jit_compile=jit)
