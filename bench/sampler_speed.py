@@ -221,26 +221,26 @@ def main():
             whole = ImageGenerator(prior, ae, jit_compile=True)
             whole.sample_codes(1, K).numpy()  # Traced with whole one-row products.
             prior.row_product_parts = parts
-            t = {name: min(v) for name, v in in_turn(
+            best = {name: min(v) for name, v in in_turn(
                 {"split": lambda: xla.sample_codes(1, K).numpy(),
                  "whole": lambda: whole.sample_codes(1, K).numpy()}, args.repeats).items()}
             print(f"   one-row products in {parts} parts (this prior's default) against whole: "
-                  f"{1000 * t['split'] / K:.2f} against {1000 * t['whole'] / K:.2f} ms per "
-                  f"code, ratio {t['split'] / t['whole']:.2f}")
+                  f"{1000 * best['split'] / K:.2f} against {1000 * best['whole'] / K:.2f} ms per "
+                  f"code, ratio {best['split'] / best['whole']:.2f}")
         else:
             fresh = {s: ImageGenerator(prior, ae, jit_compile=True, cache_segments=s)
                      for s in (CACHE_SEGMENTS, 1)}
             first = {s: timings(lambda g=g: g.sample_codes(batch, K).numpy(), 1, warmup=0)[0]
                      for s, g in fresh.items()}  # Trace and compile.
             one_loop = fresh[1]  # Every step attends to all K cached positions.
-            t = {name: min(v) for name, v in in_turn(
+            best = {name: min(v) for name, v in in_turn(
                 {"grown": lambda: xla.sample_codes(batch, K).numpy(),
                  "whole": lambda: one_loop.sample_codes(batch, K).numpy()},
                 args.repeats).items()}
             print(f"   one pass in {CACHE_SEGMENTS} cache segments against one loop over all K "
-                  f"cached positions (the default): {1000 * t['grown'] / K:.2f} against "
-                  f"{1000 * t['whole'] / K:.2f} ms per code, ratio "
-                  f"{t['grown'] / t['whole']:.2f}; first call (trace and compile) "
+                  f"cached positions (the default): {1000 * best['grown'] / K:.2f} against "
+                  f"{1000 * best['whole'] / K:.2f} ms per code, ratio "
+                  f"{best['grown'] / best['whole']:.2f}; first call (trace and compile) "
                   f"{first[CACHE_SEGMENTS]:.1f} against {first[1]:.1f} s")
         xla_rate, tf_rate = (projection_rate(prior, batch, args.repeats, jit)
                              for jit in (True, False))
