@@ -114,7 +114,7 @@ def batching_gain(saved_model, rows, factor=16, repeats=3):
     sharing chunk calls can gain at most on this machine."""
     import numpy as np
 
-    from pipeline.serve import Model
+    from pipeline.serving.model import Model
 
     model = Model(saved_model)
     K = model.code_length

@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from ordered_vqvae.budget import CostModel
+from ordered_vqvae.budget import CostModel, plan_chunk
 from ordered_vqvae.sampler import AnytimeSampler, row_seeds
 from ordered_vqvae.validation import check_num_codes
 
@@ -113,9 +113,10 @@ class ImageGenerator:
                      min_codes: int = 1, max_codes: Optional[int] = None,
                      costs: Optional[CostModel] = None, **settings):
         """Samples for at most about `seconds` (wall time, decoding included): extends by
-        chunks while the predicted time of the next chunk plus the decode still fits, and
-        always reaches `min_codes`. The prediction comes from `costs` (a CostModel, which
-        this call also teaches; keep one per generator to learn across calls).
+        chunks of at most `chunk` codes while the predicted time of the next chunk plus the
+        decode still fits, and always reaches `min_codes`; `budget.plan_chunk` decides, as
+        it does for the server. The prediction comes from `costs` (a CostModel, which this
+        call also teaches; keep one per generator to learn across calls).
         Returns (images, codes, k)."""
         start = time.perf_counter()
         max_codes = self._check_range(min_codes, max_codes)
@@ -127,15 +128,15 @@ class ImageGenerator:
         k = 0
         while k < max_codes:
             left = seconds - (time.perf_counter() - start)
-            fits = costs.affordable_codes(key, left, min(chunk, max_codes - k))
-            steps = max(min_codes - k, 0) if fits == 0 else (fits or 1)
-            if steps == 0:
+            retire, steps = plan_chunk(costs, key, [(left, k, min_codes, max_codes)], chunk)
+            if retire:
                 break
+            learning = costs.affordable_codes(key, left, max_codes - k) is None
             tick = time.perf_counter()
             state = self.sampler.extend(state, tf.constant(steps), seeds, limits, values)
             k = int(state.position[0])
             costs.observe_extend(key, steps, time.perf_counter() - tick)
-            if fits is None:  # Nothing known yet: learn the decode cost too, once.
+            if learning:  # Nothing known yet: learn the decode cost too.
                 tick = time.perf_counter()
                 self.decode(state.codes, tf.constant(k)).numpy()
                 costs.observe_decode(key, time.perf_counter() - tick)

@@ -102,6 +102,21 @@ def row_seeds(seed, num_rows):
     return tf.bitcast(_mix(_mix(seed) + rows * tf.constant(0x9E3779B9, tf.uint32)), tf.int32)
 
 
+def numpy_row_seeds(seed: int, num_rows: int) -> np.ndarray:
+    """`row_seeds` in NumPy (the same int32 values), for a server that starts rows without a
+    graph call."""
+    def mix(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+    seed = np.array([seed], np.int32).view(np.uint32)
+    rows = np.arange(num_rows, dtype=np.uint32)
+    return mix(mix(seed) + rows * np.uint32(0x9E3779B9)).view(np.int32)
+
+
 def row_uniforms(seeds, positions, vocabulary_size):
     """float32 [B, V] in (0, 1): the uniforms row b uses at `positions[b]`."""
     base = _mix(tf.bitcast(seeds, tf.uint32) + _mix(tf.cast(positions, tf.uint32)))

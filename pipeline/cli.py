@@ -80,6 +80,14 @@ flags.DEFINE_integer("max_queue", 256, "Anytime requests waiting at most; more g
 flags.DEFINE_integer("max_chunk", 8, "Codes per compiled call at most (serve).")
 flags.DEFINE_float("deadline_margin_ms", 5.0, "Milliseconds every :anytime deadline keeps free "
                    "for sending the answer, at least; the server adds what it learns (serve).")
+flags.DEFINE_float("drain_seconds", 30.0, "After SIGTERM, seconds requests in flight may take "
+                   "before their connections are closed (serve).")
+flags.DEFINE_float("header_timeout_s", 10.0, "Seconds a connection may take to send a "
+                   "request's headers, or stay idle between requests (serve).")
+flags.DEFINE_float("body_timeout_s", 10.0, "Seconds a request may take to send its body; "
+                   "then 408 (serve).")
+flags.DEFINE_enum("log_format", "text", ["text", "json"], "Server logs: '[serve] ...' lines "
+                  "or one JSON object per line (serve).")
 flags.DEFINE_string("output", None, "PNG grid to write (sample); codes and images go beside "
                     "it as .npz.")
 
@@ -100,7 +108,8 @@ GROUPS = {
     "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",
                "output"],
     "serve": ["saved_model", "workdir", "host", "port", "model_name", "max_batch",
-              "max_samples", "max_queue", "max_chunk", "deadline_margin_ms"],
+              "max_samples", "max_queue", "max_chunk", "deadline_margin_ms", "drain_seconds",
+              "header_timeout_s", "body_timeout_s", "log_format"],
     "experiments": ["experiments", "eval_samples", "inception_weights", "classifier_epochs",
                     "ablation_max_train_images", "ablation_epochs"],
 }
@@ -281,25 +290,20 @@ def _sample():
 
 
 def _serve():
-    from pipeline import serve
+    from pipeline import serving
 
     path = _saved_model_path("serve")
     max_samples = min(64, FLAGS.max_batch) if FLAGS.max_samples is None else FLAGS.max_samples
-    for name, value in (("max_batch", FLAGS.max_batch), ("max_samples", max_samples),
-                        ("max_queue", FLAGS.max_queue), ("max_chunk", FLAGS.max_chunk)):
-        if value < 1:
-            raise UsageError(f"--{name}={value}, expected >= 1")
-    if max_samples > FLAGS.max_batch:
-        raise UsageError(f"--max_samples={max_samples} exceeds --max_batch={FLAGS.max_batch}")
-    if not 0 <= FLAGS.deadline_margin_ms <= 10_000:
-        raise UsageError(f"--deadline_margin_ms={FLAGS.deadline_margin_ms:g}, expected a "
-                         "number in [0, 10000]")
-    if not 0 <= FLAGS.port <= 65535:
-        raise UsageError(f"--port={FLAGS.port}, expected 0 <= port <= 65535")
-    serve.serve(serve.ServeConfig(
-        saved_model=path, model_name=FLAGS.model_name, host=FLAGS.host, port=FLAGS.port,
-        max_batch=FLAGS.max_batch, max_samples=max_samples, max_queue=FLAGS.max_queue,
-        max_chunk=FLAGS.max_chunk, deadline_margin_ms=FLAGS.deadline_margin_ms))
+    try:
+        config = serving.ServeConfig(
+            saved_model=path, model_name=FLAGS.model_name, host=FLAGS.host, port=FLAGS.port,
+            max_batch=FLAGS.max_batch, max_samples=max_samples, max_queue=FLAGS.max_queue,
+            max_chunk=FLAGS.max_chunk, deadline_margin_ms=FLAGS.deadline_margin_ms,
+            drain_seconds=FLAGS.drain_seconds, header_timeout_s=FLAGS.header_timeout_s,
+            body_timeout_s=FLAGS.body_timeout_s, log_format=FLAGS.log_format)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    serving.serve(config)
 
 
 def main(argv):

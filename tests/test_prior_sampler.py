@@ -554,3 +554,9 @@ def test_sample_until_spends_the_budget_and_learns(sampler):
     assert k == 3 and (codes.numpy()[:, 3:] == FILL_CODE).all()
     with pytest.raises(ValueError, match="min_codes=9"):
         sampler.sample_until(1.0, 2, min_codes=9, max_codes=K)
+
+
+def test_numpy_row_seeds_are_the_graphs():
+    for seed in (0, 1, 7, 2**31 - 1, 123456789):
+        np.testing.assert_array_equal(sampler_module.numpy_row_seeds(seed, 5),
+                                      sampler_module.row_seeds(seed, 5).numpy())

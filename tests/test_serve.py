@@ -136,13 +136,34 @@ def test_predict_answers_what_the_saved_model_computes(server, finished_run):
      "missing ['num_codes', 'seed', 'temperature']"),
     ({"signature_name": "sample", "inputs": {"num_samples": 1, "num_codes": 99, "seed": 0,
                                              "temperature": 1.0}}, 400,
-     "out of range, expected 1 <= num_codes <= 8"),
+     "num_codes=99, expected an integer in [1, 8]"),
     ({"signature_name": "sample", "inputs": {"num_samples": 1000, "num_codes": 2, "seed": 0,
-                                             "temperature": 1.0}}, 413, "at most 16"),
+                                             "temperature": 1.0}}, 413,
+     "num_samples=1000, expected an integer in [1, 16]"),
     ({"signature_name": "decode", "inputs": {"codes": [[1, 2]], "num_codes": 1}}, 400,
      "input 'codes' has shape [1, 2], expected int32 of shape [-1, 8]"),
     ({"signature_name": "sample", "inputs": {"num_samples": 1.5, "num_codes": 2, "seed": 0,
-                                             "temperature": 1.0}}, 400, "32-bit integers"),
+                                             "temperature": 1.0}}, 400,
+     "num_samples=1.5, expected an integer in [1, 16]"),
+    # :predict checks its scalars as :anytime does.
+    ({"signature_name": "sample", "inputs": {"num_samples": "2", "num_codes": 2, "seed": 0,
+                                             "temperature": 1.0}}, 400, 'num_samples="2"'),
+    ({"signature_name": "sample", "inputs": {"num_samples": True, "num_codes": 2, "seed": 0,
+                                             "temperature": 1.0}}, 400, "num_samples=true"),
+    ({"signature_name": "sample", "inputs": {"num_samples": 1, "num_codes": 2, "seed": -5,
+                                             "temperature": 1.0}}, 400,
+     "seed=-5, expected an integer in [0, 2147483647]"),
+    ({"signature_name": "sample", "inputs": {"num_samples": 1, "num_codes": 2, "seed": 0,
+                                             "temperature": 1e39}}, 400,
+     "temperature=1e+39, expected a number in (0, 100]"),
+    ({"signature_name": "decode", "inputs": {"codes": [[99999] * 8], "num_codes": 1}}, 400,
+     "input 'codes' holds 99999, expected values in [0, "),
+    ({"signature_name": "decode", "inputs": {"codes": [[True] * 8], "num_codes": 1}}, 400,
+     "input 'codes' is not numbers"),
+    ({"signature_name": "encode", "inputs": {"images": [[[[1e39]] * 8] * 8]}}, 400,
+     "beyond float32's range"),
+    ({"signature_name": "encode", "inputs": {"images": [[[[2.0]] * 8] * 8]}}, 400,
+     "input 'images' holds 2, expected values in [0.0, 1.0]"),
     ({"instances": [1]}, 400, "unknown field(s) ['instances']"),
 ])
 def test_predict_errors_name_the_field(server, body, status, message):
@@ -168,9 +189,11 @@ def test_anytime_answers_in_time_with_the_sample_signatures_codes(server):
     status, short, _ = call(url, {"num_samples": 2, "deadline_ms": 3000, "seed": 7,
                                   "max_codes": 3})
     assert short["num_codes"] == 3 and all(row[3:] == [0] * (K - 3) for row in short["codes"])
-    status, body, headers = call(url, {"num_samples": 16, "deadline_ms": 0.01, "min_codes": K})
-    assert status == 503 and "cannot be sampled and decoded before the deadline" in body["error"]
-    assert int(headers["Retry-After"]) >= 1
+    for stream in (False, True):  # A refused stream is a 503 too, not a 200 stream.
+        status, body, headers = call(url, {"num_samples": 16, "deadline_ms": 0.01,
+                                           "min_codes": K, "stream": stream})
+        assert status == 503 and "cannot be sampled and decoded before" in body["error"]
+        assert int(headers["Retry-After"]) >= 1
 
 
 def test_a_stream_refines_until_the_final_event(server):
@@ -208,9 +231,9 @@ def test_malformed_and_oversized_bodies(server):
     status, answer, _ = call(url, raw=b'{"num_samples": NaN, "deadline_ms": 5}')
     assert status == 400 and "not valid JSON" in answer["error"]
     status, answer, _ = call(url, raw=b"\xff\xfe{")
-    assert status == 400 and "not valid JSON" in answer["error"]
+    assert status == 400 and "the body is not UTF-8" in answer["error"]
     status, answer, _ = call(url, raw=b" " * (5 << 20))
-    assert status == 413
+    assert status == 413 and "expected at most 65536" in answer["error"]  # :anytime's limit.
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40)
@@ -252,17 +275,19 @@ def test_metrics_count_requests_codes_and_batches(server):
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_rows(finished_run):
-    import http.client
+    import socket
 
     slow = Server(os.path.join(finished_run, "saved_model"), "--max_chunk=1")
     try:
         host, port = slow.url[len("http://"):].split(":")
-        connection = http.client.HTTPConnection(host, int(port), timeout=30)
-        connection.request("POST", "/v1/models/ovqvae:anytime", json.dumps(
-            {"num_samples": 16, "deadline_ms": 60000, "stream": True}))
-        response = connection.getresponse()
-        assert response.readline().startswith(b"data: ")  # The first refinement.
-        connection.sock.close()  # Gone, mid-stream.
+        body = json.dumps({"num_samples": 16, "deadline_ms": 60000, "stream": True}).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/models/ovqvae:anytime HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            received = b""
+            while b"data: " not in received:  # The first refinement.
+                received += sock.recv(65536)
+        # Gone, mid-stream (the socket is closed: http.client's response would keep it open).
         give_up = time.monotonic() + 20
         while _metric(slow, "ovqvae_active_rows") != 0 and time.monotonic() < give_up:
             time.sleep(0.05)
@@ -270,8 +295,14 @@ def test_a_client_that_leaves_mid_stream_frees_its_rows(finished_run):
         status, body, _ = call(f"{slow.url}/v1/models/ovqvae:anytime",
                                {"num_samples": 16, "deadline_ms": 5000})
         assert status == 200 and body["num_codes"] == K
+        assert _metric(slow, "ovqvae_clients_gone_total") == 1, "".join(slow.lines)
     finally:
         slow.stop()
+    log = "".join(slow.lines)  # One line for the departure, no traceback.
+    assert "Traceback" not in log and "never retrieved" not in log, log
+    gone = re.findall(r"POST /v1/models/ovqvae:anytime 499 .* k=(\d+) \(the client left\)", log)
+    assert len(gone) == 1 and int(gone[0]) < K, log  # Dropped before its last code.
+    assert re.search(r"POST /v1/models/ovqvae:anytime 200 [\d.]+ ms deadline_ms=5000 k=8", log)
 
 
 def test_sigterm_drains_requests_in_flight(finished_run):

@@ -1,0 +1,26 @@
+"""`ovqvae serve`: TF Serving's REST API plus anytime sampling with deadlines, over one
+SavedModel (nothing else is read).
+
+  GET  /v1/models/{name}              status, as TF Serving answers it (UNLOADING, 503,
+                                      while draining)
+  GET  /v1/models/{name}/metadata     the signatures, as TF Serving answers it
+  POST /v1/models/{name}:predict      {"signature_name": "sample"|"decode"|"encode",
+                                       "inputs": {...}} -> {"outputs": {...}}
+  POST /v1/models/{name}:anytime      {"num_samples", "deadline_ms", "seed", "temperature",
+                                       "min_codes"?, "max_codes"?, "stream"?}
+                                      -> {"num_codes", "codes", "images" (base64 PNG),
+                                      "elapsed_ms"}, or with "stream": true a
+                                      text/event-stream, one event per refinement
+  GET  /metrics                       Prometheus text format
+  GET  /                              a page: sample, and watch the samples refine
+
+Modules, one concern each: `config` (ServeConfig, checked), `protocol` (bodies checked
+once for both endpoints, answers, TF Serving's formats), `model` (the SavedModel's
+signatures), `engine` (one queue and scheduler for all model work, admission, the cost
+model; no HTTP), `metrics`, `app` (routes, limits, timeouts, logs, drain).
+"""
+
+from pipeline.serving.app import Server, serve
+from pipeline.serving.config import ServeConfig
+
+__all__ = ["Server", "ServeConfig", "serve"]

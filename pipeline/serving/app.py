@@ -1,0 +1,399 @@
+"""The HTTP app: routes, body limits, timeouts, errors, access logs and the lifecycle (load,
+warm up, serve, drain, stop). Request checks live in `protocol`, the model's work in
+`engine`; this module only wires them to aiohttp.
+
+aiohttp is the HTTP stack: a maintained asyncio server that streams responses and exposes
+its connections' lifecycle. The model runs in the engine's worker thread; large :predict
+bodies are parsed in a worker process (a JSON parse holds the GIL, so a thread would still
+stall the event loop); nothing else of size runs on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import multiprocessing
+import signal
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Optional
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ordered_vqvae.validation import op_error_text
+from pipeline.page import page
+from pipeline.serving import protocol
+from pipeline.serving.config import ServeConfig
+from pipeline.serving.engine import CallJob, ClientGone, Engine, Overloaded, SampleJob
+from pipeline.serving.metrics import Metrics
+from pipeline.serving.model import PREDICT_SIGNATURES, Model
+from pipeline.serving.protocol import RequestError
+
+INLINE_PARSE_BYTES = 64 << 10  # Bodies up to this size are parsed on the event loop.
+CLIENT_GONE = 499  # nginx's status for "the client closed the request", in logs and metrics.
+
+log = logging.getLogger("ovqvae.serve")
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record):
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(log_format: str) -> None:
+    """One handler on stdout: "[serve] message" lines, or one JSON object per line."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_JsonFormatter() if log_format == "json"
+                         else logging.Formatter("[serve] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    # aiohttp's own loggers would print a traceback for every client that misbehaves.
+    for name in ("aiohttp.server", "aiohttp.access", "aiohttp.web"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def json_error(message: str, status: int, headers: Optional[dict] = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp answers requests it cannot parse (bad request lines, headers over the size
+    limit) before any middleware runs, in plain text; this answers them as {"error": ...}
+    and counts them."""
+
+    __slots__ = ()
+    metrics: Optional[Metrics] = None
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if status >= 500:
+            log.error("%d while reading a request: %r", status, exc, exc_info=exc)
+        reason = str(getattr(exc, "message", None) or message or "unreadable")
+        response = json_error(f"the request could not be parsed ({reason[:160]})", status)
+        response.force_close()
+        if _JsonErrorHandler.metrics is not None:
+            _JsonErrorHandler.metrics.requests.labels("unparsed", str(status)).inc()
+        return response
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self):
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self):
+        handler = super().__call__()
+        handler.__class__ = _JsonErrorHandler  # Same slots: only handle_error differs.
+        return handler
+
+
+def _gone(request):
+    """Whether the request's client has closed its connection."""
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+    return gone
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+class Server:
+    def __init__(self, config: ServeConfig, model: Optional[Model] = None):
+        self.config = config
+        self.model = model or Model(config.saved_model)
+        self.metrics = Metrics()
+        self.engine: Optional[Engine] = None   # Made on start-up, inside the event loop.
+        self.parsers: Optional[ProcessPoolExecutor] = None
+        self.draining = False
+        self.in_flight = 0
+        self.specs = self.model.input_specs()
+        self.metadata = protocol.signature_metadata(self.model.signatures, PREDICT_SIGNATURES)
+        self.page = page(config.model_name, self.model.code_length)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes,
+                              middlewares=[self._middleware])
+        name = self.config.model_name
+        app.router.add_get("/", self.index)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get(f"/v1/models/{name}", self.status)
+        app.router.add_get(f"/v1/models/{name}/metadata", self.model_metadata)
+        app.router.add_post(f"/v1/models/{name}:predict", self.predict)
+        app.router.add_post(f"/v1/models/{name}:anytime", self.anytime)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    def runner(self) -> web.AppRunner:
+        _JsonErrorHandler.metrics = self.metrics
+        # keepalive_timeout also closes a connection whose request headers are not complete
+        # by then (aiohttp arms it when the connection opens); lingering_time bounds how
+        # long the unread rest of a refused body is drained before the connection closes.
+        return _Runner(self.app(), handle_signals=False, access_log=None,
+                       keepalive_timeout=self.config.header_timeout_s, lingering_time=1.0,
+                       shutdown_timeout=1.0)
+
+    async def _start(self, app):
+        self.engine = Engine(self.model, self.config, self.metrics)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.engine.pool, self.engine.warm_up,
+                                   self._render_anytime, log.info)
+        # Spawned, not forked: the parent has TensorFlow's threads.
+        self.parsers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        await loop.run_in_executor(self.parsers, protocol.parse_json, b"{}")  # Starts it.
+        self.engine.start()
+
+    async def _stop(self, app):
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.parsers is not None:
+            self.parsers.shutdown(wait=False, cancel_futures=True)
+
+    # -- every request
+
+    @web.middleware
+    async def _middleware(self, request, handler):
+        """Counts, times and logs every request; turns errors into a status and
+        {"error": ...}. A 500 is a bug: logged once with its traceback."""
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "unknown"
+        start = time.monotonic()
+        request["log"] = fields = {}
+        self.in_flight += 1
+        try:
+            if self.draining and request.method == "POST":
+                raise RequestError("the server is shutting down; retry on another replica",
+                                   503, {"Retry-After": "1"})
+            response = await handler(request)
+        except RequestError as e:
+            response = json_error(str(e), e.status, e.headers)
+            if e.status in (408, 413):  # The rest of the body is not worth reading.
+                response.force_close()
+        except Overloaded as e:
+            response = json_error(str(e), 503,
+                                  {"Retry-After": str(max(1, math.ceil(e.retry_after)))})
+        except ClientGone:
+            response = json_error("the client left", CLIENT_GONE)
+            fields["gone"] = True
+        except web.HTTPException as e:  # Unknown paths, methods.
+            kept = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+            response = json_error(e.text or e.reason, e.status, kept)
+        except (HttpProcessingError, ConnectionError) as e:
+            response = json_error(f"the body could not be read ({e})", 400)
+            response.force_close()
+        except Exception as e:
+            log.exception("500 on %s %s", request.method, request.path)
+            response = json_error(f"internal error ({type(e).__name__}: {e})", 500)
+        finally:
+            self.in_flight -= 1
+        status = CLIENT_GONE if fields.get("gone") else response.status
+        seconds = time.monotonic() - start
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        if status == CLIENT_GONE:
+            self.metrics.gone.inc()
+        self.metrics.latency.labels(endpoint).observe(seconds)
+        self._log_access(request, status, seconds, fields)
+        return response
+
+    def _log_access(self, request, status, seconds, fields):
+        shown = {k: v for k, v in fields.items() if k != "gone"}
+        text = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in shown.items())
+        note = " (the client left)" if status == CLIENT_GONE else ""
+        log.info("%s %s %d %.1f ms%s%s", request.method, request.path, status, seconds * 1e3,
+                 " " + text if text else "", note,
+                 extra={"fields": {"event": "request", "method": request.method,
+                                   "path": request.path, "status": status,
+                                   "ms": round(seconds * 1e3, 2), **shown}})
+
+    async def _body(self, request, limit: int) -> bytes:
+        """The body, at most `limit` bytes (413), within body_timeout_s (408), UTF-8."""
+        charset = request.charset
+        if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+            raise RequestError(f"charset={charset!r}, expected utf-8", 415)
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestError(f"the body has {request.content_length} bytes, expected at "
+                               f"most {limit}", 413)
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(f"the body has more than {limit} bytes, expected "
+                                           f"at most {limit}", 413)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(f"the body did not arrive within {self.config.body_timeout_s:g}"
+                               " s", 408) from None
+        except (HttpProcessingError, RequestPayloadError) as e:  # A lying Content-Encoding,
+            message = getattr(e, "message", None) or str(e)      # a broken chunk.
+            raise RequestError(f"the body could not be read ({' '.join(message.split())})"
+                               ) from None
+        return b"".join(chunks)
+
+    # -- routes
+
+    async def index(self, request):
+        return web.Response(text=self.page, content_type="text/html")
+
+    async def prometheus(self, request):
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status(self, request):
+        state = "UNLOADING" if self.draining else "AVAILABLE"
+        return web.json_response(protocol.model_status(state),
+                                 status=503 if self.draining else 200)
+
+    async def model_metadata(self, request):
+        return web.json_response({
+            "model_spec": {"name": self.config.model_name, "signature_name": "", "version": "1"},
+            "metadata": {"signature_def": {"signature_def": self.metadata}}})
+
+    @staticmethod
+    def _render_anytime(job, codes, images, final):
+        return protocol.render_anytime(job.k, round((time.monotonic() - job.arrived) * 1e3, 2),
+                                       codes, images, job.stream, final)
+
+    @staticmethod
+    def _render_sample(job, codes, images, final):
+        return None, protocol.render_outputs({"codes": codes, "images": images})
+
+    async def predict(self, request):
+        raw = await self._body(request, self.config.max_body_bytes)
+        args = (raw, self.specs, self.config.max_samples, self.model.code_length,
+                self.model.codebook_size)
+        if len(raw) <= INLINE_PARSE_BYTES:
+            parsed = protocol.parse_predict(*args)
+        else:
+            parsed = await asyncio.get_running_loop().run_in_executor(
+                self.parsers, protocol.parse_predict, *args)
+        if parsed[0] == "error":
+            raise RequestError(parsed[1], parsed[2])
+        _, signature, inputs = parsed
+        request["log"]["signature"] = signature
+        if signature == "sample":
+            k = int(inputs["num_codes"])
+            request["log"]["k"] = k
+            job = SampleJob(int(inputs["num_samples"]), int(inputs["seed"]),
+                            float(inputs["temperature"]), k, k, render=self._render_sample,
+                            gone=_gone(request))
+        else:
+            job = CallJob(signature, len(next(v for v in inputs.values() if v.ndim)),
+                          run=lambda: self._call(signature, inputs), gone=_gone(request))
+        self.engine.submit(job)
+        result = await job.done
+        if isinstance(result, Exception):
+            raise result
+        return web.Response(body=result, content_type="application/json")
+
+    def _call(self, signature, inputs) -> bytes:
+        try:
+            return protocol.render_outputs(self.model.call(signature, inputs))
+        except self.model.tf.errors.InvalidArgumentError as e:
+            raise RequestError(op_error_text(e)) from None
+
+    async def anytime(self, request):
+        now = time.monotonic()
+        body = protocol.parse_json(await self._body(request,
+                                                    self.config.max_anytime_body_bytes))
+        fields = protocol.anytime_fields(body, self.config.max_samples, self.model.code_length)
+        request["log"]["deadline_ms"] = fields["deadline_ms"]
+        job = SampleJob(fields["num_samples"], fields["seed"], fields["temperature"],
+                        fields["min_codes"], fields["max_codes"], render=self._render_anytime,
+                        deadline=now + fields["deadline_ms"] / 1e3, stream=fields["stream"],
+                        gone=_gone(request), arrived=now)
+        self.engine.submit(job)
+        if not job.stream:
+            result = await job.done
+            if isinstance(result, Exception):
+                raise result
+            self.engine.sent(job)
+            request["log"]["k"] = job.k
+            return web.Response(body=result, content_type="application/json")
+        started = await job.started  # A refusal before the first code is still a 503.
+        if isinstance(started, Exception):
+            raise started
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+            while (event := await job.events.get()) is not None:
+                await response.write(event)
+        except ConnectionError:  # The client left mid-stream; the engine drops its rows.
+            request["log"]["gone"] = True
+            return response
+        result = job.done.result() if job.done.done() else None
+        if isinstance(result, ClientGone):
+            request["log"]["gone"] = True
+        elif isinstance(result, Exception):  # After a 200: the error goes in the stream.
+            await response.write(f"data: {json.dumps({'error': str(result)})}\n\n".encode())
+        else:
+            self.engine.sent(job)
+        request["log"]["k"] = job.k
+        return response
+
+    # -- SIGTERM
+
+    async def drain(self, runner: web.AppRunner):
+        """Reports UNLOADING (503) at once, refuses new work, lets requests in flight finish
+        for up to drain_seconds, then closes every connection left."""
+        self.draining = True
+        log.info("draining: requests in flight finish (up to %g s), new ones get 503",
+                 self.config.drain_seconds)
+        give_up = time.monotonic() + self.config.drain_seconds
+        while (self.in_flight or self.engine.busy()) and time.monotonic() < give_up:
+            await asyncio.sleep(0.02)
+        if self.in_flight or self.engine.busy():
+            log.info("drain time over: closing %d request(s) still in flight", self.in_flight)
+        await runner.cleanup()
+
+
+async def _serve(config: ServeConfig):
+    server = Server(config)
+    runner = server.runner()
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal():
+        if not server.draining:
+            loop.create_task(server.drain(runner)).add_done_callback(lambda _: stopped.set())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    port = runner.addresses[0][1]  # The bound port, also when asked for port 0.
+    log.info("%s as model %r on http://%s:%d/ (K=%d)", config.saved_model, config.model_name,
+             config.host, port, server.model.code_length)
+    await stopped.wait()
+    log.info("drained and stopped")
+
+
+def serve(config: ServeConfig) -> None:
+    """Runs the server until SIGTERM or SIGINT."""
+    configure_logging(config.log_format)
+    asyncio.run(_serve(config))
