@@ -22,7 +22,7 @@ class ServeConfig:
     deadline_margin_ms: float = 5.0  # Kept free for sending an answer and the client's
                                      # side, at least (the engine learns the server's).
     cost_quantile: float = 0.98      # How pessimistic the pacing predictions are.
-    cost_max_age_s: float = 10.0     # Seconds after which a timing no longer counts.
+    cost_max_age_s: float = 2.0      # Seconds after which a timing no longer counts.
     drain_seconds: float = 30.0      # SIGTERM waits this long for requests in flight.
     header_timeout_s: float = 10.0   # A connection with no complete request by then closes.
     body_timeout_s: float = 10.0     # A body not received by then gets 408.
