@@ -153,6 +153,14 @@ class CostModel:
             return None
         return fit[0] + (fit[2] if pessimistic else 0.0)
 
+    def codes_within(self, key: Hashable, seconds: float, limit: int) -> int:
+        """The most codes (1 to `limit`) whose typical time fits in `seconds`; 1 while
+        nothing has been observed."""
+        fit = self._fit(self._extend, key)
+        if fit is None or fit[1] <= 0:
+            return 1
+        return int(min(max(math.floor((seconds - fit[0]) / fit[1] + 1e-9), 1), limit))
+
     def affordable_codes(self, key: Hashable, seconds: float, limit: int,
                          decode_key: Optional[Hashable] = None) -> Optional[int]:
         """The most codes (up to `limit`) whose pessimistic time plus a decode (of

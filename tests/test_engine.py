@@ -243,6 +243,10 @@ def test_work_without_a_deadline_rides_along_and_deadlines_hold():
             engine.submit(job)
         await asyncio.sleep(0.02)
         assert engine._active_rows(fixed=True) == 8  # One at a time: 8 rows stay free.
+        while not model.calls:
+            await asyncio.sleep(0.002)
+        # Alone, it runs in chunks of up to fixed_chunk_ms (50 ms: ~12 codes), not max_chunk.
+        assert 8 <= model.calls[0][1] <= 14
         late = 0
         for i in range(5):
             job = _job(0.06, n=4, seed=10 + i)

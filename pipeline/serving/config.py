@@ -16,7 +16,8 @@ class ServeConfig:
     max_batch: int = 128         # Rows (samples) sampled together at most.
     max_samples: int = 64        # num_samples of one request at most.
     max_queue: int = 256         # Requests waiting for the model at most.
-    max_chunk: int = 8           # Codes per compiled call at most.
+    max_chunk: int = 8           # Codes per compiled call at most, with deadline work.
+    fixed_chunk_ms: float = 50.0  # A call's length at most when only :predict work runs.
     max_body_bytes: int = 4 << 20          # :predict bodies.
     max_anytime_body_bytes: int = 64 << 10  # :anytime needs a few hundred bytes.
     deadline_margin_ms: float = 5.0  # Kept free for sending an answer and the client's
@@ -48,6 +49,7 @@ class ServeConfig:
               "a number in [0, 10000]")
         check("cost_quantile", 0.5 <= self.cost_quantile < 1, "a number in [0.5, 1)")
         check("cost_max_age_s", self.cost_max_age_s > 0, "a number > 0")
+        check("fixed_chunk_ms", 0 < self.fixed_chunk_ms <= 10_000, "a number in (0, 10000]")
         for name in ("drain_seconds", "header_timeout_s", "body_timeout_s"):
             check(name, 0 < getattr(self, name) <= 3600, "a number in (0, 3600]")
         check("log_format", self.log_format in LOG_FORMATS, f"one of {list(LOG_FORMATS)}")

@@ -23,7 +23,9 @@ learnt sending margin. Priorities, stated once:
 
 - deadline jobs join first, in arrival order;
 - work without a deadline holds at most `ServeConfig.fixed_rows` rows while deadline work
-  could use them (one larger job runs when no deadline work is active or waiting);
+  could use them (one larger job runs when no deadline work is active or waiting); alone,
+  it runs in chunks of up to `fixed_chunk_ms` (at least max_chunk codes), so a deadline
+  job that arrives waits at most about that long for its first chunk;
 - a pending call runs between chunks as soon as every active deadline job can still be
   answered after it; until then no new deadline job joins, so a call waits at most for the
   deadline jobs already active.
@@ -312,6 +314,12 @@ class Engine:
         if retire:
             await self._retire([self.active[i] for i in retire])
             return
+        if not self.waiting and not self._active_rows(fixed=False):
+            # Only work without a deadline: chunks as long as fixed_chunk_ms allows (fewer
+            # calls, each with its fixed cost), so that deadline work waits at most that.
+            steps = max(steps, self.costs.codes_within(
+                key, self.config.fixed_chunk_ms / 1e3,
+                max(j.max_codes - j.k for j in self.active)))
         limits = np.zeros(key, np.int32)  # Free rows stay where they are.
         temperature = np.ones(key, np.float32)
         for j in self.active:
