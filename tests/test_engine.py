@@ -5,7 +5,6 @@ cost per chunk is known, so that timing and batching can be asserted."""
 import asyncio
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest

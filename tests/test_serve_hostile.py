@@ -5,22 +5,29 @@ with an upload stalled half-way, JSON logs."""
 import asyncio
 import json
 import os
-import re
 import signal
 import socket
 import threading
 import time
 
 import numpy as np
+import pytest
 
-from test_serve import Server, call, server  # noqa: F401 (the fixture)
+from test_serve import Server, call
 
 URL = "/v1/models/ovqvae"
 
 
-def raw_exchange(server, data: bytes, timeout=10.0) -> bytes:
+@pytest.fixture(scope="module")
+def served(finished_run):
+    s = Server(os.path.join(finished_run, "saved_model"))
+    yield s
+    s.stop()
+
+
+def raw_exchange(target, data: bytes, timeout=10.0) -> bytes:
     """Sends `data` on a fresh connection and reads until the server closes it."""
-    host, port = server.url[len("http://"):].split(":")
+    host, port = target.url[len("http://"):].split(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(data)
         chunks = []
@@ -34,9 +41,9 @@ def status_and_json(answer: bytes):
     return int(head.split()[1]), json.loads(body), head.decode()
 
 
-def test_broken_bodies_and_headers_get_a_json_4xx_never_a_500(server):
+def test_broken_bodies_and_headers_get_a_json_4xx_never_a_500(served):
     deep = b"[" * 100_000 + b"]" * 100_000
-    status, answer, _ = call(f"{server.url}{URL}:predict", raw=deep)
+    status, answer, _ = call(f"{served.url}{URL}:predict", raw=deep)
     assert status == 400 and "nested too deeply" in answer["error"]
     post = f"POST {URL}:anytime HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
     body = b'{"num_samples": 1, "deadline_ms": 100}'
@@ -45,25 +52,25 @@ def test_broken_bodies_and_headers_get_a_json_4xx_never_a_500(server):
             (b"Content-Encoding: gzip\r\n", 400, "could not be read"),
             (b"Content-Encoding: br\r\n", 400, "could not be"),
             (b"X-Big: " + b"a" * 20000 + b"\r\n", 400, "could not be parsed")):
-        answer = raw_exchange(server, post + headers + b"Content-Length: %d\r\n\r\n" % len(body)
+        answer = raw_exchange(served, post + headers + b"Content-Length: %d\r\n\r\n" % len(body)
                               + body)
         got, parsed, _ = status_and_json(answer)
         assert got == want and message in parsed["error"], (headers[:40], answer[:300])
     for request in (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
                     b"GARBAGE\r\n\r\n"):
-        got, parsed, _ = status_and_json(raw_exchange(server, request))
+        got, parsed, _ = status_and_json(raw_exchange(served, request))
         assert got == 400 and "could not be parsed" in parsed["error"]
     got, parsed, head = status_and_json(raw_exchange(
-        server, f"PUT {URL}:anytime HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        served, f"PUT {URL}:anytime HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         "Content-Length: 0\r\n\r\n".encode()))
     assert got == 405 and "Allow: POST" in head and parsed["error"]
-    _, text, _ = call(f"{server.url}/metrics")
+    _, text, _ = call(f"{served.url}/metrics")
     assert 'status="415"' in text and 'endpoint="unparsed",status="400"' in text
     assert 'status="500"' not in text
-    assert "Traceback" not in "".join(server.lines)
+    assert "Traceback" not in "".join(served.lines)
 
 
-def test_a_large_predict_body_is_parsed_off_the_event_loop(server):
+def test_a_large_predict_body_is_parsed_off_the_event_loop(served):
     """A 4 MB :predict body (parsed in the worker process) gets the same answer as the same
     inputs in a small body, while :anytime requests keep being answered."""
     images = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 1)).round(3).tolist()
@@ -73,16 +80,16 @@ def test_a_large_predict_body_is_parsed_off_the_event_loop(server):
 
     def anytime():
         for _ in range(5):
-            answers.append(call(f"{server.url}{URL}:anytime",
+            answers.append(call(f"{served.url}{URL}:anytime",
                                 {"num_samples": 1, "deadline_ms": 2000})[0])
 
     thread = threading.Thread(target=anytime)
     thread.start()
-    status, big, _ = call(f"{server.url}{URL}:predict", raw=large.encode())
+    status, big, _ = call(f"{served.url}{URL}:predict", raw=large.encode())
     thread.join(60)
     assert status == 200 and answers == [200] * 5
-    assert big == call(f"{server.url}{URL}:predict", raw=small.encode())[1]
-    status, answer, _ = call(f"{server.url}{URL}:predict", raw=b"[" * 2_000_000)
+    assert big == call(f"{served.url}{URL}:predict", raw=small.encode())[1]
+    status, answer, _ = call(f"{served.url}{URL}:predict", raw=b"[" * 2_000_000)
     assert status == 400 and "nested too deeply" in answer["error"]
 
 

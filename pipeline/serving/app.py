@@ -193,15 +193,12 @@ class Server:
         except Overloaded as e:
             response = json_error(str(e), 503,
                                   {"Retry-After": str(max(1, math.ceil(e.retry_after)))})
-        except ClientGone:
+        except (ClientGone, ConnectionError):  # Nobody is left to read the answer.
             response = json_error("the client left", CLIENT_GONE)
             fields["gone"] = True
         except web.HTTPException as e:  # Unknown paths, methods.
             kept = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
             response = json_error(e.text or e.reason, e.status, kept)
-        except (HttpProcessingError, ConnectionError) as e:
-            response = json_error(f"the body could not be read ({e})", 400)
-            response.force_close()
         except Exception as e:
             log.exception("500 on %s %s", request.method, request.path)
             response = json_error(f"internal error ({type(e).__name__}: {e})", 500)
