@@ -108,7 +108,7 @@ def predict_inputs(body, specs: Dict[str, Dict[str, tuple]], max_samples: int,
     Returns (signature name, {input: NumPy array})."""
     body = _object(body, ("signature_name", "inputs"))
     signature = body.get("signature_name", "sample")
-    if signature not in specs:
+    if not isinstance(signature, str) or signature not in specs:
         raise RequestError(f"signature_name={json.dumps(signature)}, expected one of "
                            f"{sorted(specs)}")
     if "inputs" not in body:
