@@ -108,6 +108,15 @@ def peak_rss(command) -> tuple:
     return usage.ru_maxrss / 1024, time.time() - start
 
 
+def _taken(command: str, args: list) -> list:
+    """The args `command` takes: the first stage records the data and the model, later
+    ones read them from the workdir and refuse flags they do not take."""
+    from pipeline import cli
+
+    own = cli.command_flags(command)
+    return [a for a in args if a.lstrip("-").split("=", 1)[0] in own]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="folder")
@@ -125,9 +134,9 @@ def main():
                   f"{args.layout} in {time.time() - start:.0f} s", flush=True)
             work = os.path.join(root, f"work-{args.layout}-{n}")
             for stage in STAGES:
-                mb, seconds = peak_rss([
-                    sys.executable, "-m", "pipeline.cli", stage, f"--workdir={work}",
-                    *flags, f"--data_path={images}", "--force", *MODEL_FLAGS])
+                given = [*flags, f"--data_path={images}", "--force", *MODEL_FLAGS]
+                mb, seconds = peak_rss([sys.executable, "-m", "pipeline.cli", stage,
+                                        f"--workdir={work}", *_taken(stage, given)])
                 peaks[(stage, n)] = mb
                 print(f"{stage:18s} N={n:6d}: peak RSS {mb:7.1f} MB in {seconds:5.1f} s",
                       flush=True)

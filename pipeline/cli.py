@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import re
 import sys
@@ -34,11 +35,13 @@ flags.DEFINE_string("data_path", None, "MNIST IDX directory, image folder / .tar
                     "directory / .tar.gz (img_align_celeba/, list_eval_partition.txt).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds:<name> datasets).")
 flags.DEFINE_bool("download", False, "Allow TFDS to download a missing dataset.")
-flags.DEFINE_integer("image_size", None, "Resize and center-crop folder/TFDS images to this size.")
+flags.DEFINE_integer("image_size", None, "Resize and center-crop folder, CelebA and TFDS images "
+                     "to this size; the image shape and the preset follow.")
 flags.DEFINE_integer("max_train_images", None, "Use this many training images, chosen at random (the same in every stage).")
 flags.DEFINE_integer("max_test_images", None, "Use this many test images, chosen at random (the same in every stage).")
-flags.DEFINE_string("preset", None, "Architecture preset: digits, mnist, cifar10, celeb_a "
-                    "(default: from --dataset).")
+flags.DEFINE_string("preset", None, "Architecture preset: digits (grey, up to 16 px), mnist "
+                    "(grey, larger), cifar10 (colour, up to 48 px), celeb_a (colour, larger); "
+                    "unset: chosen from the images' shape.")
 flags.DEFINE_integer("num_shards", 4, "Output TFRecord shards per split (extract).")
 flags.DEFINE_integer("report_samples", 16, "Samples per row of the report's grids.")
 flags.DEFINE_enum("export_dtype", "float32", list(EXPORT_DTYPES), "The SavedModel's "
@@ -54,7 +57,8 @@ flags.DEFINE_integer("checkpoint_every", 500, "Training checkpoints every this m
                      "resumes from the latest one when rerun.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
 flags.DEFINE_string("saved_model", None, "SavedModel directory (default WORKDIR/saved_model).")
-flags.DEFINE_integer("num_codes", None, "k, the codes to generate, 1 <= k <= K (unset: K).")
+flags.DEFINE_list("num_codes", None, "k, the codes per sample, 1 <= k <= K: one or several, as "
+                  "counts or shares of K (4,8,16 or 25%,100%); one grid row per k (unset: K).")
 flags.DEFINE_integer("num_samples", 16, "Samples to draw.")
 flags.DEFINE_integer("seed", None, "Seed of training and report sampling (run, stages) or of "
                      "the samples (sample; default 0).")
@@ -88,8 +92,8 @@ flags.DEFINE_float("body_timeout_s", 10.0, "Seconds a request may take to send i
                    "then 408 (serve).")
 flags.DEFINE_enum("log_format", "text", ["text", "json"], "Server logs: '[serve] ...' lines "
                   "or one JSON object per line (serve).")
-flags.DEFINE_string("output", None, "PNG grid to write (sample); codes and images go beside "
-                    "it as .npz.")
+flags.DEFINE_string("output", None, "PNG grid to write (sample; default WORKDIR/samples/"
+                    "samples_k<k,...>_seed<seed>.png); codes and images go beside it as .npz.")
 
 
 
@@ -107,6 +111,7 @@ GROUPS = {
     "prior": [],
     "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",
                "output"],
+    "status": ["workdir"],
     "serve": ["saved_model", "workdir", "host", "port", "model_name", "max_batch",
               "max_samples", "max_queue", "max_chunk", "deadline_margin_ms", "drain_seconds",
               "header_timeout_s", "body_timeout_s", "log_format"],
@@ -130,8 +135,10 @@ COMMANDS = {c.name: c for c in (
             ALL_STAGE_GROUPS, beam_options=True),
     Command("run", "every stage in order: " + ", ".join(s.command for s in STAGES),
             ALL_STAGE_GROUPS, beam_options=True),
-    Command("sample", "draw samples from a SavedModel at k codes: a PNG grid and an .npz",
-            ("sample",)),
+    Command("sample", "draw samples from a SavedModel at one or several k: a PNG grid (a row "
+            "per k) and an .npz", ("sample",)),
+    Command("status", "the workdir's recorded run and which stages are up to date",
+            ("status",)),
     Command("serve", "serve a SavedModel: TF Serving's REST API, :anytime with deadlines, "
             "a page at /", ("serve",)),
     Command("experiments", "the paper's comparisons (ordered vs unordered, time, ...)",
@@ -170,18 +177,20 @@ _define_config_flags()
 # ----------------------------------------------------------------------------- help
 
 
-def _flag_lines(names) -> list:
+def _flag_lines(names, values: dict) -> list:
     lines = []
     for name in dict.fromkeys(names):
         flag = FLAGS[name]
         default = "unset" if flag.default is None else repr(flag.default)
-        lines.append(f"  --{name}  (default: {default})")
+        run = f"; this run: {values[name]!r}" if name in values else ""
+        lines.append(f"  --{name}  (default: {default}{run})")
         lines.append(f"      {flag.help}")
     return lines
 
 
-def help_text(command: typing.Optional[str] = None) -> str:
-    """`ovqvae --help` (the commands) or `ovqvae COMMAND --help` (its flags)."""
+def help_text(command: typing.Optional[str] = None, values: typing.Optional[dict] = None) -> str:
+    """`ovqvae --help` (the commands) or `ovqvae COMMAND --help` (its flags; with `values`,
+    {flag: value}, also the value each has in the run the command would do)."""
     if command is None:
         width = max(len(c) for c in COMMANDS)
         lines = ["usage: ovqvae COMMAND [--flag=value ...]", "",
@@ -195,7 +204,10 @@ def help_text(command: typing.Optional[str] = None) -> str:
     spec = COMMANDS[command]
     lines = [f"usage: ovqvae {command} [--flag=value ...]", "", spec.summary[0].upper()
              + spec.summary[1:] + ".", "", "flags:"]
-    lines += _flag_lines(name for group in spec.groups for name in GROUPS[group])
+    if isinstance(values, str):
+        lines += [f"(The values of this run are unknown: {values})", ""]
+    lines += _flag_lines((name for group in spec.groups for name in GROUPS[group]),
+                         values if isinstance(values, dict) else {})
     if spec.beam_options:
         lines += ["", "Other flags are Apache Beam pipeline options for the extract stage "
                   "(--runner=DataflowRunner --project=... --setup_file=./setup.py)."]
@@ -206,42 +218,142 @@ class UsageError(Exception):
     """A bad command line: exit code 2."""
 
 
-def _overrides(cls, prefix):
-    out = {} if FLAGS.seed is None else {"seed": FLAGS.seed}
-    for f in dataclasses.fields(cls):
-        if f.name == "seed":
-            continue
-        value = FLAGS[prefix + f.name].value
-        if value is not None:
-            out[f.name] = tuple(int(v) for v in value) if isinstance(value, list) else value
+# Where each flag that defines a run lives in PipelineConfig: (section, field), section ""
+# for the top level. The workdir records the resolved config; a later command starts from
+# it and changes only the fields whose flags it is given.
+DATA_FIELDS = {"data_path": "path", "data_dir": "data_dir", "image_size": "image_size",
+               "download": "download", "max_train_images": "max_train",
+               "max_test_images": "max_test"}
+CONFIG_FLAGS = {
+    **{flag: ("data", field) for flag, field in DATA_FIELDS.items()},
+    **{name: ("", name) for name in ("num_shards", "report_samples", "export_dtype",
+                                      "checkpoint_every", "strategy", "seed")},
+    **{f.name: ("autoencoder", f.name) for f in dataclasses.fields(AutoencoderConfig)
+       if f.name != "seed"},
+    **{"prior_" + f.name: ("prior", f.name) for f in dataclasses.fields(PriorConfig)
+       if f.name != "seed"},
+}
+DATASET_ALIASES = {"cifar10": "image_folder"}  # A CIFAR-10 tarball or folder is an image folder.
+
+
+def _given(names) -> dict:
+    """{flag: value} of the flags among `names` given on the command line (lists of ints
+    as tuples)."""
+    out = {}
+    for name in names:
+        if FLAGS[name].present:
+            value = FLAGS[name].value
+            out[name] = tuple(int(v) for v in value) if isinstance(value, list) else value
     return out
 
 
-def pipeline_config():
-    """The PipelineConfig the flags describe."""
-    from pipeline.config import DataConfig, pipeline_preset
+def config_values(config) -> dict:
+    """{flag: the value `config` gives it}, for every flag that defines a run."""
+    values = {"dataset": config.data.source, "preset": config.preset}
+    for flag, (section, field) in CONFIG_FLAGS.items():
+        values[flag] = getattr(getattr(config, section) if section else config, field)
+    return values
 
-    dataset = FLAGS.dataset
-    source = "image_folder" if dataset == "cifar10" else dataset
-    if source in ("mnist", "image_folder", "celeba") and not FLAGS.data_path:
-        raise UsageError(f"--dataset={dataset} needs --data_path")
-    if not (source in ("digits", "mnist", "image_folder", "celeba")
-            or source.startswith("tfds:")):
+
+def _source(dataset: str) -> str:
+    source = DATASET_ALIASES.get(dataset, dataset)
+    if not (source in ("digits", "mnist", "image_folder", "celeba") or source.startswith("tfds:")):
         raise UsageError(f"--dataset={dataset} is not supported, expected digits, mnist, "
                          "cifar10, image_folder, celeba or tfds:<name>")
-    data = DataConfig(source=source, path=FLAGS.data_path, data_dir=FLAGS.data_dir,
-                      image_size=FLAGS.image_size, download=FLAGS.download,
-                      max_train=FLAGS.max_train_images, max_test=FLAGS.max_test_images)
+    return source
+
+
+def _new_config(given: dict):
+    """The config of a new workdir: the data from the flags, its image shape read from the
+    data (both splits listed first), the preset chosen from that shape unless --preset."""
+    from pipeline.config import DataConfig, pipeline_preset
+
+    source = _source(FLAGS.dataset)
+    if source in ("mnist", "image_folder", "celeba") and not FLAGS.data_path:
+        raise UsageError(f"--dataset={FLAGS.dataset} needs --data_path")
+    data = DataConfig(source=source, **{DATA_FIELDS[k]: v for k, v in given.items()
+                                        if k in DATA_FIELDS})
+    shape = data.splits()["train"].image_shape
+    config = pipeline_preset(source, FLAGS.preset, data, image_shape=shape)
+    how = "--preset" if FLAGS.preset else "chosen from the shape; --preset overrides"
+    print(f"[ovqvae] {'x'.join(map(str, shape))} images: preset {config.preset} ({how})",
+          flush=True)
+    return config
+
+
+def _changed(config, given: dict):
+    """`config` with the given flags' fields replaced. A changed data source re-reads the
+    image shape; --image_shape must agree with the data (the shape follows the data)."""
+    from pipeline.config import DataConfig
+
+    sections = {"data": {}, "autoencoder": {}, "prior": {}, "": {}}
+    for flag, value in given.items():
+        section, field = CONFIG_FLAGS[flag]
+        sections[section][field] = value
+    if "seed" in given:  # One --seed for everything.
+        sections["autoencoder"]["seed"] = sections["prior"]["seed"] = given["seed"]
+    data = dataclasses.replace(config.data, **sections["data"])
+    shape = tuple(config.autoencoder.image_shape)
+    if data != config.data:
+        DataConfig.splits(data)
+        shape = data.image_shape()
+    wanted = tuple(sections["autoencoder"].pop("image_shape", shape))
+    if wanted != shape:
+        raise UsageError(f"--image_shape={','.join(map(str, wanted))}, but the images are "
+                         f"{'x'.join(map(str, shape))}: the shape follows the data; pass "
+                         "--image_size=N to resize them")
+    return dataclasses.replace(
+        config, data=data, **sections[""],
+        autoencoder=config.autoencoder.replace(image_shape=shape, **sections["autoencoder"]),
+        prior=config.prior.replace(**sections["prior"]))
+
+
+def pipeline_config(workdir: typing.Optional[str]):
+    """The PipelineConfig of a command: the workdir's recorded run (or, for a new workdir,
+    the data's), with the fields of the flags given replaced. A --dataset or --preset
+    other than the recorded one is a UsageError."""
+    from pipeline import workdir as wd
+    from pipeline.config import PipelineConfig
+
+    record = wd.read_run(workdir) if workdir else None
+    given = _given(CONFIG_FLAGS)
     try:
-        return pipeline_preset(dataset, FLAGS.preset, data,
-                               autoencoder_overrides=_overrides(AutoencoderConfig, ""),
-                               prior_overrides=_overrides(PriorConfig, "prior_"),
-                               num_shards=FLAGS.num_shards, report_samples=FLAGS.report_samples,
-                               export_dtype=FLAGS.export_dtype,
-                               seed=FLAGS.seed or 0, checkpoint_every=FLAGS.checkpoint_every,
-                               strategy=FLAGS.strategy)
-    except (ValueError, TypeError) as e:
+        if record is None:
+            return _changed(_new_config(given), given)
+        config = PipelineConfig.from_dict(record["config"])
+        for flag, recorded in (("dataset", config.data.source), ("preset", config.preset)):
+            value = FLAGS[flag].value
+            if FLAGS[flag].present and (_source(value) if flag == "dataset" else value) != recorded:
+                raise UsageError(f"--{flag}={value}, but workdir {workdir!r} records {flag} "
+                                 f"{recorded!r}; use a new --workdir for another {flag}")
+        return _changed(config, given)
+    except (ValueError, TypeError) as e:  # A config field out of range.
+        from ordered_vqvae.data import DataError
+
+        if isinstance(e, DataError):  # Bad data: a runtime error (exit 1).
+            raise
         raise UsageError(str(e)) from None
+
+
+def _say_changes(workdir: str, config) -> None:
+    """One line naming what the flags change in the recorded run and which finished stages
+    that invalidates."""
+    from pipeline import stages, workdir as wd
+    from pipeline.config import PipelineConfig
+
+    record = wd.read_run(workdir)
+    if record is None:
+        return
+    old = config_values(PipelineConfig.from_dict(record["config"]))
+    new = config_values(config)
+    changes = [f"--{k} {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
+    if not changes:
+        return
+    stale = stages.stale_stages(config, workdir)
+    redo = (", ".join(f"{name} ({why})" for name, why in stale.items())
+            if stale else "no finished stage depends on it")
+    print(f"[ovqvae] changes the recorded run: {'; '.join(changes)}; invalidates: {redo}",
+          flush=True)
 
 
 def _saved_model_path(command: str) -> str:
@@ -253,7 +365,39 @@ def _saved_model_path(command: str) -> str:
     return artifact_path(FLAGS.workdir, "export")
 
 
+def code_counts(values, K: int) -> list:
+    """--num_codes items (counts like "8", or shares of K like "25%") -> sorted distinct k in
+    [1, K]; a share rounds to the nearest count, at least 1."""
+    counts = []
+    for value in values or [str(K)]:
+        text = value.strip()
+        try:
+            k = (max(1, round(float(text[:-1]) * K / 100)) if text.endswith("%")
+                 and 0 < float(text[:-1]) <= 100 else int(text))
+        except ValueError:
+            k = None
+        if k is None or not 1 <= k <= K:
+            raise UsageError(f"--num_codes={value}, expected 1 <= num_codes <= {K}, or a share "
+                             "of K in (0%, 100%]")
+        counts.append(k)
+    return sorted(set(counts))
+
+
+def _sample_output(ks: list) -> str:
+    """--output, or WORKDIR/samples/samples_k<ks>_seed<seed>.png."""
+    if FLAGS.output:
+        return FLAGS.output
+    if not FLAGS.workdir:
+        raise UsageError("sample needs --output=PATH.png (or --workdir, to write the grid "
+                         "under WORKDIR/samples)")
+    name = f"samples_k{'-'.join(map(str, ks))}_seed{FLAGS.seed or 0}.png"
+    os.makedirs(os.path.join(FLAGS.workdir, "samples"), exist_ok=True)
+    return os.path.join(FLAGS.workdir, "samples", name)
+
+
 def _sample():
+    """Samples once at the largest k and decodes each k's prefix of the same codes, so the
+    grid's rows show the same samples refining."""
     import numpy as np
     import tensorflow as tf
 
@@ -261,32 +405,31 @@ def _sample():
     from ordered_vqvae.atomic import atomic_file, check_writable_directory
 
     path = _saved_model_path("sample")
-    if not FLAGS.output:
-        raise UsageError("sample needs --output=PATH.png")
-    export.check_saved_model_dir(path)
-    out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
-    if not os.path.isdir(out_dir):
-        raise OSError(f"cannot write --output={FLAGS.output}: {out_dir!r} is not a directory")
-    check_writable_directory(out_dir, "--output directory")
-    model = tf.saved_model.load(path)
-    K = int(model.code_length)
-    k = K if FLAGS.num_codes is None else FLAGS.num_codes
-    if not 1 <= k <= K:
-        raise UsageError(f"--num_codes={k}, expected 1 <= num_codes <= {K}")
     if FLAGS.temperature <= 0 or FLAGS.num_samples < 1:
         raise UsageError(f"--temperature={FLAGS.temperature} must be > 0 and --num_samples="
                          f"{FLAGS.num_samples} >= 1")
-    out = model.signatures["sample"](num_samples=tf.constant(FLAGS.num_samples),
-                                     num_codes=tf.constant(k), seed=tf.constant(FLAGS.seed or 0),
-                                     temperature=tf.constant(FLAGS.temperature, tf.float32))
-    images, codes = out["images"].numpy(), out["codes"].numpy()
-    base = os.path.splitext(FLAGS.output)[0]
+    export.check_saved_model_dir(path)
+    model = tf.saved_model.load(path)
+    K = int(model.code_length)
+    ks = code_counts(FLAGS.num_codes, K)
+    output = _sample_output(ks)
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise OSError(f"cannot write --output={output}: {out_dir!r} is not a directory")
+    check_writable_directory(out_dir, "--output directory")
+    codes = model.signatures["sample"](
+        num_samples=tf.constant(FLAGS.num_samples), num_codes=tf.constant(ks[-1]),
+        seed=tf.constant(FLAGS.seed or 0),
+        temperature=tf.constant(FLAGS.temperature, tf.float32))["codes"]
+    images = np.stack([model.signatures["decode"](codes=codes, num_codes=tf.constant(k))
+                       ["images"].numpy() for k in ks])
+    base = os.path.splitext(output)[0]
     with atomic_file(base + ".npz", "wb") as f:
-        np.savez(f, images=images, codes=codes)
-    figures.save_image_rows([images], [f"k={k}/{K}"], FLAGS.output,
-                            f"{FLAGS.num_samples} samples from the first {k} of {K} codes")
-    print(f"[sample] wrote {FLAGS.output} and {base}.npz ({FLAGS.num_samples} samples, "
-          f"k={k} of K={K})", flush=True)
+        np.savez(f, images=images, codes=codes.numpy(), num_codes=np.array(ks, np.int32))
+    figures.save_image_rows(list(images), [f"k={k}/{K}" for k in ks], output,
+                            f"{FLAGS.num_samples} samples, decoded from their first k of {K} codes")
+    print(f"[sample] wrote {output} and {base}.npz ({FLAGS.num_samples} samples, a row for "
+          f"each k in {ks} of K={K})", flush=True)
 
 
 def _serve():
@@ -306,33 +449,99 @@ def _serve():
     serving.serve(config)
 
 
+# Commands that run stages in a workdir, from its recorded run.
+WORKDIR_COMMANDS = ("demo", "run", "experiments") + tuple(s.command for s in STAGES)
+# absl's own flags, which every command takes.
+ABSL_FLAGS = ("verbosity", "v", "logtostderr", "alsologtostderr", "log_dir", "stderrthreshold")
+
+
+def command_flags(command: str) -> list:
+    return list(dict.fromkeys(n for g in COMMANDS[command].groups for n in GROUPS[g]))
+
+
+def _check_flags(command: str, leftover: list) -> list:
+    """Refuses, before any work, every flag `command` does not take, with the nearest of
+    its own flags; returns the leftover flags that Beam's option parser accepts (only for
+    commands that run Beam)."""
+    import difflib
+
+    own = command_flags(command)
+    bad = [f"--{name}" for name in FLAGS
+           if FLAGS[name].present and name not in own and name not in ABSL_FLAGS]
+    beam = []
+    if leftover and COMMANDS[command].beam_options:
+        beam, unknown = _beam_options(leftover)
+        bad += unknown
+    else:
+        bad += leftover
+    if not bad:
+        return beam
+    every = {name for c in COMMANDS for name in command_flags(c)}
+    lines = []
+    for token in dict.fromkeys(bad):
+        name = token.lstrip("-").split("=", 1)[0]
+        close = [] if name in every else (
+            difflib.get_close_matches(name, own, n=2, cutoff=0.6)
+            or difflib.get_close_matches(name, every, n=1, cutoff=0.6))
+        hint = [f"did you mean {' or '.join('--' + c for c in close)}"] if close else []
+        if name in every or (close and close[0] not in own):
+            takers = [c for c in COMMANDS if (close[0] if close else name) in command_flags(c)]
+            hint.append(f"a flag of {', '.join(takers)}")
+        lines.append(token + (f" ({'; '.join(hint)})" if hint else ""))
+    beam_note = ", or Beam pipeline options" if COMMANDS[command].beam_options else ""
+    raise UsageError(f"{command} does not take {', '.join(lines)}; its flags: "
+                     f"'ovqvae {command} --help'{beam_note}")
+
+
+def _beam_options(args: list):
+    """(args Beam's own option parser accepts, args it does not know). Beam's parser exits
+    on a bad value, which becomes a UsageError here."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parsers, said = [], io.StringIO()
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    try:
+        with contextlib.redirect_stderr(said):  # Its usage text lists every Beam option.
+            _, unknown = parsers[0].parse_known_args(args)
+    except SystemExit:
+        reason = said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise UsageError(f"Beam pipeline options {args}: {reason}") from None
+    return [a for a in args if a not in unknown], unknown
+
+
 def main(argv):
     from absl import logging
 
     if not _verbosity_given(argv):
         logging.set_verbosity(logging.WARNING)
+        _quiet_beam()
     positional = [a for a in argv[1:] if not a.startswith("-")]
-    unknown = [a for a in argv[1:] if a.startswith("-")]
+    leftover = [a for a in argv[1:] if a.startswith("-")]
     if not positional or positional[0] not in COMMANDS:
         got = positional[0] if positional else "nothing"
         raise UsageError(f"expected a command, one of {', '.join(COMMANDS)}; got {got}")
     if len(positional) > 1:
         raise UsageError(f"unexpected arguments {positional[1:]}")
     command = positional[0]
-    if unknown and not COMMANDS[command].beam_options:
-        raise UsageError(f"unknown flag(s) {unknown} for command {command}")
+    beam_args = _check_flags(command, leftover)
     if command == "sample":
         return _sample()
     if command == "serve":
         return _serve()
-    from pipeline import stages
-
     workdir = FLAGS.workdir or ("workdir/digits" if command == "demo" else None)
     if not workdir:
         raise UsageError("--workdir is required")
-    config = pipeline_config()
-    if unknown:
-        config = dataclasses.replace(config, beam_args=tuple(unknown))
+    if command == "status":
+        return _status(workdir)
+    _workdir_command(command, workdir, beam_args)
+
+
+def _workdir_command(command: str, workdir: str, beam_args: list) -> None:
+    from pipeline import stages
+
+    config = dataclasses.replace(pipeline_config(workdir), beam_args=tuple(beam_args))
+    _say_changes(workdir, config)
+    stages.record(config, workdir)
     if command == "experiments":
         from pipeline import experiments
 
@@ -348,6 +557,27 @@ def main(argv):
     else:
         stages.run_stage(config, workdir, BY_COMMAND[command].name, force=FLAGS.force,
                          verbose=FLAGS.verbose)
+
+
+def _status(workdir: str) -> None:
+    from pipeline import stages, workdir as wd
+    from pipeline.config import PipelineConfig
+
+    record = wd.read_run(workdir)
+    if record is None:
+        raise UsageError(f"workdir {workdir!r} has no recorded run ({wd.RUN_RECORD}); "
+                         "'ovqvae run --workdir=...' starts one")
+    config = PipelineConfig.from_dict(record["config"])
+    data = config.data
+    print(f"workdir {workdir}: recorded {record['recorded']}\n  data: {data.source}"
+          f"{' at ' + data.path if data.path else ''}, "
+          f"{'x'.join(map(str, config.autoencoder.image_shape))} images, preset {config.preset}"
+          f"\n  autoencoder: K={config.autoencoder.code_length} codes of "
+          f"{config.autoencoder.codebook_size} codewords, {config.autoencoder.epochs} epochs; "
+          f"prior: {config.prior.num_layers} layers, width {config.prior.width}, "
+          f"{config.prior.epochs} epochs")
+    for name, state in stages.stage_states(config, workdir).items():
+        print(f"  {name:<12} {state}")
 
 
 def _parse(argv):
@@ -372,6 +602,29 @@ def _main_with_exit_codes(argv):
     except (ValueError, OSError, RuntimeError) as e:  # DataError, TrainingDiverged, ...
         print(f"ovqvae: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _quiet_beam() -> None:
+    """Hides Beam's warnings (optional Google Cloud clients, platform probes), including
+    those it logs on the root logger while importing; errors still show."""
+    import logging
+
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    logging.getLogger().addFilter(lambda record: record.levelno >= logging.ERROR
+                                  or f"{os.sep}apache_beam{os.sep}" not in record.pathname)
+
+
+def _run_values(command: str, argv: list):
+    """{flag: value} of the run `command` would do with `argv` (the workdir's recorded run,
+    or the data's preset), or the reason it cannot be known."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        FLAGS(argv, known_only=True)
+        with _quiet_stderr(True), contextlib.redirect_stdout(io.StringIO()):
+            return config_values(pipeline_config(
+                FLAGS.workdir or ("workdir/digits" if command == "demo" else None)))
+    except Exception as e:  # Help still shows the flags and their defaults.
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _verbosity_given(argv) -> bool:
@@ -400,9 +653,13 @@ def run(argv=None):
     """Console-script entry point."""
     argv = list(sys.argv if argv is None else argv)
     words = [a for a in argv[1:] if not a.startswith("-")]
-    if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
+    helps = ("--help", "-h", "--helpshort", "-?")
+    if any(a in helps for a in argv[1:]):
         command = words[0] if words and words[0] in COMMANDS else None
-        sys.stdout.write(help_text(command))
+        values = None
+        if command in WORKDIR_COMMANDS:
+            values = _run_values(command, [a for a in argv if a not in helps])
+        sys.stdout.write(help_text(command, values))
         sys.exit(0)
     quiet = not _verbosity_given(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if quiet else "0")

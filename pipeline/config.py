@@ -11,10 +11,15 @@ from ordered_vqvae.validation import check_choice
 # The prior precisions a SavedModel can hold (its signatures' key/value cache is float32).
 EXPORT_DTYPES = ("float32", "bfloat16_weights")
 
-# Which architecture preset a dataset uses by default.
-DATASET_PRESETS = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10",
-                   "celeba": "celeb_a", "tfds:mnist": "mnist", "tfds:fashion_mnist": "mnist",
-                   "tfds:cifar10": "cifar10", "tfds:celeb_a": "celeb_a"}
+
+
+def preset_for_shape(shape) -> str:
+    """The architecture preset for images of `shape` (H, W, C): the one made for the
+    nearest of the reference sizes (8x8 and 28x28 grey, 32x32 and 64x64 colour)."""
+    height, width, channels = shape
+    if channels == 1:
+        return "digits" if max(height, width) <= 16 else "mnist"
+    return "cifar10" if max(height, width) <= 48 else "celeb_a"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +34,30 @@ class DataConfig:
     max_train: Optional[int] = None  # Seeded random choices of this many training
     max_test: Optional[int] = None   # and test examples (any listing order, class-sorted
     subset_seed: int = 0             # folders included); the seed of both choices.
+
+    def splits(self) -> dict:
+        """{split: SourceInfo} of train and test from listings and headers (no split is
+        loaded): a missing split, or splits whose images differ in shape, raise DataError
+        before any work."""
+        from ordered_vqvae import data
+
+        infos = {split: data.source_info(self.source, split, path=self.path,
+                                         data_dir=self.data_dir, image_size=self.image_size)
+                 for split in data.SPLITS}
+        shapes = {split: tuple(info.image_shape) for split, info in infos.items()}
+        if shapes["train"] != shapes["test"]:
+            raise data.DataError(f"{self.source} train images are {_shape_text(shapes['train'])}"
+                                 f" but test images {_shape_text(shapes['test'])}; pass "
+                                 "--image_size=N to resize both")
+        return infos
+
+    def image_shape(self) -> tuple:
+        """The shape of the training images: the first one's, or `image_size` square."""
+        from ordered_vqvae import data
+
+        return tuple(data.source_info(self.source, "train", path=self.path,
+                                      data_dir=self.data_dir,
+                                      image_size=self.image_size).image_shape)
 
     def limit(self, split: str) -> Optional[int]:
         return self.max_train if split == "train" else self.max_test
@@ -128,6 +157,7 @@ class PipelineConfig:
     checkpoint_every: int = 500    # Training checkpoints every this many batches and at
                                    # every epoch end (0: epoch ends only; not a cache input).
     strategy: str = ""             # "mirrored": train on all local GPUs (not a cache input).
+    preset: str = ""               # The architecture preset the configs started from.
 
     def __post_init__(self):
         check_choice("export_dtype", self.export_dtype, EXPORT_DTYPES)
@@ -147,15 +177,43 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        d = dict(d)
+        return cls(data=DataConfig(**d.pop("data")),
+                   autoencoder=AutoencoderConfig.from_dict(d.pop("autoencoder")),
+                   prior=PriorConfig(**d.pop("prior")), beam_args=tuple(d.pop("beam_args", ())),
+                   **d)
 
-def pipeline_preset(dataset: str, preset_name: Optional[str] = None, data: Optional[DataConfig] = None,
-                    autoencoder_overrides: Optional[dict] = None,
-                    prior_overrides: Optional[dict] = None, **overrides) -> PipelineConfig:
-    """The default pipeline for a dataset (its architecture preset unless `preset_name`)."""
-    name = preset_name or DATASET_PRESETS.get(dataset)
-    if name is None:
-        raise ValueError(f"dataset {dataset!r} has no default preset; pass a preset name "
-                         f"(one of digits, mnist, cifar10, celeb_a)")
-    return PipelineConfig(data=data or DataConfig(source=dataset),
-                          autoencoder=preset(name, **(autoencoder_overrides or {})),
-                          prior=prior_preset(name, **(prior_overrides or {})), **overrides)
+
+def _shape_text(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def pipeline_preset(dataset: str, preset_name: Optional[str] = None,
+                    data: Optional[DataConfig] = None, autoencoder_overrides: Optional[dict] = None,
+                    prior_overrides: Optional[dict] = None, image_shape=None,
+                    **overrides) -> PipelineConfig:
+    """The default pipeline for a dataset: the image shape comes from the data (or
+    `image_shape`, when already read), the architecture preset from the shape unless
+    `preset_name` is given."""
+    data = data or DataConfig(source=dataset)
+    shape = tuple(image_shape or data.image_shape())
+    name = preset_name or preset_for_shape(shape)
+    autoencoder = dict(autoencoder_overrides or {})
+    given = autoencoder.pop("image_shape", None)
+    if given is not None and tuple(given) != shape:
+        raise ValueError(f"image_shape={_shape_text(given)}, but the {data.source} images are "
+                         f"{_shape_text(shape)}; the shape follows the data: pass "
+                         "--image_size=N to resize them")
+    try:
+        return PipelineConfig(data=data, autoencoder=preset(name, image_shape=shape, **autoencoder),
+                              prior=prior_preset(name, **(prior_overrides or {})), preset=name,
+                              **overrides)
+    except ValueError as e:
+        if "not divisible" not in str(e):
+            raise
+        stride = 2 ** len(autoencoder.get("hidden", preset(name).hidden))
+        raise ValueError(f"{_shape_text(shape)} images do not fit preset {name!r}, whose "
+                         f"images are multiples of {stride} pixels on a side; pass "
+                         f"--image_size=N (N a multiple of {stride}) to resize them") from None

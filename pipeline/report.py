@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from ordered_vqvae import figures
 from ordered_vqvae.atomic import atomic_directory, write_json
 from ordered_vqvae.configs import fraction_lengths
@@ -16,8 +18,15 @@ def _pct(k: int, K: int) -> str:
     return f"{round(100 * k / K)}%"
 
 
+# Images behind the comparison with the baselines: the mean of this many training images,
+# and the samples and test images compared in pooled pixel space.
+BASELINE_TRAIN_IMAGES = 2000
+BASELINE_TEST_IMAGES = 512
+BASELINE_SAMPLES = 256
+
+
 def build(config: PipelineConfig, autoencoder, prior, results: dict, shown_images,
-          out_dir: str) -> str:
+          out_dir: str, mean_image, test_images) -> str:
     """Writes the report into `out_dir` (atomically) and returns it.
 
     Args:
@@ -25,6 +34,8 @@ def build(config: PipelineConfig, autoencoder, prior, results: dict, shown_image
       results: the "result" of the autoencoder, extract and prior stages, by stage name.
       shown_images: float32 [n,H,W,C] in [0,1], the test images whose reconstructions
         the report shows (the first report_samples).
+      mean_image: float32 [H,W,C], the mean training image (the trivial baseline).
+      test_images: float32 [N,H,W,C], the test images the model and baseline are compared on.
     """
     generator = ImageGenerator(prior, autoencoder)
     K, n = autoencoder.code_length, config.report_samples
@@ -53,7 +64,13 @@ def build(config: PipelineConfig, autoencoder, prior, results: dict, shown_image
         figures.save_curves({f"batch of {n}": seconds}, os.path.join(tmp, "time_vs_codes.png"),
                             "codes generated (k)", "seconds (sample + decode)",
                             "Anytime sampling time against code length")
-        metrics = {"code_length": K, "codebook_size": autoencoder.codebook_size,
+        recon = np.concatenate([autoencoder.decode(autoencoder.encode(batch), K).numpy()
+                                for batch in np.array_split(test_images, -(-len(test_images) // 256))])
+        baselines = evaluate.against_baselines(
+            float(np.mean((recon - test_images) ** 2)),
+            generator.sample(BASELINE_SAMPLES, K, seed=config.seed)[0].numpy(), test_images,
+            mean_image)
+        metrics = {"code_length": K, "baselines": baselines, "codebook_size": autoencoder.codebook_size,
                    "test_images": ae_eval["test_images"], "mse_by_codes": ae_eval["mse_by_codes"],
                    "sampling_seconds_by_codes": {str(k): v for k, v in seconds.items()},
                    "prior_val_bits_per_code": prior_eval["val_bits_per_code"],
@@ -79,6 +96,7 @@ def _markdown(config: PipelineConfig, m: dict) -> str:
         f"{config.prior.width}; validation {m['prior_val_bits_per_code']:.3f} bits per code "
         f"(uniform: {m['uniform_bits_per_code']:.3f}).",
         "",
+        *_verdict(m["baselines"]),
         "## Samples at 25/50/75/100% of the code",
         "",
         "Each column is one sampling pass; row k decodes only its first k codes, the rest "
@@ -103,3 +121,29 @@ def _markdown(config: PipelineConfig, m: dict) -> str:
               "best of 3, one compiled program for every k.", "",
               "![time against code length](time_vs_codes.png)", ""]
     return "\n".join(lines)
+
+
+def _verdict(b: dict) -> list:
+    """The report's opening word on whether the model has learnt anything: its
+    reconstructions and samples against the mean training image and the data."""
+    fd = b["pixel_fd"]
+    recon = (f"reconstructions from all K codes have test MSE {b['reconstruction_mse']:.5f}; "
+             f"the mean training image has {b['mean_image_mse']:.5f}")
+    samples = (f"{BASELINE_SAMPLES} samples are at pixel Frechet distance {fd['samples']:.3f} "
+               f"from the test images; the mean training image at {fd['mean_image']:.3f}, one "
+               f"half of the test images from the other at {fd['test_halves']:.3f} (the floor)")
+    lines = ["## Is the model trained?", ""]
+    if b["autoencoder_undertrained"]:
+        lines.append(f"**The autoencoder is undertrained**: its {recon}. Train it longer "
+                     "(--epochs) or on more images.")
+    else:
+        lines.append(f"The autoencoder has learnt: its {recon}.")
+    lines.append("")
+    if b["samples_undertrained"]:
+        lines.append(f"**The samples are no better than the mean training image**: {samples}. "
+                     "Train longer (--epochs, --prior_epochs) or on more images.")
+    else:
+        lines.append(f"The samples beat the mean training image: {samples}.")
+    lines += ["", "(Pixel space, images average-pooled to at most 8x8: a coarse check, not "
+              "a perceptual metric.)", ""]
+    return lines

@@ -154,16 +154,23 @@ def _export(config: PipelineConfig, ctx: Context) -> dict:
 
 
 def _report(config: PipelineConfig, ctx: Context) -> dict:
+    import numpy as np
+
     from ordered_vqvae import models
     from ordered_vqvae.prior import load_prior
     from pipeline import report
 
     results = {name: wd.read_manifest(ctx.workdir, name)["result"]
                for name in ("autoencoder", "extract", "prior")}
+    total, count = 0.0, 0
+    for batch in config.data.image_batches("train", sample=report.BASELINE_TRAIN_IMAGES):
+        total, count = total + batch.astype(np.float64).sum(axis=0), count + len(batch)
     path = report.build(config, models.load_autoencoder(ctx.artifact("autoencoder")),
                         load_prior(ctx.artifact("prior")), results,
                         next(config.data.image_batches("test", sample=config.report_samples)),
-                        ctx.artifact("report"))
+                        ctx.artifact("report"), mean_image=(total / count).astype(np.float32),
+                        test_images=np.concatenate(list(config.data.image_batches(
+                            "test", sample=report.BASELINE_TEST_IMAGES))))
     print(f"[report] {os.path.join(path, 'report.md')}", flush=True)
     return {"report": os.path.join(path, "report.md")}
 
@@ -231,18 +238,30 @@ def _is_current(workdir: str, stage: Stage, inputs_hash: str) -> bool:
             and wd.fingerprint_files(artifact) == manifest["output_fingerprint"])
 
 
+def record(config: PipelineConfig, workdir: str) -> None:
+    """Prepares the workdir and records `config` as its run (Beam options are per command)."""
+    wd.prepare(workdir)
+    wd.record_run(workdir, dataclasses.replace(config, beam_args=()).to_dict())
+
+
 def run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool = False,
               verbose: int = 1) -> dict:
     """Runs one stage (by name) unless its manifest says it is current. Returns its manifest."""
+    return _run_stage(config, workdir, stage, force, verbose)[0]
+
+
+def _run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool,
+               verbose: int) -> Tuple[dict, bool]:
+    """(manifest, whether the stage ran)."""
     if stage not in BY_NAME:
         raise PipelineError(f"unknown stage {stage!r}, expected one of {list(BY_NAME)}")
     spec = BY_NAME[stage]
-    wd.prepare(workdir)
+    record(config, workdir)
     inputs = stage_inputs(config, workdir, spec)
     inputs_hash = wd.input_hash(inputs)
     if not force and _is_current(workdir, spec, inputs_hash):
         print(f"[{stage}] up to date (manifest matches), skipped", flush=True)
-        return wd.read_manifest(workdir, stage)
+        return wd.read_manifest(workdir, stage), False
     # The old manifest stays until the new artifact is in place: a failed rerun loses
     # nothing, and an artifact replaced without its manifest no longer matches it.
     scratch = wd.scratch_area(workdir, stage, inputs_hash)
@@ -255,11 +274,59 @@ def run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool = Fa
                 "seconds": round(time.time() - start, 2), "finished": time.strftime("%FT%T%z")}
     write_json(wd.manifest_path(workdir, stage), manifest)
     shutil.rmtree(scratch, ignore_errors=True)  # Checkpoints are only needed to resume.
-    return manifest
+    print(f"[{stage}] done in {manifest['seconds']:.1f} s", flush=True)
+    return manifest, True
 
 
 def run_pipeline(config: PipelineConfig, workdir: str, stages: Optional[List[str]] = None,
                  force: bool = False, verbose: int = 1) -> Dict[str, dict]:
-    """Runs the stages in order (all by default, by name); returns their manifests."""
-    return {name: run_stage(config, workdir, name, force=force, verbose=verbose)
-            for name in (stages or [s.name for s in STAGES])}
+    """Runs the stages in order (all by default, by name), then prints a table of their wall
+    times; returns their manifests."""
+    manifests, rows = {}, []
+    for name in stages or [s.name for s in STAGES]:
+        start = time.time()
+        manifests[name], ran = _run_stage(config, workdir, name, force, verbose)
+        rows.append((name, "ran" if ran else "up to date", time.time() - start))
+    width = max(len(name) for name, _, _ in rows)
+    print("\n".join([f"{'stage':<{width}}  {'status':<10}  seconds"]
+                    + [f"{name:<{width}}  {status:<10}  {seconds:7.1f}"
+                       for name, status, seconds in rows]
+                    + [f"{'total':<{width}}  {'':<10}  {sum(r[2] for r in rows):7.1f}"]),
+          flush=True)
+    return manifests
+
+
+def stale_stages(config: PipelineConfig, workdir: str) -> Dict[str, str]:
+    """{stage: why} for each finished stage of `workdir` that `config` would redo: its part
+    of the config differs from its manifest's, or a stage it reads is redone."""
+    stale = {}
+    for spec in STAGES:
+        manifest = wd.read_manifest(workdir, spec.name)
+        if manifest is None:
+            continue
+        recorded = {k: v for k, v in manifest["inputs"].items()
+                    if not k.endswith("_fingerprint")}
+        if wd.input_hash(recorded) != wd.input_hash(spec.config_inputs(config)):
+            stale[spec.name] = "its config changed"
+        elif any(up in stale for up in spec.upstream):
+            stale[spec.name] = "it reads " + ", ".join(u for u in spec.upstream if u in stale)
+    return stale
+
+
+def stage_states(config: PipelineConfig, workdir: str) -> Dict[str, str]:
+    """{stage: "up to date", "not run" or "to redo (why)"} of `workdir` under `config`."""
+    stale, states = stale_stages(config, workdir), {}
+    for spec in STAGES:
+        if wd.read_manifest(workdir, spec.name) is None:
+            states[spec.name] = "not run"
+        elif spec.name in stale:
+            states[spec.name] = f"to redo ({stale[spec.name]})"
+        else:
+            try:
+                current = _is_current(workdir, spec,
+                                      wd.input_hash(stage_inputs(config, workdir, spec)))
+            except PipelineError:  # A stage it reads has not finished.
+                current = False
+            states[spec.name] = ("up to date" if current else
+                                 "to redo (a stage it reads, or its artifact, changed)")
+    return states

@@ -1,6 +1,7 @@
 """Workdir bookkeeping: the marker file, per-stage manifests, input hashes and fingerprints.
 
-A workdir holds one directory per stage artifact, `manifests/<stage>.json` (the stage's
+A workdir holds `run.json` (the config its stages run with; later commands start from it),
+one directory per stage artifact, `manifests/<stage>.json` (the stage's
 inputs, their hash, the config, library versions, the fingerprint of what it wrote) and
 `scratch/<stage>-<input hash>/` for a stage's checkpoints while it runs.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from typing import Optional
 
 from ordered_vqvae.atomic import check_writable_directory, write_json
@@ -81,3 +83,25 @@ def read_manifest(workdir: str, stage: str) -> Optional[dict]:
 
 def scratch_area(workdir: str, stage: str, inputs_hash: str) -> str:
     return os.path.join(workdir, "scratch", f"{stage}-{inputs_hash[:12]}")
+
+
+RUN_RECORD = "run.json"
+
+
+def read_run(workdir: str) -> Optional[dict]:
+    """The recorded run of a workdir (the config its stages were last run with), or None."""
+    path = os.path.join(workdir, RUN_RECORD)
+    if not (os.path.exists(path) and os.path.exists(os.path.join(workdir, MARKER))):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def record_run(workdir: str, config: dict) -> None:
+    """Records the config the workdir's stages run with: later commands start from it.
+    The record is rewritten only when the config changes."""
+    recorded = read_run(workdir)
+    if recorded is not None and recorded["config"] == json.loads(json.dumps(config)):
+        return
+    write_json(os.path.join(workdir, RUN_RECORD), {"config": config,
+                                                    "recorded": time.strftime("%FT%T%z")})

@@ -48,7 +48,7 @@ def test_corrupt_tfrecord_names_the_shard(run):
     blob[len(blob) // 2: len(blob) // 2 + 8] = b"\xff" * 8
     open(shard, "wb").write(bytes(blob))
     before, _ = _state(run)
-    proc = ovqvae("train_prior", f"--workdir={run}", "--force", *TINY_FLAGS, check_rc=1)
+    proc = ovqvae("train_prior", f"--workdir={run}", "--force", check_rc=1)
     assert "train-00001-of-00004.tfrecord" in proc.stderr and "corrupt" in proc.stderr
     _assert_untouched(run, before)
 
@@ -68,7 +68,8 @@ def _folder(root, sizes):
     for i, size in enumerate(sizes):
         os.makedirs(root / "train" / "a", exist_ok=True)
         Image.fromarray(np.full(size, 100, np.uint8), "L").save(root / "train" / "a" / f"{i}.png")
-    os.makedirs(root / "test", exist_ok=True)
+    os.makedirs(root / "test" / "a", exist_ok=True)
+    Image.fromarray(np.full(sizes[0], 100, np.uint8), "L").save(root / "test" / "a" / "0.png")
     return root
 
 
@@ -131,7 +132,7 @@ def test_prior_of_another_codebook_is_refused(run, tmp_path):
     shutil.rmtree(os.path.join(run, "prior"))
     save_prior(other, os.path.join(run, "prior"))
     before, _ = _state(run)
-    proc = ovqvae("export", f"--workdir={run}", "--force", *TINY_FLAGS, check_rc=1)
+    proc = ovqvae("export", f"--workdir={run}", "--force", check_rc=1)
     assert "vocabulary is 16 codes but the autoencoder's codebook has 32" in proc.stderr
     _assert_untouched(run, before)
 
@@ -194,7 +195,7 @@ def test_disk_full_mid_write_keeps_the_finished_artifact(run, stage, command):
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
-    proc = ovqvae(command, f"--workdir={run}", "--force", *TINY_FLAGS, check_rc=1,
+    proc = ovqvae(command, f"--workdir={run}", "--force", check_rc=1,
                   preexec_fn=limit_file_size)
     assert "File too large" in proc.stderr, proc.stderr[-2000:]
     _assert_untouched(run, before)

@@ -40,6 +40,12 @@ def test_pipeline_writes_every_artifact(workdir):
     assert metrics["prior_val_bits_per_code"] < metrics["uniform_bits_per_code"]
     text = open(os.path.join(report, "report.md")).read()
     assert "![samples](samples.png)" in text and "| 8 | 100% |" in text
+    baselines = metrics["baselines"]
+    assert baselines["reconstruction_mse"] == pytest.approx(
+        float(metrics["mse_by_codes"]["8"]), rel=0.3)  # A seeded 512 of the same test split.
+    assert 0 < baselines["pixel_fd"]["test_halves"] < baselines["pixel_fd"]["mean_image"]
+    assert "## Is the model trained?" in text and (
+        "**The samples are no better" in text) == baselines["samples_undertrained"]
     assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
     assert not os.listdir(os.path.join(workdir, "scratch"))  # Checkpoints dropped when done.
 
@@ -200,11 +206,16 @@ def test_cli_sample_and_errors(workdir, tmp_path):
             "--num_samples=6", "--seed=2", f"--output={out}", check_rc=0)
     assert os.path.getsize(out) > 100
     saved = np.load(str(tmp_path / "grid.npz"))
-    assert saved["images"].shape == (6, 8, 8, 1) and (saved["codes"][:, 4:] == 0).all()
+    assert saved["images"].shape == (1, 6, 8, 8, 1) and (saved["codes"][:, 4:] == 0).all()
+    assert saved["num_codes"].tolist() == [4]
 
     proc = ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}",
                    "--num_codes=9", f"--output={out}", check_rc=2)
     assert "--num_codes=9, expected 1 <= num_codes <= 8" in proc.stderr
+    for bad in ("0%", "101%", "x", "2.5"):
+        proc = ovqvae("sample", f"--saved_model={os.path.join(workdir, 'saved_model')}",
+                      f"--num_codes=4,{bad}", f"--output={out}", check_rc=2)
+        assert f"--num_codes={bad}, expected" in proc.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     proc = ovqvae("sample", f"--saved_model={broken}", f"--output={out}", check_rc=1)
@@ -220,7 +231,7 @@ def test_cli_usage_and_workdir_errors(tmp_path):
     proc = ovqvae("run", "--workdir=x", "--truncation=sometimes", check_rc=2)
     assert "truncation='sometimes'" in proc.stderr
     proc = ovqvae("train_autoencoder", "--workdir=x", "--runner=DirectRunner", check_rc=2)
-    assert "unknown flag" in proc.stderr
+    assert "train_autoencoder does not take --runner=DirectRunner" in proc.stderr
     proc = ovqvae("run", "--dataset=mnist", "--workdir=x", check_rc=2)
     assert "--dataset=mnist needs --data_path" in proc.stderr
     foreign = tmp_path / "foreign"
