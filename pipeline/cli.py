@@ -284,8 +284,6 @@ def _new_config(given: dict):
 def _changed(config, given: dict):
     """`config` with the given flags' fields replaced. A changed data source re-reads the
     image shape; --image_shape must agree with the data (the shape follows the data)."""
-    from pipeline.config import DataConfig
-
     sections = {"data": {}, "autoencoder": {}, "prior": {}, "": {}}
     for flag, value in given.items():
         section, field = CONFIG_FLAGS[flag]
@@ -295,8 +293,7 @@ def _changed(config, given: dict):
     data = dataclasses.replace(config.data, **sections["data"])
     shape = tuple(config.autoencoder.image_shape)
     if data != config.data:
-        DataConfig.splits(data)
-        shape = data.image_shape()
+        shape = tuple(data.splits()["train"].image_shape)
     wanted = tuple(sections["autoencoder"].pop("image_shape", shape))
     if wanted != shape:
         raise UsageError(f"--image_shape={','.join(map(str, wanted))}, but the images are "

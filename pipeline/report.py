@@ -139,11 +139,18 @@ def _verdict(b: dict) -> list:
     else:
         lines.append(f"The autoencoder has learnt: its {recon}.")
     lines.append("")
-    if b["samples_undertrained"]:
+    if b["autoencoder_undertrained"]:
+        lines.append("**The samples are no better than the mean training image**: they are "
+                     "decoded by an autoencoder whose reconstructions of real images are not "
+                     f"(above). For the record, {samples}.")
+    elif b["samples_undertrained"]:
         lines.append(f"**The samples are no better than the mean training image**: {samples}. "
-                     "Train longer (--epochs, --prior_epochs) or on more images.")
+                     "Train the prior longer (--prior_epochs) or on more images.")
     else:
-        lines.append(f"The samples beat the mean training image: {samples}.")
+        share = (fd["mean_image"] - fd["samples"]) / max(fd["mean_image"] - fd["test_halves"],
+                                                          1e-12)
+        lines.append(f"The samples beat the mean training image: {samples}; they cover "
+                     f"{share:.0%} of the way from the mean image to the floor.")
     lines += ["", "(Pixel space, images average-pooled to at most 8x8: a coarse check, not "
               "a perceptual metric.)", ""]
     return lines

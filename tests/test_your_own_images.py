@@ -172,6 +172,8 @@ def test_the_report_says_when_samples_are_no_better_than_the_mean_image():
     bad = evaluate.against_baselines(0.9 * baseline, grey, test, mean)
     assert bad["mean_image_mse"] == pytest.approx(baseline, rel=1e-6)
     assert bad["autoencoder_undertrained"] and bad["samples_undertrained"]
+    grey_samples = evaluate.against_baselines(0.1 * baseline, grey, test, mean)
+    assert not grey_samples["autoencoder_undertrained"] and grey_samples["samples_undertrained"]
     good = evaluate.against_baselines(0.1 * baseline, train[:256], test, mean)
     assert not good["autoencoder_undertrained"] and not good["samples_undertrained"]
     fd = good["pixel_fd"]
