@@ -274,7 +274,12 @@ def _new_config(given: dict):
     data = DataConfig(source=source, **{DATA_FIELDS[k]: v for k, v in given.items()
                                         if k in DATA_FIELDS})
     shape = data.splits()["train"].image_shape
-    config = pipeline_preset(source, FLAGS.preset, data, image_shape=shape)
+    # The architecture flags apply with the shape (--hidden decides which sizes fit);
+    # --image_shape is checked against the data by _changed.
+    architecture = {CONFIG_FLAGS[k][1]: v for k, v in given.items()
+                    if CONFIG_FLAGS[k][0] == "autoencoder" and k != "image_shape"}
+    config = pipeline_preset(source, FLAGS.preset, data, image_shape=shape,
+                             autoencoder_overrides=architecture)
     how = "--preset" if FLAGS.preset else "chosen from the shape; --preset overrides"
     print(f"[ovqvae] {'x'.join(map(str, shape))} images: preset {config.preset} ({how})",
           flush=True)
@@ -329,7 +334,8 @@ def pipeline_config(workdir: typing.Optional[str]):
 
         if isinstance(e, DataError):  # Bad data: a runtime error (exit 1).
             raise
-        raise UsageError(str(e)) from None
+        hint = "; pass --image_size=N to resize the images" if "not divisible" in str(e) else ""
+        raise UsageError(f"{e}{hint}") from None
 
 
 def _say_changes(workdir: str, config) -> None:

@@ -196,24 +196,11 @@ def pipeline_preset(dataset: str, preset_name: Optional[str] = None,
                     **overrides) -> PipelineConfig:
     """The default pipeline for a dataset: the image shape comes from the data (or
     `image_shape`, when already read), the architecture preset from the shape unless
-    `preset_name` is given."""
+    `preset_name` is given; `autoencoder_overrides` and `prior_overrides` replace fields."""
     data = data or DataConfig(source=dataset)
     shape = tuple(image_shape or data.image_shape())
     name = preset_name or preset_for_shape(shape)
-    autoencoder = dict(autoencoder_overrides or {})
-    given = autoencoder.pop("image_shape", None)
-    if given is not None and tuple(given) != shape:
-        raise ValueError(f"image_shape={_shape_text(given)}, but the {data.source} images are "
-                         f"{_shape_text(shape)}; the shape follows the data: pass "
-                         "--image_size=N to resize them")
-    try:
-        return PipelineConfig(data=data, autoencoder=preset(name, image_shape=shape, **autoencoder),
-                              prior=prior_preset(name, **(prior_overrides or {})), preset=name,
-                              **overrides)
-    except ValueError as e:
-        if "not divisible" not in str(e):
-            raise
-        stride = 2 ** len(autoencoder.get("hidden", preset(name).hidden))
-        raise ValueError(f"{_shape_text(shape)} images do not fit preset {name!r}, whose "
-                         f"images are multiples of {stride} pixels on a side; pass "
-                         f"--image_size=N (N a multiple of {stride}) to resize them") from None
+    return PipelineConfig(
+        data=data, preset=name, prior=prior_preset(name, **(prior_overrides or {})),
+        autoencoder=preset(name, **{"image_shape": shape, **(autoencoder_overrides or {})}),
+        **overrides)

@@ -131,6 +131,14 @@ def test_a_flag_the_command_does_not_take_exits_2_before_any_work(tmp_path, comm
     assert not workdir.exists()
 
 
+def test_images_the_preset_cannot_downsample_ask_for_image_size(tmp_path):
+    photos = _photos(tmp_path / "photos", splits=(("train", 2), ("test", 2)), size=30)
+    proc = ovqvae("train_autoencoder", "--dataset=image_folder", f"--data_path={photos}",
+                  f"--workdir={tmp_path / 'wd'}", check_rc=2, env=SUBPROCESS_ENV)
+    assert "image_shape=(30, 30, 3) is not divisible by 8" in proc.stderr, proc.stderr
+    assert "pass --image_size=N to resize the images" in proc.stderr
+
+
 def test_beam_options_are_checked_by_beams_own_parser():
     accepted, unknown = cli._beam_options(["--runner=DataflowRunner", "--project=p",
                                            "--num_workers=3", "--epoch=1"])
