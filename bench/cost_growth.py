@@ -1,6 +1,6 @@
 """How the cost of each part grows: training with dataset size N and code length K,
 extraction with N, sampling with k and K. Every point is measured in this one run; the
-README's cost-growth table comes from it.
+cost-growth table of docs/reliability.md comes from it.
 
   .venv/bin/python bench/cost_growth.py [--mnist=../shared/data/mnist]
 

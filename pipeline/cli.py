@@ -55,7 +55,8 @@ flags.DEFINE_enum("strategy", "", ["", "mirrored"], "Training under tf.distribut
 flags.DEFINE_integer("checkpoint_every", 500, "Training checkpoints every this many batches "
                      "(and at every epoch end; 0: epoch ends only). An interrupted stage "
                      "resumes from the latest one when rerun.")
-flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_integer("verbose", None, "Keras verbosity: 0 silent, 1 progress bar, 2 one line "
+                     "per epoch (unset: 1 on a terminal, 2 when the output is a file or pipe).")
 flags.DEFINE_string("saved_model", None, "SavedModel directory (default WORKDIR/saved_model).")
 flags.DEFINE_list("num_codes", None, "k, the codes per sample, 1 <= k <= K: one or several, as "
                   "counts or shares of K (4,8,16 or 25%,100%); one grid row per k (unset: K).")
@@ -542,6 +543,8 @@ def main(argv):
 def _workdir_command(command: str, workdir: str, beam_args: list) -> None:
     from pipeline import stages
 
+    # Progress bars redraw with carriage returns: only a terminal shows them as intended.
+    verbose = FLAGS.verbose if FLAGS.verbose is not None else 1 if sys.stdout.isatty() else 2
     config = dataclasses.replace(pipeline_config(workdir), beam_args=tuple(beam_args))
     _say_changes(workdir, config)
     stages.record(config, workdir)
@@ -552,14 +555,14 @@ def _workdir_command(command: str, workdir: str, beam_args: list) -> None:
             base=config, names=tuple(FLAGS.experiments), eval_samples=FLAGS.eval_samples,
             classifier_epochs=FLAGS.classifier_epochs, inception_weights=FLAGS.inception_weights,
             ablation_max_train=FLAGS.ablation_max_train_images,
-            ablation_epochs=FLAGS.ablation_epochs), workdir, verbose=FLAGS.verbose)
+            ablation_epochs=FLAGS.ablation_epochs), workdir, verbose=verbose)
     elif command in ("demo", "run"):
-        stages.run_pipeline(config, workdir, force=FLAGS.force, verbose=FLAGS.verbose)
+        stages.run_pipeline(config, workdir, force=FLAGS.force, verbose=verbose)
         report = os.path.join(artifact_path(workdir, "report"), "report.md")
         print(f"[{command}] done: the report is {report}", flush=True)
     else:
         stages.run_stage(config, workdir, BY_COMMAND[command].name, force=FLAGS.force,
-                         verbose=FLAGS.verbose)
+                         verbose=verbose)
 
 
 def _status(workdir: str) -> None:

@@ -1,4 +1,4 @@
-"""The bad-input table of the README, one test per row: each bad input gives a clear error
+"""The bad-input table of docs/reliability.md, one test per row: each bad input gives a clear error
 naming the file or value, a non-zero exit from the CLI, and leaves what was already written
 as it was (artifacts, manifests) with no temporary files behind."""
 

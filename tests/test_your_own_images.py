@@ -4,6 +4,7 @@ checked before any work, and `sample` draws a grid with a row per k."""
 
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from pipeline import cli
 TINY = ["--hidden=16,16,16", "--latent_channels=8", "--codebook_size=32", "--epochs=1",
         "--prior_num_layers=1", "--prior_num_heads=2", "--prior_width=32",
         "--prior_ffn_width=64", "--prior_epochs=1", "--batch_size=8", "--prior_batch_size=8",
-        "--report_samples=4", "--verbose=0"]
+        "--report_samples=4"]
 
 
 def _photos(root, splits=(("train", 24), ("test", 8)), size=32):
@@ -58,7 +59,10 @@ def test_the_preset_follows_the_images_and_the_run_is_recorded(run):
     assert config["autoencoder"]["latent_channels"] == 8  # The flags given over the preset.
     assert config["prior"]["warmup_steps"] == 500  # cifar10's prior preset, not digits' 100.
     assert "apitools" not in proc.stderr and "Resource module" not in proc.stderr
-    table = proc.stdout[proc.stdout.index("stage "):]
+    # Output to a pipe: one line per epoch, no progress bar redrawn with carriage returns.
+    assert "\r" not in proc.stdout
+    assert len(re.findall(r"^\d+/\d+ - \d+s - .*loss", proc.stdout, re.M)) == 2  # Two stages.
+    table = proc.stdout[re.search(r"^stage +status +seconds$", proc.stdout, re.M).start():]
     assert [line.split()[0] for line in table.splitlines()[1:7]] == [
         "autoencoder", "extract", "prior", "export", "report", "total"]
 
