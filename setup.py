@@ -18,7 +18,6 @@ setup(
         "tensorflow-probability[tf]",
         "apache-beam[tfrecord]",
         "google-crc32c",
-        "keras-hub",
         "absl-py",
         "tensorboard",
         "matplotlib",

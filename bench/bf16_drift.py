@@ -23,7 +23,10 @@ import numpy as np
 from ordered_vqvae import data, metrics, models
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import PRIOR_DTYPES, load_prior
+from ordered_vqvae.xla import prefer_wide_vectors
 from pipeline import schema, stages
+
+prefer_wide_vectors()  # As the ovqvae command does, before anything compiles.
 
 
 def main():

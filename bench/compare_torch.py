@@ -172,6 +172,10 @@ def main():
     parser.add_argument("--arg", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        if args.worker.startswith("ours_"):
+            from ordered_vqvae import xla
+
+            xla.prefer_wide_vectors()  # As the ovqvae command does, before anything compiles.
         print(json.dumps({"value": WORKERS[args.worker](args.arg, args.repeats)}))
         return
     if not os.path.exists(args.peers):

@@ -22,7 +22,10 @@ import tensorflow as tf
 from ordered_vqvae import configs, models
 from ordered_vqvae.prior import CodePrior
 from ordered_vqvae.generator import ImageGenerator
+from ordered_vqvae.xla import prefer_wide_vectors
 from harness import autoencoder_for_fit, timings
+
+prefer_wide_vectors()  # As the ovqvae command does, before anything compiles.
 
 
 def epoch_seconds(config, images, steps=60):

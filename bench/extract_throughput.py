@@ -19,8 +19,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf
 
 from ordered_vqvae import configs, data, models
+from ordered_vqvae.xla import prefer_wide_vectors
 from pipeline import extract, schema
 from pipeline.config import DataConfig
+
+prefer_wide_vectors()  # As the ovqvae command does, before anything compiles.
 
 
 def in_process(autoencoder_dir, mnist, out_dir, limit, batch_size=256):

@@ -42,7 +42,10 @@ from ordered_vqvae.configs import prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior, load_prior, save_prior
 from ordered_vqvae.sampler import CACHE_SEGMENTS, FILL_CODE, row_seeds
+from ordered_vqvae.xla import prefer_wide_vectors
 from harness import timings
+
+prefer_wide_vectors()  # As the ovqvae command does, before anything compiles.
 
 
 def best_time(fn, repeats):

@@ -21,6 +21,9 @@ import tensorflow as tf
 
 from harness import autoencoder_for_fit
 from ordered_vqvae import configs, models
+from ordered_vqvae.xla import prefer_wide_vectors
+
+prefer_wide_vectors()  # As the ovqvae command does, before anything compiles.
 
 
 def images_per_second(config, images, steps, jit_compile=False, stream=True, policy="float32",

@@ -657,6 +657,9 @@ def _quiet_stderr(quiet: bool):
 
 def run(argv=None):
     """Console-script entry point."""
+    from ordered_vqvae import xla
+
+    xla.prefer_wide_vectors()  # Before anything compiles (docs/performance.md).
     argv = list(sys.argv if argv is None else argv)
     words = [a for a in argv[1:] if not a.startswith("-")]
     helps = ("--help", "-h", "--helpshort", "-?")

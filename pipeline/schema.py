@@ -176,7 +176,3 @@ def code_batches(directory: str, split: str, limit: int = 0, batch_size: int = 4
     if empty:
         raise SchemaError(f"code directory {directory!r} holds no {split!r} records")
 
-
-def read_codes(directory: str, split: str, limit: int = 0, **checks) -> np.ndarray:
-    """The codes of a split as int32 [N, K] in memory (see `code_batches`)."""
-    return np.concatenate(list(code_batches(directory, split, limit, **checks)))
