@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from typing import Callable, Optional, Sequence, Union
@@ -24,30 +23,10 @@ import tensorflow as tf
 
 from ordered_vqvae.atomic import atomic_file, write_json
 from ordered_vqvae.examples import ExampleFile
-
-NONFINITE_LOSS = "non-finite training loss"
-
+from ordered_vqvae.validation import failed_step
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
-
-
-def finite_loss(loss, steps_done):
-    """The NaN guard: `loss`, with an in-graph check that stops the step before any update
-    when it is NaN or Inf. Models apply it to the loss they differentiate (Keras' running
-    means would hide a NaN from the logs), with `steps_done` their optimizer's step count
-    (`optimizer.iterations`), which the failure reports; `fit_stages` turns the failure
-    into TrainingDiverged naming the step."""
-    check = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(loss)),
-                                [NONFINITE_LOSS, steps_done])
-    with tf.control_dependencies([check]):
-        return tf.identity(loss)
-
-
-def _failed_step(error: Exception) -> Optional[int]:
-    """The step (1-based) whose loss `finite_loss` found not finite, from its error."""
-    found = re.search(re.escape(NONFINITE_LOSS) + r"\] \[(\d+)\]", str(error))
-    return int(found.group(1)) + 1 if found else None
 
 
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -362,7 +341,7 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
                               steps_per_epoch=spe - skip_batches, shuffle=False,
                               validation_data=validation_data)
                 except tf.errors.InvalidArgumentError as e:
-                    step = _failed_step(e)
+                    step = failed_step(e)
                     if step is None:
                         raise
                     raise TrainingDiverged(

@@ -15,12 +15,12 @@ import tensorflow as tf
 
 from ordered_vqvae import artifacts
 from ordered_vqvae.configs import AutoencoderConfig
-from ordered_vqvae.fit import finite_loss
 from ordered_vqvae.normalization import BatchNormalization
 from ordered_vqvae.quantizer import VectorQuantizer
 from ordered_vqvae.replicas import loggable, replica_share
 from ordered_vqvae.truncation import NestedTruncation
-from ordered_vqvae.validation import check_codes, check_image_tensor, check_num_codes
+from ordered_vqvae.validation import (check_codes, check_image_tensor, check_num_codes,
+                                       finite_loss)
 
 
 class _Ordered(keras.Model):

@@ -34,10 +34,9 @@ import tensorflow as tf
 
 from ordered_vqvae import artifacts
 from ordered_vqvae.configs import PriorConfig
-from ordered_vqvae.fit import finite_loss
 from ordered_vqvae.replicas import loggable
 from ordered_vqvae.sampler import prefix_ends
-from ordered_vqvae.validation import check_choice
+from ordered_vqvae.validation import check_choice, finite_loss
 
 try:  # TensorFlow's XLA op wrapper: in place under XLA, and it has a plain TF kernel too.
     from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice as _update_slice

@@ -36,6 +36,30 @@ def check_between(name: str, value, low, high, low_open: bool = False,
                          f"{'<' if high_open else '<='} {high}")
 
 
+# -- the training loss
+
+NONFINITE_LOSS = "non-finite training loss"
+
+
+def finite_loss(loss, steps_done):
+    """The NaN guard: `loss`, with an in-graph check that stops the step before any update
+    when it is NaN or Inf. Models apply it to the loss they differentiate (Keras' running
+    means would hide a NaN from the logs), with `steps_done` their optimizer's step count
+    (`optimizer.iterations`), which the failure reports (`failed_step` reads it back)."""
+    import tensorflow as tf
+
+    check = tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(loss)),
+                                [NONFINITE_LOSS, steps_done])
+    with tf.control_dependencies([check]):
+        return tf.identity(loss)
+
+
+def failed_step(error: Exception):
+    """The step (1-based) whose loss `finite_loss` found not finite, from its error, or None."""
+    found = re.search(re.escape(NONFINITE_LOSS) + r"\] \[(\d+)\]", str(error))
+    return int(found.group(1)) + 1 if found else None
+
+
 # -- k, the number of codes kept
 
 
