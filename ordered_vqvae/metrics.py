@@ -172,8 +172,8 @@ class DomainClassifier:
 
     @classmethod
     def load(cls, directory: str, image_shape) -> "DomainClassifier":
-        """A classifier written by `save` (files from before classifier.json recorded
-        num_classes give it by the width of their logits)."""
+        """A classifier written by `save` (a classifier.json without num_classes gives it
+        by the width of the logits)."""
         with open(os.path.join(directory, CLASSIFIER_JSON)) as f:
             saved = json.load(f)
         weights = os.path.join(directory, "classifier.weights.h5")

@@ -12,8 +12,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     statistics on one replica with TensorFlow's fused kernel.
 
     Keras 3 normalizes with separate moment, subtract and scale ops; `FusedBatchNormV3` (what
-    Keras 2 used) does it, and its gradient, in one pass over the activations: the
-    autoencoder trains 1.05 to 1.14x faster on CPU (bench/train_throughput.py). The result is the
+    Keras 2 used) does it, and its gradient, in one pass over the activations, which trains
+    the autoencoder faster on CPU (bench/train_throughput.py, docs/performance.md). The result is the
     same layer: the same weights and names (checkpoints and weight files load either way),
     and moving statistics updated with the biased batch variance, as Keras does. Inference,
     inputs that are not float32 NHWC, and training under several replicas (whose statistics

@@ -11,8 +11,8 @@ with an optional key/value cache, as keras-hub's `TransformerDecoder` does:
   masked attention: with one position for all rows, over all L (a sampler's one pass may
   grow L segment by segment, `resize_cache`); with one position per row, over the first
   of 8 widths of the cache that holds every written position. So a compiled sampling loop
-  costs O(k) in the codes it generates. (On 2 CPU cores this layout ran 1.5x faster than
-  keras-hub's own cache.)
+  costs O(k) in the codes it generates (docs/performance.md compares it with keras-hub's
+  cache).
   At batch 1 under XLA, a large prior's projections run as batched products over
   quarters of their inputs (`row_matmul`), which XLA spreads over every core.
 
@@ -390,7 +390,7 @@ class CodePrior(keras.Model):
         super().compile(optimizer=optimizer, **kwargs)
 
     def compute_loss(self, *args, **kwargs):
-        # The fit engine's NaN guard.
+        # The NaN guard: a NaN or Inf loss stops the step before any update.
         return finite_loss(super().compute_loss(*args, **kwargs), self.optimizer.iterations)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):

@@ -198,10 +198,9 @@ class AnytimeSampler:
       cache_segments: one pass (`generate`) grows the cache in this many steps (the ends of
         `prefix_ends(K, cache_segments)`), so that a step's attention reads only the
         positions its segment can reach. Each segment is a loop of its own in the compiled
-        program: on 2 CPU cores CACHE_SEGMENTS = 8 saved 11% to 19% of a pass at 50 to 250
-        rows (nothing at one row) and cost 5 s (a 2-layer width-256 prior) to 10 s (6 layers,
-        width 512) more compile time per batch size. So 1, one loop, by default; ask for
-        more in a sampler that runs many passes of one batch size.
+        program: it saves time per pass at large batches and costs compile time per batch
+        size (docs/performance.md). So 1, one loop, by default; ask for more in a sampler
+        that runs many passes of one batch size.
       code_length: K, the length of a full sequence.
       start_token: the token fed at position 0.
       vocabulary_size: V, the size of the logits' last axis.

@@ -63,9 +63,9 @@ class DataConfig:
         return self.max_train if split == "train" else self.max_test
 
     def cache_inputs(self) -> dict:
-        """The fields the stages' cache hashes. With max_test set, a tag for its rule too:
-        it used to keep the *first* max_test examples, so workdirs cached under that rule
-        (class-sorted for image folders) rerun instead of mixing the two choices."""
+        """The fields the stages' cache hashes. With max_test set, a tag names the seeded
+        choice of test examples, so a cache made under another rule (the first max_test,
+        class-sorted in image folders) does not match and its stages rerun."""
         fields = dataclasses.asdict(self)
         return fields if self.max_test is None else {**fields, "test_choice": "seeded"}
 

@@ -192,8 +192,8 @@ STAGES: Tuple[Stage, ...] = (
           lambda c: {"prior": _asdict(c.prior)},
           _train_prior, "train the Transformer prior on the extracted codes",
           ("prior", "training")),
-    # The dtype is an input only when not float32, so that workdirs from before the flag
-    # stay current.
+    # The dtype is an input only when not float32: a float32 SavedModel's hash stays the
+    # one it has without the field.
     Stage("export", "export", "saved_model", ("autoencoder", "prior"),
           lambda c: {} if c.export_dtype == "float32" else {"dtype": c.export_dtype},
           _export, "write the SavedModel with encode, decode and sample signatures",
