@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Callable, Optional, Sequence, Union
 
 import keras
@@ -136,6 +137,23 @@ def steps_per_execution(*counts: int) -> int:
     (docs/performance.md)."""
     common = math.gcd(*counts)
     return max(n for n in range(1, MAX_STEPS_PER_EXECUTION + 1) if common % n == 0)
+
+
+class _EpochLine(keras.callbacks.Callback):
+    """One log line per epoch (verbose=2; Keras's own writes two: "Epoch n/N" and the
+    metrics), after the other callbacks have added theirs to the logs."""
+
+    def __init__(self, what: str, epochs: int):
+        super().__init__()
+        self.what, self.epochs, self.start = what, epochs, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = ", ".join(f"{name} {value:.4g}" for name, value in (logs or {}).items())
+        print(f"[{self.what}] epoch {epoch + 1}/{self.epochs}: {values} "
+              f"({time.perf_counter() - self.start:.1f} s)", flush=True)
 
 
 class _Position(keras.callbacks.Callback):
@@ -328,7 +346,8 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
                                  checkpoint_every, skip)
             board = os.path.join(workdir if chief else save_dir, "tensorboard")
             all_callbacks = [*callbacks, keras.callbacks.TensorBoard(board, write_graph=False),
-                             *([keep] if keep else []), position]
+                             *([keep] if keep else []), position,
+                             *([_EpochLine(what, stages[-1].end)] if verbose == 2 else [])]
             # A resume mid-epoch first finishes that epoch, then runs whole ones.
             runs = ([(initial, initial + 1, skip), (initial + 1, stage.end, 0)] if skip
                     else [(initial, stage.end, 0)])
@@ -337,7 +356,8 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
                     continue
                 try:
                     model.fit(data.distributed(strategy, begin, end, skip_batches), epochs=end,
-                              initial_epoch=begin, callbacks=all_callbacks, verbose=verbose,
+                              initial_epoch=begin, callbacks=all_callbacks,
+                              verbose=1 if verbose == 1 else 0,
                               steps_per_epoch=spe - skip_batches, shuffle=False,
                               validation_data=validation_data)
                 except tf.errors.InvalidArgumentError as e:

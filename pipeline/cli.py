@@ -24,12 +24,14 @@ from absl import app, flags
 
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
 from ordered_vqvae.validation import op_error_text
+from pipeline import run_config
 from pipeline.config import EXPORT_DTYPES
+from pipeline.run_config import CONFIG_FLAGS, UsageError, config_values
 from pipeline.stages import BY_COMMAND, STAGES, artifact_path
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the run's artifacts (demo: workdir/digits).")
-flags.DEFINE_string("dataset", "digits", "digits | mnist | cifar10 | image_folder | celeba | "
+flags.DEFINE_string("dataset", run_config.DEFAULT_DATASET, "digits | mnist | cifar10 | image_folder | celeba | "
                     "tfds:<name>.")
 flags.DEFINE_string("data_path", None, "MNIST IDX directory, image folder / .tar.gz, or CelebA "
                     "directory / .tar.gz (img_align_celeba/, list_eval_partition.txt).")
@@ -215,149 +217,20 @@ def help_text(command: typing.Optional[str] = None, values: typing.Optional[dict
     return "\n".join(lines) + "\n"
 
 
-class UsageError(Exception):
-    """A bad command line: exit code 2."""
-
-
-# Where each flag that defines a run lives in PipelineConfig: (section, field), section ""
-# for the top level. The workdir records the resolved config; a later command starts from
-# it and changes only the fields whose flags it is given.
-DATA_FIELDS = {"data_path": "path", "data_dir": "data_dir", "image_size": "image_size",
-               "download": "download", "max_train_images": "max_train",
-               "max_test_images": "max_test"}
-CONFIG_FLAGS = {
-    **{flag: ("data", field) for flag, field in DATA_FIELDS.items()},
-    **{name: ("", name) for name in ("num_shards", "report_samples", "export_dtype",
-                                      "checkpoint_every", "strategy", "seed")},
-    **{f.name: ("autoencoder", f.name) for f in dataclasses.fields(AutoencoderConfig)
-       if f.name != "seed"},
-    **{"prior_" + f.name: ("prior", f.name) for f in dataclasses.fields(PriorConfig)
-       if f.name != "seed"},
-}
-DATASET_ALIASES = {"cifar10": "image_folder"}  # A CIFAR-10 tarball or folder is an image folder.
-
-
-def _given(names) -> dict:
-    """{flag: value} of the flags among `names` given on the command line (lists of ints
-    as tuples)."""
+def _given() -> dict:
+    """{flag: value} of the run-defining flags given on the command line (lists of ints as
+    tuples)."""
     out = {}
-    for name in names:
+    for name in ("dataset", "preset", *CONFIG_FLAGS):
         if FLAGS[name].present:
             value = FLAGS[name].value
             out[name] = tuple(int(v) for v in value) if isinstance(value, list) else value
     return out
 
 
-def config_values(config) -> dict:
-    """{flag: the value `config` gives it}, for every flag that defines a run."""
-    values = {"dataset": config.data.source, "preset": config.preset}
-    for flag, (section, field) in CONFIG_FLAGS.items():
-        values[flag] = getattr(getattr(config, section) if section else config, field)
-    return values
-
-
-def _source(dataset: str) -> str:
-    source = DATASET_ALIASES.get(dataset, dataset)
-    if not (source in ("digits", "mnist", "image_folder", "celeba") or source.startswith("tfds:")):
-        raise UsageError(f"--dataset={dataset} is not supported, expected digits, mnist, "
-                         "cifar10, image_folder, celeba or tfds:<name>")
-    return source
-
-
-def _new_config(given: dict):
-    """The config of a new workdir: the data from the flags, its image shape read from the
-    data (both splits listed first), the preset chosen from that shape unless --preset."""
-    from pipeline.config import DataConfig, pipeline_preset
-
-    source = _source(FLAGS.dataset)
-    if source in ("mnist", "image_folder", "celeba") and not FLAGS.data_path:
-        raise UsageError(f"--dataset={FLAGS.dataset} needs --data_path")
-    data = DataConfig(source=source, **{DATA_FIELDS[k]: v for k, v in given.items()
-                                        if k in DATA_FIELDS})
-    shape = data.splits()["train"].image_shape
-    # The architecture flags apply with the shape (--hidden decides which sizes fit);
-    # --image_shape is checked against the data by _changed.
-    architecture = {CONFIG_FLAGS[k][1]: v for k, v in given.items()
-                    if CONFIG_FLAGS[k][0] == "autoencoder" and k != "image_shape"}
-    config = pipeline_preset(source, FLAGS.preset, data, image_shape=shape,
-                             autoencoder_overrides=architecture)
-    how = "--preset" if FLAGS.preset else "chosen from the shape; --preset overrides"
-    print(f"[ovqvae] {'x'.join(map(str, shape))} images: preset {config.preset} ({how})",
-          flush=True)
-    return config
-
-
-def _changed(config, given: dict):
-    """`config` with the given flags' fields replaced. A changed data source re-reads the
-    image shape; --image_shape must agree with the data (the shape follows the data)."""
-    sections = {"data": {}, "autoencoder": {}, "prior": {}, "": {}}
-    for flag, value in given.items():
-        section, field = CONFIG_FLAGS[flag]
-        sections[section][field] = value
-    if "seed" in given:  # One --seed for everything.
-        sections["autoencoder"]["seed"] = sections["prior"]["seed"] = given["seed"]
-    data = dataclasses.replace(config.data, **sections["data"])
-    shape = tuple(config.autoencoder.image_shape)
-    if data != config.data:
-        shape = tuple(data.splits()["train"].image_shape)
-    wanted = tuple(sections["autoencoder"].pop("image_shape", shape))
-    if wanted != shape:
-        raise UsageError(f"--image_shape={','.join(map(str, wanted))}, but the images are "
-                         f"{'x'.join(map(str, shape))}: the shape follows the data; pass "
-                         "--image_size=N to resize them")
-    return dataclasses.replace(
-        config, data=data, **sections[""],
-        autoencoder=config.autoencoder.replace(image_shape=shape, **sections["autoencoder"]),
-        prior=config.prior.replace(**sections["prior"]))
-
-
 def pipeline_config(workdir: typing.Optional[str]):
-    """The PipelineConfig of a command: the workdir's recorded run (or, for a new workdir,
-    the data's), with the fields of the flags given replaced. A --dataset or --preset
-    other than the recorded one is a UsageError."""
-    from pipeline import workdir as wd
-    from pipeline.config import PipelineConfig
-
-    record = wd.read_run(workdir) if workdir else None
-    given = _given(CONFIG_FLAGS)
-    try:
-        if record is None:
-            return _changed(_new_config(given), given)
-        config = PipelineConfig.from_dict(record["config"])
-        for flag, recorded in (("dataset", config.data.source), ("preset", config.preset)):
-            value = FLAGS[flag].value
-            if FLAGS[flag].present and (_source(value) if flag == "dataset" else value) != recorded:
-                raise UsageError(f"--{flag}={value}, but workdir {workdir!r} records {flag} "
-                                 f"{recorded!r}; use a new --workdir for another {flag}")
-        return _changed(config, given)
-    except (ValueError, TypeError) as e:  # A config field out of range.
-        from ordered_vqvae.data import DataError
-
-        if isinstance(e, DataError):  # Bad data: a runtime error (exit 1).
-            raise
-        hint = "; pass --image_size=N to resize the images" if "not divisible" in str(e) else ""
-        raise UsageError(f"{e}{hint}") from None
-
-
-def _say_changes(workdir: str, config) -> None:
-    """One line naming what the flags change in the recorded run and which finished stages
-    that invalidates."""
-    from pipeline import stages, workdir as wd
-    from pipeline.config import PipelineConfig
-
-    record = wd.read_run(workdir)
-    if record is None:
-        return
-    old = config_values(PipelineConfig.from_dict(record["config"]))
-    new = config_values(config)
-    changes = [f"--{k} {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
-    if not changes:
-        return
-    stale = stages.stale_stages(config, workdir)
-    redo = (", ".join(f"{name} ({why})" for name, why in stale.items())
-            if stale else "no finished stage depends on it")
-    print(f"[ovqvae] changes the recorded run: {'; '.join(changes)}; invalidates: {redo}",
-          flush=True)
+    """The PipelineConfig the command line and the workdir's recorded run describe."""
+    return run_config.resolve(workdir, _given())
 
 
 def _saved_model_path(command: str) -> str:
@@ -546,7 +419,7 @@ def _workdir_command(command: str, workdir: str, beam_args: list) -> None:
     # Progress bars redraw with carriage returns: only a terminal shows them as intended.
     verbose = FLAGS.verbose if FLAGS.verbose is not None else 1 if sys.stdout.isatty() else 2
     config = dataclasses.replace(pipeline_config(workdir), beam_args=tuple(beam_args))
-    _say_changes(workdir, config)
+    run_config.say_changes(workdir, config)
     stages.record(config, workdir)
     if command == "experiments":
         from pipeline import experiments

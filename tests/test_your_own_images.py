@@ -61,7 +61,9 @@ def test_the_preset_follows_the_images_and_the_run_is_recorded(run):
     assert "apitools" not in proc.stderr and "Resource module" not in proc.stderr
     # Output to a pipe: one line per epoch, no progress bar redrawn with carriage returns.
     assert "\r" not in proc.stdout
-    assert len(re.findall(r"^\d+/\d+ - \d+s - .*loss", proc.stdout, re.M)) == 2  # Two stages.
+    epochs = re.findall(r"^\[train (\w+)\] epoch 1/1: .*loss [\d.e+-]+.* \([\d.]+ s\)$",
+                        proc.stdout, re.M)
+    assert epochs == ["autoencoder", "prior"]  # One line per epoch of each stage.
     table = proc.stdout[re.search(r"^stage +status +seconds$", proc.stdout, re.M).start():]
     assert [line.split()[0] for line in table.splitlines()[1:7]] == [
         "autoencoder", "extract", "prior", "export", "report", "total"]
