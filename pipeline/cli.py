@@ -26,6 +26,7 @@ from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
 from ordered_vqvae.validation import op_error_text
 from pipeline import run_config
 from pipeline.config import EXPORT_DTYPES
+from pipeline.experiments import EXPERIMENTS
 from pipeline.run_config import CONFIG_FLAGS, UsageError, config_values
 from pipeline.stages import BY_COMMAND, STAGES, artifact_path
 
@@ -67,9 +68,8 @@ flags.DEFINE_integer("seed", None, "Seed of training and report sampling (run, s
                      "the samples (sample; default 0).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature > 0 (sample).")
 flags.DEFINE_list("experiments", "ordered_vs_unordered,time,channel_vs_spatial,priority_code,"
-                  "ablations", "Experiments to run (experiments), some of: ordered_vs_unordered, "
-                  "time, channel_vs_spatial, priority_code, ablations, ordering_price, "
-                  "prior_size.")
+                  "ablations", "Experiments to run (experiments), some of: "
+                  + ", ".join(EXPERIMENTS) + ".")
 flags.DEFINE_integer("eval_samples", 1000, "Samples per code length for Frechet distances.")
 flags.DEFINE_string("inception_weights", None, "Local InceptionV3 notop weights (.h5) for FID; "
                     "without it FID is skipped (nothing is downloaded).")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import experiments
+from pipeline.experiments import measure
 from pipeline.config import pipeline_preset
 
 TINY_AE = dict(hidden=(16,), latent_channels=8, codebook_size=32, epochs=3)
@@ -178,10 +179,10 @@ def test_a_prior_variant_recopies_the_ordered_models_stages_when_they_change(tmp
                 for s in ("autoencoder", "extract")]
 
     finish(source, "first")
-    experiments._share_upstream(source, target)
+    measure.share_upstream(source, target)
     assert held(target) == held(source)
     finish(source, "second")  # The ordered model was retrained.
-    experiments._share_upstream(source, target)
+    measure.share_upstream(source, target)
     assert held(target) == held(source) and held(target)[0][1] == "second"
 
 
