@@ -449,6 +449,71 @@ def _counter(result, name: str) -> int:
     return int(sum(c.committed or c.attempted or 0 for c in found["counters"]))
 
 
+def _staging_directory(output_dir: str) -> str:
+    """A new staging directory beside `output_dir`, after removing those of killed runs
+    (their partial shards are never published)."""
+    import tensorflow as tf
+
+    parent = os.path.dirname(output_dir.rstrip("/")) or "."
+    tf.io.gfile.makedirs(parent)
+    prefix = os.path.join(parent, f".{os.path.basename(output_dir.rstrip('/'))}.tmp-")
+    for stale in tf.io.gfile.glob(prefix + "*"):
+        print(f"[extract] removing {stale}, left by an interrupted run", flush=True)
+        tf.io.gfile.rmtree(stale)
+    staging = prefix + uuid.uuid4().hex[:8]
+    tf.io.gfile.makedirs(staging)
+    return staging
+
+
+def _check_shapes(spec: DataConfig, splits: List[str], image_shape) -> None:
+    from ordered_vqvae import data
+
+    for split in splits:
+        info = data.source_info(spec.source, split, path=spec.path, data_dir=spec.data_dir,
+                                image_size=spec.image_size)
+        if tuple(info.image_shape) != tuple(image_shape):
+            raise ExtractError(f"{spec.source} {split} images have shape {info.image_shape}, "
+                               f"but the encoder expects {tuple(image_shape)}")
+
+
+def _pipeline(options, spec: DataConfig, splits: List[str], model_config, autoencoder_dir: str,
+              staging: str, num_shards: int) -> beam.Pipeline:
+    """Per split: read and encode, group by shard and write; dead letters to a JSONL file."""
+    p = beam.Pipeline(options=options)
+    for split in splits:
+        encoded, dead = p | f"{split}/ReadAndEncode" >> ReadAndEncode(
+            spec, split, model_config.image_shape, autoencoder_dir, num_shards)
+        _ = (encoded
+             | f"{split}/GroupByShard" >> beam.GroupByKey()
+             | f"{split}/Write" >> beam.ParDo(_WriteShard(staging, split, num_shards)))
+        _ = (dead
+             | f"{split}/DeadLetterJson" >> beam.Map(_dead_letter_line)
+             | f"{split}/DeadLetterWrite" >> beam.io.WriteToText(
+                 os.path.join(staging, f"{DEAD_LETTER}-{split}"), file_name_suffix=".jsonl",
+                 shard_name_template="", num_shards=1))
+    return p
+
+
+def _written(staging: str, splits: List[str], num_shards: int):
+    """({split: records in its shards}, {split: dead letters}); a shard that no id hashed to
+    is written empty, so every split has all its shards."""
+    import tensorflow as tf
+
+    counts, dead_counts = {}, {}
+    for split in splits:
+        n = 0
+        for name in (schema.shard_name(split, i, num_shards) for i in range(num_shards)):
+            path = os.path.join(staging, name)
+            if not tf.io.gfile.exists(path):
+                with tf.io.TFRecordWriter(path):
+                    pass
+            n += schema.count_records(path)
+        counts[split] = n
+        with tf.io.gfile.GFile(os.path.join(staging, f"{DEAD_LETTER}-{split}.jsonl")) as f:
+            dead_counts[split] = sum(1 for line in f if line.strip())
+    return counts, dead_counts
+
+
 def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
         splits: Iterable[str] = ("train", "test"), num_shards: int = 4,
         beam_args: Optional[List[str]] = None,
@@ -464,67 +529,26 @@ def run(autoencoder_dir: str, output_dir: str, spec: DataConfig,
     """
     import tensorflow as tf
 
-    if tf.io.gfile.exists(output_dir):
-        if not overwrite:
-            what = ("another run's code shards" if tf.io.gfile.exists(
-                os.path.join(output_dir, schema.METADATA)) else "files")
-            raise ExtractError(f"output directory {output_dir!r} already exists and holds {what}; "
-                               "choose a new directory or pass overwrite=True")
+    if tf.io.gfile.exists(output_dir) and not overwrite:
+        what = ("another run's code shards" if tf.io.gfile.exists(
+            os.path.join(output_dir, schema.METADATA)) else "files")
+        raise ExtractError(f"output directory {output_dir!r} already exists and holds {what}; "
+                           "choose a new directory or pass overwrite=True")
     if num_shards < 1:
         raise ExtractError(f"num_shards={num_shards}, expected >= 1")
     fingerprint = encoder_fingerprint(autoencoder_dir)
     model_config = _encoder_config(autoencoder_dir)
     splits = list(splits)
-
     options = PipelineOptions(beam_args or [])
     if options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = "FnApiRunner"
-    parent = os.path.dirname(output_dir.rstrip("/")) or "."
-    tf.io.gfile.makedirs(parent)
-    prefix = os.path.join(parent, f".{os.path.basename(output_dir.rstrip('/'))}.tmp-")
-    # A killed run leaves its staging directory; its partial shards are never published.
-    for stale in tf.io.gfile.glob(prefix + "*"):
-        print(f"[extract] removing {stale}, left by an interrupted run", flush=True)
-        tf.io.gfile.rmtree(stale)
-    staging = prefix + uuid.uuid4().hex[:8]
-    tf.io.gfile.makedirs(staging)
-    counts, dead_counts = {}, {}
+    staging = _staging_directory(output_dir)
     try:
-        from ordered_vqvae import data
-
-        infos = {split: data.source_info(spec.source, split, path=spec.path,
-                                         data_dir=spec.data_dir, image_size=spec.image_size)
-                 for split in splits}
-        for split, info in infos.items():
-            if tuple(info.image_shape) != tuple(model_config.image_shape):
-                raise ExtractError(f"{spec.source} {split} images have shape {info.image_shape}, "
-                                   f"but the encoder expects {tuple(model_config.image_shape)}")
-        p = beam.Pipeline(options=options)
-        for split in splits:
-            encoded, dead = p | f"{split}/ReadAndEncode" >> ReadAndEncode(
-                spec, split, model_config.image_shape, autoencoder_dir, num_shards)
-            _ = (encoded
-                 | f"{split}/GroupByShard" >> beam.GroupByKey()
-                 | f"{split}/Write" >> beam.ParDo(_WriteShard(staging, split, num_shards)))
-            _ = (dead
-                 | f"{split}/DeadLetterJson" >> beam.Map(_dead_letter_line)
-                 | f"{split}/DeadLetterWrite" >> beam.io.WriteToText(
-                     os.path.join(staging, f"{DEAD_LETTER}-{split}"), file_name_suffix=".jsonl",
-                     shard_name_template="", num_shards=1))
-        result = p.run()
+        _check_shapes(spec, splits, model_config.image_shape)
+        result = _pipeline(options, spec, splits, model_config, autoencoder_dir, staging,
+                           num_shards).run()
         result.wait_until_finish()
-        for split in splits:
-            written = [schema.shard_name(split, i, num_shards) for i in range(num_shards)]
-            n = 0
-            for name in written:
-                path = os.path.join(staging, name)
-                if not tf.io.gfile.exists(path):  # A shard that no id hashed to.
-                    with tf.io.TFRecordWriter(path):
-                        pass
-                n += schema.count_records(path)
-            counts[split] = n
-            with tf.io.gfile.GFile(os.path.join(staging, f"{DEAD_LETTER}-{split}.jsonl")) as f:
-                dead_counts[split] = sum(1 for line in f if line.strip())
+        counts, dead_counts = _written(staging, splits, num_shards)
         beam_counters = {name: _counter(result, name) for name in
                          ("records_read", "records_encoded", "records_written", "records_rejected")}
         read = beam_counters["records_read"]
