@@ -242,71 +242,11 @@ def _saved_model_path(command: str) -> str:
     return artifact_path(FLAGS.workdir, "export")
 
 
-def code_counts(values, K: int) -> list:
-    """--num_codes items (counts like "8", or shares of K like "25%") -> sorted distinct k in
-    [1, K]; a share rounds to the nearest count, at least 1."""
-    counts = []
-    for value in values or [str(K)]:
-        text = value.strip()
-        try:
-            k = (max(1, round(float(text[:-1]) * K / 100)) if text.endswith("%")
-                 and 0 < float(text[:-1]) <= 100 else int(text))
-        except ValueError:
-            k = None
-        if k is None or not 1 <= k <= K:
-            raise UsageError(f"--num_codes={value}, expected 1 <= num_codes <= {K}, or a share "
-                             "of K in (0%, 100%]")
-        counts.append(k)
-    return sorted(set(counts))
-
-
-def _sample_output(ks: list) -> str:
-    """--output, or WORKDIR/samples/samples_k<ks>_seed<seed>.png."""
-    if FLAGS.output:
-        return FLAGS.output
-    if not FLAGS.workdir:
-        raise UsageError("sample needs --output=PATH.png (or --workdir, to write the grid "
-                         "under WORKDIR/samples)")
-    name = f"samples_k{'-'.join(map(str, ks))}_seed{FLAGS.seed or 0}.png"
-    os.makedirs(os.path.join(FLAGS.workdir, "samples"), exist_ok=True)
-    return os.path.join(FLAGS.workdir, "samples", name)
-
-
 def _sample():
-    """Samples once at the largest k and decodes each k's prefix of the same codes, so the
-    grid's rows show the same samples refining."""
-    import numpy as np
-    import tensorflow as tf
+    from pipeline import sample
 
-    from ordered_vqvae import export, figures
-    from ordered_vqvae.atomic import atomic_file, check_writable_directory
-
-    path = _saved_model_path("sample")
-    if FLAGS.temperature <= 0 or FLAGS.num_samples < 1:
-        raise UsageError(f"--temperature={FLAGS.temperature} must be > 0 and --num_samples="
-                         f"{FLAGS.num_samples} >= 1")
-    export.check_saved_model_dir(path)
-    model = tf.saved_model.load(path)
-    K = int(model.code_length)
-    ks = code_counts(FLAGS.num_codes, K)
-    output = _sample_output(ks)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise OSError(f"cannot write --output={output}: {out_dir!r} is not a directory")
-    check_writable_directory(out_dir, "--output directory")
-    codes = model.signatures["sample"](
-        num_samples=tf.constant(FLAGS.num_samples), num_codes=tf.constant(ks[-1]),
-        seed=tf.constant(FLAGS.seed or 0),
-        temperature=tf.constant(FLAGS.temperature, tf.float32))["codes"]
-    images = np.stack([model.signatures["decode"](codes=codes, num_codes=tf.constant(k))
-                       ["images"].numpy() for k in ks])
-    base = os.path.splitext(output)[0]
-    with atomic_file(base + ".npz", "wb") as f:
-        np.savez(f, images=images, codes=codes.numpy(), num_codes=np.array(ks, np.int32))
-    figures.save_image_rows(list(images), [f"k={k}/{K}" for k in ks], output,
-                            f"{FLAGS.num_samples} samples, decoded from their first k of {K} codes")
-    print(f"[sample] wrote {output} and {base}.npz ({FLAGS.num_samples} samples, a row for "
-          f"each k in {ks} of K={K})", flush=True)
+    sample.sample(_saved_model_path("sample"), FLAGS.num_codes, FLAGS.num_samples,
+                  FLAGS.seed or 0, FLAGS.temperature, FLAGS.output, FLAGS.workdir)
 
 
 def _serve():
