@@ -41,9 +41,7 @@ class DataConfig:
         before any work."""
         from ordered_vqvae import data
 
-        infos = {split: data.source_info(self.source, split, path=self.path,
-                                         data_dir=self.data_dir, image_size=self.image_size)
-                 for split in data.SPLITS}
+        infos = {split: self.info(split) for split in data.SPLITS}
         shapes = {split: tuple(info.image_shape) for split, info in infos.items()}
         if shapes["train"] != shapes["test"]:
             raise data.DataError(f"{self.source} train images are {_shape_text(shapes['train'])}"
@@ -51,13 +49,16 @@ class DataConfig:
                                  "--image_size=N to resize both")
         return infos
 
-    def image_shape(self) -> tuple:
-        """The shape of the training images: the first one's, or `image_size` square."""
+    def info(self, split: str):
+        """The split's SourceInfo (shape, size, classes) from listings and headers."""
         from ordered_vqvae import data
 
-        return tuple(data.source_info(self.source, "train", path=self.path,
-                                      data_dir=self.data_dir,
-                                      image_size=self.image_size).image_shape)
+        return data.source_info(self.source, split, path=self.path, data_dir=self.data_dir,
+                                image_size=self.image_size)
+
+    def image_shape(self) -> tuple:
+        """The shape of the training images: the first one's, or `image_size` square."""
+        return tuple(self.info("train").image_shape)
 
     def limit(self, split: str) -> Optional[int]:
         return self.max_train if split == "train" else self.max_test
@@ -93,8 +94,7 @@ class DataConfig:
 
         size = None
         if self.limit(split) is not None or sample is not None:
-            size = data.source_info(self.source, split, path=self.path, data_dir=self.data_dir,
-                                    image_size=self.image_size).num_examples
+            size = self.info(split).num_examples
             if size is None and self.limit(split) is not None:
                 raise data.DataError(f"{self.source} {split} does not record its size, so "
                                      f"{self.limit(split)} of its examples cannot be picked")
