@@ -235,6 +235,7 @@ class Stage:
     make_optimizer: Callable[[], keras.optimizers.Optimizer]
     prepare: Callable[[keras.Model, keras.optimizers.Optimizer, int], None]
     description: str = ""
+    data: Optional["TrainingData"] = None  # This stage's stream (default: fit_stages's).
 
 
 def _check_fresh_or_resume(workdir: str, resume: bool) -> None:
@@ -275,106 +276,137 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
     a resume mid-epoch, that epoch's logged training means cover only the batches run since.
     """
     _check_fresh_or_resume(workdir, resume)
-    strategy = tf.distribute.get_strategy()
-    chief = is_chief(strategy)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    save_dir = ckpt_dir if chief else tempfile.mkdtemp(prefix="ovqvae-worker-")
-    spe = data.steps_per_epoch
-    with strategy.scope():
-        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-        batch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    history = []
-    history_path = os.path.join(workdir, "history.json")
-    if resume and tf.io.gfile.exists(history_path):
-        with tf.io.gfile.GFile(history_path) as f:
-            history = json.load(f)
-
-    keep = None
-    if keep_best:
-        keep = _KeepBest(keep_best, os.path.join(save_dir, "best.npz"), chief)
-        if resume:
-            keep.load()
-
-    def record(epoch, logs, stage):
-        history.append({"epoch": epoch + 1, "stage": stage,
-                        **{k: float(v) for k, v in logs.items()}})
-        if chief:
-            write_json(history_path, history)
-
+    run = _Run(model, data, workdir, what, resume, verbose, checkpoint_every, keep_best,
+               total_epochs=stages[-1].end)
     first = 0
     try:
         for stage in stages:
-            with strategy.scope():
-                optimizer = stage.make_optimizer()
-                optimizer.build(model.trainable_variables)
-            checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
-                                             batch=batch_var, seeds=_seed_states(model))
-            manager = tf.train.CheckpointManager(checkpoint, save_dir, max_to_keep=3)
-            latest = tf.train.latest_checkpoint(ckpt_dir) if resume else None
-            if latest:
-                # Weights always; the optimizer only when resuming inside this stage, since
-                # a new stage starts with a fresh optimizer, as an uninterrupted run does.
-                tf.train.Checkpoint(model=model, epoch=epoch_var, batch=batch_var,
-                                    seeds=_seed_states(model)).restore(latest).expect_partial()
-                if (int(epoch_var.numpy()), int(batch_var.numpy())) > (first, 0):
-                    checkpoint.restore(latest).expect_partial()
-            done, done_batches = int(epoch_var.numpy()), int(batch_var.numpy())
-            # A kill between logging an epoch and checkpointing it leaves an extra entry.
-            history[:] = [h for h in history if h["epoch"] <= done]
-            stage_first, first = first, stage.end
-            if done >= stage.end:
-                continue
-            initial = max(stage_first, done)
-            skip = done_batches if initial == done else 0
-            if verbose:
-                at = f" (from batch {skip + 1} of {spe})" if skip else ""
-                print(f"[{what}] stage '{stage.name}': epochs {initial + 1}..{stage.end} of "
-                      f"{stages[-1].end}{at}"
-                      f"{', ' + stage.description if stage.description else ''}", flush=True)
-            # Several steps per call under a tf.distribute strategy fail in Keras 3.15
-            # ("You must feed a value for placeholder tensor" in its step loop).
-            per_call = (1 if tf.distribute.has_strategy()
-                        else steps_per_execution(spe, skip, checkpoint_every))
-            stage.prepare(model, optimizer, per_call)
-
-            def save(epoch, batch, manager=manager):
-                epoch_var.assign(epoch)
-                batch_var.assign(batch)
-                manager.save(checkpoint_number=epoch * spe + batch)
-
-            position = _Position(save, lambda e, logs, name=stage.name: record(e, logs, name),
-                                 checkpoint_every, skip)
-            board = os.path.join(workdir if chief else save_dir, "tensorboard")
-            all_callbacks = [*callbacks, keras.callbacks.TensorBoard(board, write_graph=False),
-                             *([keep] if keep else []), position,
-                             *([_EpochLine(what, stages[-1].end)] if verbose == 2 else [])]
-            # A resume mid-epoch first finishes that epoch, then runs whole ones.
-            runs = ([(initial, initial + 1, skip), (initial + 1, stage.end, 0)] if skip
-                    else [(initial, stage.end, 0)])
-            for begin, end, skip_batches in runs:
-                if begin >= end:
-                    continue
-                try:
-                    model.fit(data.distributed(strategy, begin, end, skip_batches), epochs=end,
-                              initial_epoch=begin, callbacks=all_callbacks,
-                              verbose=1 if verbose == 1 else 0,
-                              steps_per_epoch=spe - skip_batches, shuffle=False,
-                              validation_data=validation_data)
-                except tf.errors.InvalidArgumentError as e:
-                    step = failed_step(e)
-                    if step is None:
-                        raise
-                    raise TrainingDiverged(
-                        f"the training loss became NaN or Inf at step {step} (epoch "
-                        f"{position.epoch + 1}, batch {position.batch_of(step) + 1}); the last "
-                        f"good checkpoint is {tf.train.latest_checkpoint(ckpt_dir) or 'none'}"
-                    ) from None
-        if keep is not None and keep.best is not None:
-            model.set_weights(keep.best[2])
-            if verbose:
-                print(f"[{what}] kept the weights of epoch {keep.best[1]}, where {keep_best} "
-                      f"was lowest ({keep.best[0]:.4f})", flush=True)
+            run.stage(stage, first, callbacks, validation_data)
+            first = stage.end
+        run.keep_best_weights()
     finally:
-        if not chief:
-            shutil.rmtree(save_dir, ignore_errors=True)
-    return history
+        run.close()
+    return run.history
+
+
+class _Run:
+    """What the stages of one `fit_stages` call share: the strategy, the checkpoint
+    position (epoch and batch variables), the history and the best epoch's weights."""
+
+    def __init__(self, model, data, workdir, what, resume, verbose, checkpoint_every,
+                 keep_best, total_epochs):
+        self.model, self.data, self.workdir, self.what = model, data, workdir, what
+        self.resume, self.verbose, self.total = resume, verbose, total_epochs
+        self.checkpoint_every, self.keep_best = checkpoint_every, keep_best
+        self.strategy = tf.distribute.get_strategy()
+        self.chief = is_chief(self.strategy)
+        self.ckpt_dir = os.path.join(workdir, "checkpoints")
+        self.save_dir = self.ckpt_dir if self.chief else tempfile.mkdtemp(prefix="ovqvae-worker-")
+        with self.strategy.scope():
+            self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.batch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.history = []
+        self.history_path = os.path.join(workdir, "history.json")
+        if resume and tf.io.gfile.exists(self.history_path):
+            with tf.io.gfile.GFile(self.history_path) as f:
+                self.history = json.load(f)
+        self.keep = None
+        if keep_best:
+            self.keep = _KeepBest(keep_best, os.path.join(self.save_dir, "best.npz"), self.chief)
+            if resume:
+                self.keep.load()
+
+    def record(self, epoch, logs, stage: str) -> None:
+        self.history.append({"epoch": epoch + 1, "stage": stage,
+                             **{k: float(v) for k, v in logs.items()}})
+        if self.chief:
+            write_json(self.history_path, self.history)
+
+    def _restore(self, stage, first: int):
+        """(checkpoint, manager, optimizer) of a stage, restored from the latest checkpoint
+        when resuming: weights always, the optimizer only when resuming inside this stage,
+        since a new stage starts with a fresh optimizer, as an uninterrupted run does."""
+        model = self.model
+        with self.strategy.scope():
+            optimizer = stage.make_optimizer()
+            optimizer.build(model.trainable_variables)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=self.epoch_var,
+                                         batch=self.batch_var, seeds=_seed_states(model))
+        manager = tf.train.CheckpointManager(checkpoint, self.save_dir, max_to_keep=3)
+        latest = tf.train.latest_checkpoint(self.ckpt_dir) if self.resume else None
+        if latest:
+            tf.train.Checkpoint(model=model, epoch=self.epoch_var, batch=self.batch_var,
+                                seeds=_seed_states(model)).restore(latest).expect_partial()
+            if (int(self.epoch_var.numpy()), int(self.batch_var.numpy())) > (first, 0):
+                checkpoint.restore(latest).expect_partial()
+        return checkpoint, manager, optimizer
+
+    def stage(self, stage, first: int, callbacks, validation_data) -> None:
+        """Runs one stage (epochs first..stage.end), or what a resume leaves of it."""
+        checkpoint, manager, optimizer = self._restore(stage, first)
+        done, done_batches = int(self.epoch_var.numpy()), int(self.batch_var.numpy())
+        # A kill between logging an epoch and checkpointing it leaves an extra entry.
+        self.history[:] = [h for h in self.history if h["epoch"] <= done]
+        if done >= stage.end:
+            return
+        data = stage.data or self.data
+        spe = data.steps_per_epoch
+        initial = max(first, done)
+        skip = done_batches if initial == done else 0
+        if self.verbose:
+            at = f" (from batch {skip + 1} of {spe})" if skip else ""
+            print(f"[{self.what}] stage '{stage.name}': epochs {initial + 1}..{stage.end} of "
+                  f"{self.total}{at}{', ' + stage.description if stage.description else ''}",
+                  flush=True)
+        # Several steps per call under a tf.distribute strategy fail in Keras 3.15
+        # ("You must feed a value for placeholder tensor" in its step loop).
+        per_call = (1 if tf.distribute.has_strategy()
+                    else steps_per_execution(spe, skip, self.checkpoint_every))
+        stage.prepare(self.model, optimizer, per_call)
+
+        def save(epoch, batch):
+            self.epoch_var.assign(epoch)
+            self.batch_var.assign(batch)
+            manager.save(checkpoint_number=epoch * spe + batch)
+
+        position = _Position(save, lambda e, logs: self.record(e, logs, stage.name),
+                             self.checkpoint_every, skip)
+        board = os.path.join(self.workdir if self.chief else self.save_dir, "tensorboard")
+        all_callbacks = [*callbacks, keras.callbacks.TensorBoard(board, write_graph=False),
+                         *([self.keep] if self.keep else []), position,
+                         *([_EpochLine(self.what, self.total)] if self.verbose == 2 else [])]
+        # A resume mid-epoch first finishes that epoch, then runs whole ones.
+        runs = ([(initial, initial + 1, skip), (initial + 1, stage.end, 0)] if skip
+                else [(initial, stage.end, 0)])
+        for begin, end, skip_batches in runs:
+            if begin < end:
+                self._fit(data, begin, end, skip_batches, all_callbacks, validation_data,
+                          position)
+
+    def _fit(self, data, begin, end, skip_batches, callbacks, validation_data, position):
+        try:
+            self.model.fit(data.distributed(self.strategy, begin, end, skip_batches),
+                           epochs=end, initial_epoch=begin, callbacks=callbacks,
+                           verbose=1 if self.verbose == 1 else 0,
+                           steps_per_epoch=data.steps_per_epoch - skip_batches,
+                           shuffle=False, validation_data=validation_data)
+        except tf.errors.InvalidArgumentError as e:
+            step = failed_step(e)
+            if step is None:
+                raise
+            raise TrainingDiverged(
+                f"the training loss became NaN or Inf at step {step} (epoch "
+                f"{position.epoch + 1}, batch {position.batch_of(step) + 1}); the last good "
+                f"checkpoint is {tf.train.latest_checkpoint(self.ckpt_dir) or 'none'}"
+            ) from None
+
+    def keep_best_weights(self) -> None:
+        if self.keep is not None and self.keep.best is not None:
+            self.model.set_weights(self.keep.best[2])
+            if self.verbose:
+                print(f"[{self.what}] kept the weights of epoch {self.keep.best[1]}, where "
+                      f"{self.keep_best} was lowest ({self.keep.best[0]:.4f})", flush=True)
+
+    def close(self) -> None:
+        if not self.chief:
+            shutil.rmtree(self.save_dir, ignore_errors=True)
