@@ -14,13 +14,13 @@ import numpy as np
 import tensorflow as tf
 
 from ordered_vqvae import artifacts
-from ordered_vqvae.configs import AutoencoderConfig
+from ordered_vqvae.configs import DISTRIBUTIONS, AutoencoderConfig
 from ordered_vqvae.normalization import BatchNormalization
 from ordered_vqvae.quantizer import VectorQuantizer
 from ordered_vqvae.replicas import loggable, replica_share
 from ordered_vqvae.truncation import NestedTruncation
-from ordered_vqvae.validation import (check_codes, check_image_tensor, check_num_codes,
-                                       finite_loss)
+from ordered_vqvae.validation import (check_choice, check_codes, check_image_tensor,
+                                      check_num_codes, finite_loss)
 
 
 class _Ordered(keras.Model):
@@ -37,8 +37,19 @@ class _Ordered(keras.Model):
         self.decoder = decoder
         self.truncation = truncation
         self.prefix_chunk = int(prefix_chunk)
+        self.trained_truncation = None  # The objective `fit` trains: see `compile`.
         self.trackers = {name: keras.metrics.Mean(name=name) for name in
                          ("loss", "recon", "perplexity", "usage", "restarted")}
+
+    def compile(self, optimizer="adam", truncation: Optional[str] = None, **kwargs):
+        """Keras's compile, plus the truncation distribution that `fit` trains with
+        (default: the truncation layer's own). A training stage passes its own (the
+        reference recipe pretrains with "none"); the layer, and so the saved model's
+        config, keeps the configured one."""
+        if truncation is not None:
+            check_choice("truncation", truncation, DISTRIBUTIONS)
+        self.trained_truncation = truncation
+        super().compile(optimizer=optimizer, **kwargs)
 
     @property
     def code_length(self) -> int:
@@ -75,11 +86,13 @@ class _Ordered(keras.Model):
         target = self._preprocess(x)
         batch = tf.shape(x)[0]
         trunc = self.truncation
-        if training and trunc.distribution == "all":
-            keep = tf.constant(trunc.keep_probabilities(), tf.float32)
+        distribution = self.trained_truncation or trunc.distribution
+        if training and distribution == "all":
+            keep = tf.constant(trunc.keep_probabilities(distribution), tf.float32)
             tokens, aux = self._tokens(target, tf.tile(keep[None], [batch, 1]), training)
             ks = trunc.prefix_lengths()
-            weight = trunc.length_probabilities()  # Uniform over ks, plus any full-code share.
+            # Uniform over ks, plus any full-code share.
+            weight = trunc.length_probabilities(distribution)
             total = 0.0
             for start in range(0, len(ks), self.prefix_chunk):
                 chunk = ks[start:start + self.prefix_chunk]
@@ -96,7 +109,7 @@ class _Ordered(keras.Model):
             if not training:
                 lengths = tf.fill([batch], self.code_length)
             elif lengths is None:
-                lengths = trunc.sample_lengths(batch)
+                lengths = trunc.sample_lengths(batch, distribution=distribution)
             tokens, aux = self._tokens(target, trunc.keep_mask(lengths), training)
             cut, _ = trunc.apply(tokens, lengths)
             recon = self._decode_tokens(cut, training=training)
@@ -119,11 +132,8 @@ class _Ordered(keras.Model):
         return list(self.trackers.values())
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Under a tf.distribute strategy Keras (3.15) peeks at a batch to build the model
-        # symbolically, reducing the batch across replicas first; with
-        # MultiWorkerMirroredStrategy that reduction fails on {"image", "lengths"} batches.
-        # Training builds the model and its optimizer before `fit` and compiles no losses or
-        # metrics, so there is nothing left to build.
+        # Keras's build from a peeked multi-worker batch fails (test_distributed shows it);
+        # training builds the model and optimizer before `fit`, leaving nothing to build.
         if self.built and self.optimizer is not None and self.optimizer.built:
             return
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)

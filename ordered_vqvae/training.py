@@ -10,7 +10,7 @@ checkpoints with exact resume, `tf.distribute`, and a NaN guard.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import keras
 import numpy as np
@@ -49,14 +49,15 @@ class _CodeLengthMSE(keras.callbacks.Callback):
             logs[f"val_mse_{fraction_label(fraction)}"] = mse[k]
 
 
-def _autoencoder_stages(config: AutoencoderConfig):
+def _autoencoder_stages(config: AutoencoderConfig, stream: Callable[[str], TrainingData]):
+    """The recipe's stages; `stream(truncation)` makes a stage's training stream."""
     def stage(name, end, truncation, lr):
         def prepare(model, optimizer, steps_per_execution):
-            model.truncation.distribution = truncation
-            model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
+            model.compile(optimizer=optimizer, truncation=truncation,
+                          steps_per_execution=steps_per_execution)
 
         return Stage(name, end, lambda: keras.optimizers.Adam(lr), prepare,
-                     f"truncation={truncation}, lr={lr:g}")
+                     f"truncation={truncation}, lr={lr:g}", data=stream(truncation))
 
     if config.pretrain_epochs:
         return [stage("pretrain", config.pretrain_epochs, "none", config.learning_rate),
@@ -67,13 +68,14 @@ def _autoencoder_stages(config: AutoencoderConfig):
 
 
 def autoencoder_stream(model: OrderedVQVAE, images: np.ndarray,
-                       steps_per_epoch: Optional[int] = None) -> TrainingData:
+                       steps_per_epoch: Optional[int] = None,
+                       truncation: Optional[str] = None) -> TrainingData:
     """The autoencoder's training stream: image batches with the code lengths that the
-    model's truncation draws for them (at the distribution current when it is iterated)."""
+    model's truncation layer draws for them from `truncation` (default: its own)."""
     config = model.config
     return TrainingData(images, config.batch_size, config.seed, steps_per_epoch,
                         side=lambda seed, n: {"lengths": model.truncation.sample_lengths(
-                            n, seed=tf.cast(seed, tf.int32))})
+                            n, seed=tf.cast(seed, tf.int32), distribution=truncation)})
 
 
 def train_autoencoder(config: AutoencoderConfig, train_images: Union[np.ndarray, ExampleFile],
@@ -104,11 +106,11 @@ def train_autoencoder(config: AutoencoderConfig, train_images: Union[np.ndarray,
     with (strategy or tf.distribute.get_strategy()).scope():
         model = OrderedVQVAE(config)
         model(tf.zeros((1,) + tuple(config.image_shape)))
-        data = autoencoder_stream(model, train_images, steps_per_epoch)
-        fit_stages(model, _autoencoder_stages(config), data, workdir, "train autoencoder",
+        stages = _autoencoder_stages(config, lambda truncation: autoencoder_stream(
+            model, train_images, steps_per_epoch, truncation))
+        fit_stages(model, stages, stages[0].data, workdir, "train autoencoder",
                    resume=resume, verbose=verbose, callbacks=[_CodeLengthMSE(val_images)],
                    checkpoint_every=checkpoint_every)
-    model.truncation.distribution = config.truncation
     return model
 
 

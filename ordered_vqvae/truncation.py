@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -64,12 +66,14 @@ class NestedTruncation(keras.layers.Layer):
 
     # -- the distribution of k
 
-    def length_probabilities(self) -> np.ndarray:
-        """P(k) for k = 1..K as a NumPy array [K] (zero below min_codes)."""
+    def length_probabilities(self, distribution: Optional[str] = None) -> np.ndarray:
+        """P(k) for k = 1..K as a NumPy array [K] (zero below min_codes), under
+        `distribution` (default: the layer's own)."""
+        distribution = distribution or self.distribution
         k = np.arange(1, self.code_length + 1)
-        if self.distribution == "none":
+        if distribution == "none":
             p = (k == self.code_length).astype(np.float64)
-        elif self.distribution == "geometric":
+        elif distribution == "geometric":
             p = np.where(k >= self.min_codes, (1 - self.geometric_p) ** (k - self.min_codes), 0.0)
         else:
             p = (k >= self.min_codes).astype(np.float64)
@@ -77,28 +81,30 @@ class NestedTruncation(keras.layers.Layer):
         p = p / p.sum()
         return (1 - self.full_code_share) * p + self.full_code_share * (k == self.code_length)
 
-    def keep_probabilities(self) -> np.ndarray:
+    def keep_probabilities(self, distribution: Optional[str] = None) -> np.ndarray:
         """P(token j is kept) for j = 0..K-1: the expected keep mask."""
-        return np.cumsum(self.length_probabilities()[::-1])[::-1]
+        return np.cumsum(self.length_probabilities(distribution)[::-1])[::-1]
 
     def prefix_lengths(self):
         """The k's averaged over by the `all` objective."""
         return list(range(self.min_codes, self.code_length + 1))
 
-    def sample_lengths(self, batch_size, seed=None):
-        """Draws int32 [batch_size] code lengths for one training batch.
+    def sample_lengths(self, batch_size, seed=None, distribution: Optional[str] = None):
+        """Draws int32 [batch_size] code lengths for one training batch, from
+        `distribution` (default: the layer's own; a training stage passes its own).
 
         `seed`: an int32 [2] stateless seed; without it the layer's own generator advances.
         The training stream passes one derived from the global step, so that a resumed or
         distributed run draws the same lengths as an uninterrupted single-device one.
         """
-        if self.distribution in ("none", "all"):
+        distribution = distribution or self.distribution
+        if distribution in ("none", "all"):
             return tf.fill([batch_size], self.code_length)
         dist = tfp.distributions.Categorical(
-            logits=tf.math.log(tf.constant(self.length_probabilities(), tf.float32)))
+            logits=tf.math.log(tf.constant(self.length_probabilities(distribution), tf.float32)))
         if seed is None:
             seed = keras.random.randint((2,), 0, 2**30, seed=self._seed_generator, dtype="int32")
-        if self.distribution == "uniform":
+        if distribution == "uniform":
             one = dist.sample(seed=seed)
             lengths = tf.fill([batch_size], one)
         else:

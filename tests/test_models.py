@@ -84,10 +84,18 @@ def test_nested_loss_matches_hand_computation_for_every_objective():
         expected = 0.2 * err(1).mean() + 0.2 * err(2).mean() + 0.6 * err(3).mean()
         np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
         model.truncation.full_code_share = 0.0
+    # A stage's objective comes with compile, and leaves the layer's own as configured:
+    # "none" trains the full code only.
+    model.compile(truncation="none")
+    loss, _, _ = model._nested_loss(tf.constant(x), training=True)
+    np.testing.assert_allclose(float(loss), err(3).mean(), rtol=1e-5)
+    assert model.truncation.distribution == "all" and model.get_config()["truncation"] == "all"
+    with pytest.raises(ValueError, match="truncation='geometrical'"):
+        model.compile(truncation="geometrical")
     # Per-example uniform: each example's error at its own drawn k.
-    model.truncation.distribution = "uniform_per_example"
-    lengths = model.truncation.sample_lengths(5)
-    model.truncation.sample_lengths = lambda batch: lengths
+    model.compile(truncation="uniform_per_example")
+    lengths = model.truncation.sample_lengths(5, distribution="uniform_per_example")
+    model.truncation.sample_lengths = lambda batch, **_: lengths
     loss, _, _ = model._nested_loss(tf.constant(x), training=True)
     expected = np.mean([err(int(k))[i] for i, k in enumerate(lengths.numpy())])
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
@@ -100,7 +108,7 @@ def test_vqvae_loss_is_reconstruction_plus_masked_vq_terms():
     model = models.OrderedVQVAE(TINY.replace(truncation="uniform"))
     x = tf.random.stateless_uniform((4, 8, 8, 1), seed=(1, 2))
     lengths = tf.constant([3, 3, 3, 3])
-    model.truncation.sample_lengths = lambda batch: lengths
+    model.truncation.sample_lengths = lambda batch, **_: lengths
     loss, recon, aux = model._nested_loss(x, training=True)
     tokens = model._to_tokens(model.encoder(x * 2 - 1, training=True))
     vq = model.quantizer(tokens, loss_mask=model.truncation.keep_mask(lengths))
@@ -270,9 +278,9 @@ def test_mixed_bfloat16_trains_like_float32():
     """Built under a mixed_bfloat16 policy, the encoder and decoder compute in bfloat16 and
     everything the quantizer, the losses and the caller see stays float32; training from the
     same seed ends close to float32's."""
-    from ordered_vqvae import data
+    from pipeline import sources
 
-    images = data.to_numpy(data.load("digits", "train")[0])[0][:1024]
+    images = sources.to_numpy(sources.load("digits", "train")[0])[0][:1024]
     results = {}
     for policy, compute in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
         keras.utils.set_random_seed(0)
