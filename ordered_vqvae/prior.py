@@ -394,9 +394,8 @@ class CodePrior(keras.Model):
         return finite_loss(super().compute_loss(*args, **kwargs), self.optimizer.iterations)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Under a tf.distribute strategy Keras (3.15) builds the compiled loss and metrics
-        # from a batch peeked from the distributed dataset, which fails under
-        # MultiWorkerMirroredStrategy; the shapes are known, so a stand-in batch serves.
+        # Keras's build from a peeked multi-worker batch fails (test_distributed shows it);
+        # the shapes are known, so a stand-in batch builds the compiled loss and metrics.
         if data_batch is None:
             data_batch = self.next_code_pairs(tf.zeros([1, self.code_length], tf.int32))
         super()._maybe_symbolic_build(data_batch=data_batch)

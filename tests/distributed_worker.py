@@ -1,12 +1,14 @@
 """Trains a small autoencoder and prior under a tf.distribute strategy and saves the final
 weights: the subject of test_distributed.py.
 
-    python tests/distributed_worker.py single|mirrored|multi_worker adam|sgd WORKDIR OUT.npz
+    python tests/distributed_worker.py single|mirrored|multi_worker adam|sgd WORKDIR OUT.npz \
+        [stock_autoencoder|stock_prior]
 
 `mirrored` splits the one CPU into 2 logical devices; `multi_worker` reads TF_CONFIG (one
 process per worker). Only the chief writes OUT. With `sgd` both trainings use plain SGD
 instead of Adam/AdamW: Adam's first steps turn float rounding in near-zero gradients into
-full-size updates, so only SGD lets weights be compared element by element.
+full-size updates, so only SGD lets weights be compared element by element. `stock_*`
+removes that model's `_maybe_symbolic_build` override, to show what it prevents.
 """
 
 import json
@@ -22,12 +24,14 @@ if sys.argv[1] == "mirrored":
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402
+
 keras.config.disable_traceback_filtering()
 import numpy as np  # noqa: E402
 
-from ordered_vqvae import configs, data, fit, training  # noqa: E402
+from ordered_vqvae import configs, fit, training  # noqa: E402
 from ordered_vqvae.configs import prior_preset  # noqa: E402
 from ordered_vqvae.examples import write_examples  # noqa: E402
+from pipeline import sources  # noqa: E402
 
 AUTOENCODER = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=32,
                              batch_size=64, epochs=2)
@@ -35,14 +39,19 @@ PRIOR = prior_preset("digits", num_layers=1, width=32, num_heads=2, ffn_width=64
                      batch_size=32, warmup_steps=10, dropout=0.0)
 
 
-def main(mode, optimizer, workdir, out):
+def main(mode, optimizer, workdir, out, stock=""):
+    if stock:
+        from ordered_vqvae import models, prior
+
+        del {"stock_autoencoder": models._Ordered, "stock_prior": prior.CodePrior}[stock] \
+            ._maybe_symbolic_build
     if optimizer == "sgd":
         keras.optimizers.Adam = lambda learning_rate: keras.optimizers.SGD(0.1)
         keras.optimizers.AdamW = lambda *args, **kwargs: keras.optimizers.SGD(0.1)
     strategy = {"single": tf.distribute.get_strategy,
                 "mirrored": lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
                 "multi_worker": tf.distribute.MultiWorkerMirroredStrategy}[mode]()
-    images = data.to_numpy(data.load("digits", "train")[0])[0]
+    images = sources.to_numpy(sources.load("digits", "train")[0])[0]
     rng = np.random.default_rng(0)  # Codes with structure, independent of the autoencoder.
     codes = rng.integers(0, 32, size=(1024, 8)) // rng.integers(1, 4, size=(1024, 1))
     # Both stages read their examples from disk, each worker its own rows of every batch.

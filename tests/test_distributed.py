@@ -11,6 +11,7 @@ test compares the resulting metrics instead.
 import json
 import os
 import socket
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,8 @@ from conftest import REPO, SUBPROCESS_ENV
 from pipeline import workdir as workdir_module
 
 WORKER = os.path.join(REPO, "tests", "distributed_worker.py")
+# What Keras's own symbolic build raises on a batch peeked from a multi-worker dataset.
+STOCK_BUILD_ERROR = r"(?s)Attempt to convert a value \(.*PerReplica.*with an unsupported type"
 
 
 def _free_ports(n):
@@ -33,10 +36,10 @@ def _free_ports(n):
     return ports
 
 
-def _train(mode, optimizer, out_dir):
+def _start(mode, optimizer, out_dir, *extra):
     out = os.path.join(out_dir, f"{mode}-{optimizer}.npz")
     workdir = os.path.join(out_dir, f"{mode}-{optimizer}")
-    args = [sys.executable, WORKER, mode, optimizer, workdir, out]
+    args = [sys.executable, WORKER, mode, optimizer, workdir, out, *extra]
     if mode != "multi_worker":
         procs = [subprocess.Popen(args, env=SUBPROCESS_ENV, stderr=subprocess.PIPE, text=True)]
     else:
@@ -45,6 +48,11 @@ def _train(mode, optimizer, out_dir):
             **SUBPROCESS_ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
                                             "task": {"type": "worker", "index": i}})})
             for i in range(2)]
+    return procs, workdir, out
+
+
+def _train(mode, optimizer, out_dir):
+    procs, workdir, out = _start(mode, optimizer, out_dir)
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
@@ -94,3 +102,13 @@ def test_pipeline_stage_under_the_mirrored_flag(finished_run, tmp_path):
         assert got["mse_by_codes"][k] == pytest.approx(mse, rel=1e-4), k
     with pytest.raises(ValueError, match="strategy='tpu', expected '' or 'mirrored'"):
         dataclasses.replace(config, strategy="tpu").distribution()
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "prior"])
+def test_multi_worker_training_fails_without_each_symbolic_build_override(tmp_path, model):
+    # Keras (3.15) builds a model under a strategy from a batch peeked from the distributed
+    # dataset; with MultiWorkerMirroredStrategy that fails, which each override avoids.
+    procs, _, _ = _start("multi_worker", "sgd", str(tmp_path), f"stock_{model}")
+    errors = [proc.communicate(timeout=600)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] != [0, 0]
+    assert any(re.search(STOCK_BUILD_ERROR, err) for err in errors), errors[0][-3000:]
