@@ -20,11 +20,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from ordered_vqvae import data, metrics, models
+from ordered_vqvae import metrics, models
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import PRIOR_DTYPES, load_prior
 from ordered_vqvae.xla import prefer_wide_vectors
-from pipeline import schema, stages
+from pipeline import schema, sources, stages
 
 prefer_wide_vectors()  # As the ovqvae command does, before anything compiles.
 
@@ -61,7 +61,7 @@ def main():
               f"by position decile: {deciles}")
     if not (args.classifier and args.data_path):
         return
-    test_x, _, _ = data.to_numpy(data.load(args.dataset, "test", path=args.data_path)[0])
+    test_x, _, _ = sources.to_numpy(sources.load(args.dataset, "test", path=args.data_path)[0])
     clf = metrics.DomainClassifier.load(args.classifier, test_x.shape[1:])
     real = clf.features(test_x)
     for k in (K // 4, K):

@@ -18,9 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf
 
-from ordered_vqvae import configs, data, models
+from ordered_vqvae import configs, models
 from ordered_vqvae.xla import prefer_wide_vectors
-from pipeline import extract, schema
+from pipeline import extract, schema, sources
 from pipeline.config import DataConfig
 
 prefer_wide_vectors()  # As the ovqvae command does, before anything compiles.
@@ -30,7 +30,7 @@ def in_process(autoencoder_dir, mnist, out_dir, limit, batch_size=256):
     model = models.load_autoencoder(autoencoder_dir)
     encode = tf.function(model.encode, input_signature=[
         tf.TensorSpec((None,) + model.image_shape, tf.float32)])
-    ds, _ = data.load("mnist", "train", path=mnist)
+    ds, _ = sources.load("mnist", "train", path=mnist)
     os.makedirs(out_dir)
     with tf.io.TFRecordWriter(os.path.join(out_dir, "train.tfrecord")) as writer:
         for batch in ds.take(limit).batch(batch_size).as_numpy_iterator():

@@ -1,9 +1,10 @@
 """`ovqvae`: the command line of the ordered VQ-VAE pipeline.
 
 `ovqvae --help` lists the commands, `ovqvae COMMAND --help` one command's flags with their
-defaults. Datasets: digits (embedded), mnist (--data_path: IDX directory), cifar10
-(--data_path: the JPEG tarball or folder), image_folder (--data_path and --preset),
-tfds:<name> (--data_dir). Every field of the dataset's autoencoder preset is a flag
+defaults. Datasets (pipeline/sources/, one module each): digits (embedded), mnist
+(--data_path: IDX directory), cifar10 or image_folder (--data_path: a tarball or folder of
+<split>/<class>/<image>), celeba, npz (--data_path: a Keras-style .npz), tfds:<name>
+(--data_dir). Every field of the dataset's autoencoder preset is a flag
 (--latent_channels, --codebook_size, --truncation, ...); prior fields take a prior_ prefix
 (--prior_num_layers, ...). Flags this program does not know are Beam pipeline options for
 the extract stage (--runner=DataflowRunner --project=...). TensorFlow's C++ log lines are
@@ -32,10 +33,11 @@ from pipeline.stages import BY_COMMAND, STAGES, artifact_path
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the run's artifacts (demo: workdir/digits).")
-flags.DEFINE_string("dataset", run_config.DEFAULT_DATASET, "digits | mnist | cifar10 | image_folder | celeba | "
-                    "tfds:<name>.")
-flags.DEFINE_string("data_path", None, "MNIST IDX directory, image folder / .tar.gz, or CelebA "
-                    "directory / .tar.gz (img_align_celeba/, list_eval_partition.txt).")
+flags.DEFINE_string("dataset", run_config.DEFAULT_DATASET, "digits | mnist | cifar10 | "
+                    "image_folder | celeba | npz | tfds:<name> (pipeline/sources/).")
+flags.DEFINE_string("data_path", None, "MNIST IDX directory, image folder / .tar.gz, CelebA "
+                    "directory / .tar.gz (img_align_celeba/, list_eval_partition.txt), or "
+                    ".npz file (x_train, y_train, x_test, y_test).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds:<name> datasets).")
 flags.DEFINE_bool("download", False, "Allow TFDS to download a missing dataset.")
 flags.DEFINE_integer("image_size", None, "Resize and center-crop folder, CelebA and TFDS images "

@@ -24,7 +24,7 @@ def preset_for_shape(shape) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the images come from (arguments of `ordered_vqvae.data.load`)."""
+    """Where the images come from: a source of `pipeline.sources` and its arguments."""
 
     source: str = "digits"
     path: Optional[str] = None
@@ -39,22 +39,27 @@ class DataConfig:
         """{split: SourceInfo} of train and test from listings and headers (no split is
         loaded): a missing split, or splits whose images differ in shape, raise DataError
         before any work."""
-        from ordered_vqvae import data
+        from pipeline import sources
 
-        infos = {split: self.info(split) for split in data.SPLITS}
+        infos = {split: self.info(split) for split in sources.SPLITS}
         shapes = {split: tuple(info.image_shape) for split, info in infos.items()}
         if shapes["train"] != shapes["test"]:
-            raise data.DataError(f"{self.source} train images are {_shape_text(shapes['train'])}"
+            raise sources.DataError(f"{self.source} train images are {_shape_text(shapes['train'])}"
                                  f" but test images {_shape_text(shapes['test'])}; pass "
                                  "--image_size=N to resize both")
         return infos
 
+    def reader(self):
+        """The `pipeline.sources.Source` these images come from, after its input checks."""
+        from pipeline import sources
+
+        chosen = sources.get(self.source)
+        chosen.check(self)
+        return chosen
+
     def info(self, split: str):
         """The split's SourceInfo (shape, size, classes) from listings and headers."""
-        from ordered_vqvae import data
-
-        return data.source_info(self.source, split, path=self.path, data_dir=self.data_dir,
-                                image_size=self.image_size)
+        return self.reader().info(split, self)
 
     def image_shape(self) -> tuple:
         """The shape of the training images: the first one's, or `image_size` square."""
@@ -75,32 +80,31 @@ class DataConfig:
         pipeline uses: max_train / max_test chosen at random with subset_seed, None for all.
         Training and extraction read the same ones. `sample`: a further seeded choice of at
         most this many of those (validation images, report grids, the FD floor)."""
-        from ordered_vqvae import data
+        from pipeline.sources import random_indices
 
         picked = None
         limit = self.limit(split)
         if limit is not None and limit < num_examples:
-            picked = data.random_indices(num_examples, limit, self.subset_seed)
+            picked = random_indices(num_examples, limit, self.subset_seed)
         pool = num_examples if picked is None else len(picked)
         if sample is not None and sample < pool:
-            chosen = data.random_indices(pool, sample, self.subset_seed)
+            chosen = random_indices(pool, sample, self.subset_seed)
             picked = chosen if picked is None else picked[chosen]
         return picked
 
     def dataset(self, split: str, sample: Optional[int] = None):
         """The split's examples that `indices` picks, as a tf.data stream of {"image",
         "label", "id"} read in one pass in the split's own order."""
-        from ordered_vqvae import data
+        from pipeline.sources import DataError
 
         size = None
         if self.limit(split) is not None or sample is not None:
             size = self.info(split).num_examples
             if size is None and self.limit(split) is not None:
-                raise data.DataError(f"{self.source} {split} does not record its size, so "
-                                     f"{self.limit(split)} of its examples cannot be picked")
-        ds, _ = data.load(self.source, split, path=self.path, data_dir=self.data_dir,
-                          image_size=self.image_size, download=self.download,
-                          indices=None if size is None else self.indices(split, size, sample))
+                raise DataError(f"{self.source} {split} does not record its size, so "
+                                f"{self.limit(split)} of its examples cannot be picked")
+        ds = self.reader().stream(split, self, indices=None if size is None
+                                  else self.indices(split, size, sample))
         if size is None and sample is not None:
             ds = ds.take(sample)  # A source of unknown size: its first `sample`.
         return ds
@@ -120,28 +124,25 @@ class DataConfig:
     def _bad_file(self, split: str, error) -> Exception:
         """The DataError naming the first file of a split that does not decode to the
         source's shape (found by decoding each file alone), or `error` itself."""
-        from ordered_vqvae import data
+        from pipeline.sources import DataError
 
-        if self.source not in ("image_folder", "celeba"):
+        source = self.reader()
+        if not source.reads_files:
             return error
-        ds, info = data.load(self.source, split, path=self.path, image_size=self.image_size,
-                             decode=False)
-        resize = self.image_size is not None or self.source == "celeba"
-        crop = data.CELEBA_CROP if self.source == "celeba" else None
-        for element in ds.as_numpy_iterator():
+        shape = source.info(split, self).image_shape
+        for element in source.stream(split, self, decode=False).as_numpy_iterator():
             try:
-                data.decode_encoded(element["encoded"], element["id"].decode(),
-                                    info.image_shape, resize, crop)
-            except data.DataError as bad:
+                source.decode(element["encoded"], element["id"].decode(), shape, self)
+            except DataError as bad:
                 return bad
         return error
 
     def arrays(self, split: str):
         """(images float32 [N,H,W,C], labels, ids) of `dataset(split)`, all in memory
         (experiments on small data; the stages stream)."""
-        from ordered_vqvae import data
+        from pipeline.sources import to_numpy
 
-        return data.to_numpy(self.dataset(split))
+        return to_numpy(self.dataset(split))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,12 +6,12 @@
 
 Reads are pieces that the runner spreads over its workers, so the parallelism is the
 runner's: an index range of up to 2,048 examples (digits, uncompressed IDX files by offset,
-TFDS by split slicing) or one image file (folders, listed by `fileio.MatchAll` per class
-folder and read by `fileio.ReadMatches`). A tarball or a gzipped IDX file is one stream
-without random access: one worker reads it. A tarball's files then go through a Reshuffle
-that spreads their decoding (the runner holds their encoded bytes meanwhile: on a local
-runner, in memory); a gzipped IDX file's batches are encoded by the worker that reads them.
-From the read (or, for files, from BatchElements after decoding) to the shard writer,
+TFDS by split slicing) or one image file (read by `fileio.ReadMatches`). A tarball or a
+gzipped IDX file is one stream without random access: one worker reads it. A tarball's
+files then go through a Reshuffle that spreads their decoding (the runner holds their
+encoded bytes meanwhile: on a local runner, in memory); a gzipped IDX file's batches are
+encoded by the worker that reads them. Each source says how it is read
+(`pipeline.sources.beam_reads`). From the read (or, for files, from BatchElements after decoding) to the shard writer,
 records travel in batches, so Beam's cost per element is paid once per batch. Encoding is
 Beam's `RunInference` with a model handler for the encoder (one model per worker process,
 shared by its threads; Beam's inference metrics under "ovqvae.encoder", counted in
@@ -48,7 +48,6 @@ from typing import Iterable, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -56,9 +55,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from ordered_vqvae.atomic import publish_directory
 from ordered_vqvae.validation import image_problems
 from pipeline import schema
+from pipeline.sources.beam_reads import NAMESPACE, batch, pick
 from pipeline.config import DataConfig
 
-NAMESPACE = "ovqvae.extract"
 DEAD_LETTER = "dead_letter"
 
 
@@ -111,205 +110,34 @@ def shard_of(record_id: str, num_shards: int) -> int:
     return zlib.crc32(record_id.encode("utf-8")) % num_shards
 
 
-RANGE_SIZE = 2048  # Examples per index range: the unit a worker reads from IDX, TFDS, digits,
-RANGE_BYTES = 16 * 2**20  # and fewer when their float32 images would exceed this.
-
-
-def _record(record_id: str, label: int, **payload) -> dict:
-    return {"id": record_id, "label": int(label), **payload}
-
-
-def _batch(ids: Sequence[str], labels, images) -> dict:
-    """The element that flows from reading to writing: a batch of decoded records."""
-    return {"ids": list(ids), "labels": np.asarray(labels, np.int64),
-            "images": np.asarray(images, np.float32)}
-
-
-def _pick(batch: dict, rows) -> dict:
-    rows = np.asarray(rows, np.int64)
-    return _batch([batch["ids"][r] for r in rows], batch["labels"][rows], batch["images"][rows])
-
-
-def range_rows(image_shape: Sequence[int]) -> int:
-    """Examples per index range for images of `image_shape`."""
-    return max(1, min(RANGE_SIZE, RANGE_BYTES // (4 * int(np.prod(image_shape)))))
-
-
-class _ReadRange(beam.DoFn):
-    """Reads one index range of a digits, uncompressed MNIST or TFDS split: one batch."""
-
-    def __init__(self, spec: DataConfig, split: str):
-        self.spec, self.split = spec, split
-        self.read = Metrics.counter(NAMESPACE, "records_read")
-
-    def process(self, piece):
-        """piece: (start, stop, the indices to keep in start..stop-1 or None for all)."""
-        from ordered_vqvae import data
-
-        start, stop, picks = piece
-        images, labels, ids = data.load_range(
-            self.spec.source, self.split, start, stop, path=self.spec.path,
-            data_dir=self.spec.data_dir, image_size=self.spec.image_size,
-            download=self.spec.download)
-        batch = _batch(ids, labels, images)
-        if picks is not None:
-            batch = _pick(batch, np.asarray(picks) - start)
-        self.read.inc(len(batch["ids"]))
-        yield batch
-
-
-class _StreamMnist(beam.DoFn):
-    """A gzipped MNIST split has no random access: one worker streams it, a batch of `rows`
-    at a time (of the examples at `indices` only, when given)."""
-
-    def __init__(self, split: str, rows: int, indices: Optional[np.ndarray]):
-        self.split, self.rows, self.indices = split, rows, indices
-        self.read = Metrics.counter(NAMESPACE, "records_read")
-
-    def process(self, directory: str):
-        from ordered_vqvae import data
-
-        for start, images, labels in data.mnist_chunks(directory, self.split, self.rows):
-            ids = [f"mnist/{self.split}/{i:05d}" for i in range(start, start + len(labels))]
-            batch = _batch(ids, labels, images)
-            if self.indices is not None:
-                lo, hi = np.searchsorted(self.indices, [start, start + len(labels)])
-                if lo == hi:
-                    continue
-                batch = _pick(batch, self.indices[lo:hi] - start)
-            self.read.inc(len(batch["ids"]))
-            yield batch
-
-
-class _ReadFile(beam.DoFn):
-    """Reads one image file (a `fileio.ReadableFile`): encoded bytes, with the path relative
-    to `root` as id. `classes` None: CelebA (label -1), the files are the split's already."""
-
-    def __init__(self, root: str, split: str, classes: Optional[Sequence[str]]):
-        self.root, self.split = root, split
-        self.classes = None if classes is None else list(classes)
-        self.read = Metrics.counter(NAMESPACE, "records_read")
-
-    def process(self, readable):
-        from ordered_vqvae import data
-
-        relative = os.path.relpath(readable.metadata.path, self.root)
-        label = -1
-        if self.classes is not None:
-            cls = data.split_class(relative, self.split)
-            if cls is None:  # Not an image of this split (another extension, a stray file).
-                return
-            label = self.classes.index(cls)
-        self.read.inc()
-        yield _record(relative, label, encoded=readable.read())
-
-
-class _ReadTarball(beam.DoFn):
-    """Streams a tarball's images of the split (those in `names` when given): a gzip stream
-    has no random access, so one worker reads it (a Reshuffle then spreads the decoding and
-    encoding). `classes` None: CelebA (label -1)."""
-
-    def __init__(self, split: str, classes: Optional[Sequence[str]], names: Optional[set]):
-        self.split, self.names = split, names
-        self.classes = None if classes is None else list(classes)
-        self.read = Metrics.counter(NAMESPACE, "records_read")
-
-    def _accept(self, name: str) -> bool:
-        from ordered_vqvae import data
-
-        if self.names is not None:
-            return name in self.names
-        return data.split_class(name, self.split) is not None
-
-    def process(self, path: str):
-        from ordered_vqvae import data
-
-        for name, encoded in data.tar_members(path, self._accept):
-            self.read.inc()
-            label = (-1 if self.classes is None
-                     else self.classes.index(data.split_class(name, self.split)))
-            yield _record(name, label, encoded=encoded)
-
-
-def _reads_files(spec: DataConfig) -> bool:
-    return spec.source in ("image_folder", "celeba")
-
-
 @beam.ptransform_fn
 def ReadSplit(begin, spec: DataConfig, split: str, image_shape: Sequence[int]):
-    """PBegin -> records {"id", "label", "encoded" (file bytes)} of image folders and
-    CelebA, one file each (`_reads_files`), or batches {"ids", "labels", "images"} of
-    decoded images of the index-addressed sources, in pieces the runner spreads over its
-    workers: index ranges, one image file each, or (a tarball, a gzipped IDX file) one
-    stream. With max_train/max_test only the examples `spec.indices` picks (those the
-    training stages read) are read."""
-    from ordered_vqvae import data
+    """PBegin -> the split's records {"id", "label", "encoded"} (file sources) or batches
+    {"ids", "labels", "images"} (indexed sources), as its source reads them
+    (`pipeline.sources.beam_reads`): only the examples `spec.indices` picks."""
+    from pipeline.sources import beam_reads
 
-    def picked(items):
-        indices = spec.indices(split, len(items))
-        return items if indices is None else [items[i] for i in indices]
-
-    if spec.source == "celeba":
-        names, payload = data.celeba_files(spec.path, split)
-        names = picked(names)
-        if data.is_tarball(spec.path):
-            return (begin | "Tarball" >> beam.Create([spec.path])
-                    | "Stream" >> beam.ParDo(_ReadTarball(split, None, set(names)))
-                    | "Spread" >> beam.Reshuffle())
-        base = os.path.dirname(os.path.dirname(payload[names[0]]))
-        return (begin | "Files" >> beam.Create([payload[n] for n in names])
-                | "Spread" >> beam.Reshuffle() | "Open" >> fileio.ReadMatches()
-                | "Read" >> beam.ParDo(_ReadFile(base, split, None)))
-    if spec.source == "image_folder":
-        files, classes = data.folder_listing(spec.path, split)
-        chosen = picked(files)
-        if data.is_tarball(spec.path):
-            keep = None if chosen is files else set(chosen)
-            return (begin | "Tarball" >> beam.Create([spec.path])
-                    | "Stream" >> beam.ParDo(_ReadTarball(split, classes, keep))
-                    | "Spread" >> beam.Reshuffle())
-        if chosen is not files:  # Listed here.
-            paths = begin | "Files" >> beam.Create(
-                [os.path.join(spec.path, relative) for relative in chosen])
-        else:  # Matched by the workers, one pattern per class folder.
-            paths = (begin | "Patterns" >> beam.Create(data.folder_patterns(spec.path, split))
-                     | "Match" >> fileio.MatchAll())
-        return (paths | "Spread" >> beam.Reshuffle() | "Open" >> fileio.ReadMatches()
-                | "Read" >> beam.ParDo(_ReadFile(spec.path, split, classes)))
-    size = data.split_size(spec.source, split, path=spec.path, data_dir=spec.data_dir,
-                           download=spec.download)
-    indices = spec.indices(split, size)
-    rows = range_rows(image_shape)
-    if spec.source == "mnist" and data.mnist_gzipped(spec.path, split):
-        # No Reshuffle after it: that would hold every decoded image at once on a local
-        # runner. Its batches go on through encoding in the same worker, a few at a time.
-        return (begin | "IdxFiles" >> beam.Create([spec.path])
-                | "Stream" >> beam.ParDo(_StreamMnist(split, rows, indices)))
-    if indices is None:
-        pieces = [(start, min(start + rows, size), None) for start in range(0, size, rows)]
-    else:  # `rows` picked examples per piece, read as the range that spans them.
-        chunks = np.array_split(indices, -(-len(indices) // rows))
-        pieces = [(int(c[0]), int(c[-1]) + 1,
-                   None if c[-1] - c[0] + 1 == len(c) else [int(i) for i in c]) for c in chunks]
-    return (begin | "Ranges" >> beam.Create(pieces) | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadRange(spec, split)))
+    return beam_reads.read_split(begin, spec.reader(), split, spec, image_shape)
 
 
 class _Decode(beam.DoFn):
     """Decodes one file's bytes to the source's shape: (id, label, image), or a dead letter
     with the reason."""
 
-    def __init__(self, image_shape: Sequence[int], resize: bool, crop: Optional[int] = None):
-        self.image_shape, self.resize, self.crop = tuple(image_shape), resize, crop
+    def __init__(self, spec: DataConfig, image_shape: Sequence[int]):
+        self.spec, self.image_shape = spec, tuple(image_shape)
         self.rejected = Metrics.counter(NAMESPACE, "records_rejected")
 
+    def setup(self):
+        self.source = self.spec.reader()
+
     def process(self, record: dict):
-        from ordered_vqvae import data
+        from pipeline.sources import DataError
 
         try:
-            yield record["id"], record["label"], data.decode_encoded(
-                record["encoded"], record["id"], self.image_shape, self.resize, self.crop)
-        except data.DataError as e:
+            yield record["id"], record["label"], self.source.decode(
+                record["encoded"], record["id"], self.image_shape, self.spec)
+        except DataError as e:
             self.rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": record["id"], "reason": str(e)})
 
@@ -330,7 +158,7 @@ class _Validate(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD_LETTER,
                                            {"id": batch["ids"][i], "reason": reasons[i]})
         if bad:
-            batch = _pick(batch, [i for i, reason in enumerate(reasons) if not reason])
+            batch = pick(batch, [i for i, reason in enumerate(reasons) if not reason])
         if batch["ids"]:
             yield batch
 
@@ -416,19 +244,16 @@ def ReadAndEncode(begin, spec: DataConfig, split: str, image_shape: Sequence[int
     decoding) to the shard writer, so Beam's cost per element is paid per batch. Dead
     letters are {"id", "reason"} dicts for records that failed decoding or checks.
     """
-    from ordered_vqvae.data import CELEBA_CROP
-
+    source = spec.reader()
     read = begin | "Read" >> ReadSplit(spec, split, image_shape)
     dead = []
-    if _reads_files(spec):
-        celeba = spec.source == "celeba"
-        decoded = read | "Decode" >> beam.ParDo(_Decode(
-            image_shape, spec.image_size is not None or celeba,
-            CELEBA_CROP if celeba else None)).with_outputs(DEAD_LETTER, main="ok")
+    if source.reads_files:
+        decoded = read | "Decode" >> beam.ParDo(_Decode(spec, image_shape)).with_outputs(
+            DEAD_LETTER, main="ok")
         dead.append(decoded[DEAD_LETTER])
         read = (decoded.ok
                 | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
-                | "Stack" >> beam.Map(lambda records: _batch(*zip(*records))))
+                | "Stack" >> beam.Map(lambda records: batch(*zip(*records))))
     checked = read | "Validate" >> beam.ParDo(_Validate(image_shape)).with_outputs(
         DEAD_LETTER, main="ok")
     encoded = (checked.ok
@@ -466,11 +291,9 @@ def _staging_directory(output_dir: str) -> str:
 
 
 def _check_shapes(spec: DataConfig, splits: List[str], image_shape) -> None:
-    from ordered_vqvae import data
 
     for split in splits:
-        info = data.source_info(spec.source, split, path=spec.path, data_dir=spec.data_dir,
-                                image_size=spec.image_size)
+        info = spec.info(split)
         if tuple(info.image_shape) != tuple(image_shape):
             raise ExtractError(f"{spec.source} {split} images have shape {info.image_shape}, "
                                f"but the encoder expects {tuple(image_shape)}")

@@ -35,7 +35,6 @@ CONFIG_FLAGS = {
     **{"prior_" + f.name: ("prior", f.name) for f in dataclasses.fields(PriorConfig)
        if f.name != "seed"},
 }
-DATASET_ALIASES = {"cifar10": "image_folder"}  # A CIFAR-10 tarball or folder is an image folder.
 
 
 def config_values(config) -> dict:
@@ -46,12 +45,14 @@ def config_values(config) -> dict:
     return values
 
 
-def _source(dataset: str) -> str:
-    source = DATASET_ALIASES.get(dataset, dataset)
-    if not (source in ("digits", "mnist", "image_folder", "celeba") or source.startswith("tfds:")):
-        raise UsageError(f"--dataset={dataset} is not supported, expected digits, mnist, "
-                         "cifar10, image_folder, celeba or tfds:<name>")
-    return source
+def _source(dataset: str):
+    """The registered source --dataset names (an alias gives the source's own name)."""
+    from pipeline import sources
+
+    try:
+        return sources.get(dataset)
+    except sources.DataError as e:
+        raise UsageError(f"--dataset={dataset} is not supported: {e}") from None
 
 
 def _new_config(given: dict):
@@ -59,16 +60,16 @@ def _new_config(given: dict):
     data (both splits listed first), the preset chosen from that shape unless --preset."""
     dataset = given.get("dataset", DEFAULT_DATASET)
     source = _source(dataset)
-    if source in ("mnist", "image_folder", "celeba") and not given.get("data_path"):
+    if source.needs == "data_path" and not given.get("data_path"):
         raise UsageError(f"--dataset={dataset} needs --data_path")
-    data = DataConfig(source=source, **{DATA_FIELDS[k]: v for k, v in given.items()
-                                        if k in DATA_FIELDS})
+    data = DataConfig(source=source.label, **{DATA_FIELDS[k]: v for k, v in given.items()
+                                              if k in DATA_FIELDS})
     shape = data.splits()["train"].image_shape
     # The architecture flags apply with the shape (--hidden decides which sizes fit);
     # --image_shape is checked against the data by _changed.
     architecture = {CONFIG_FLAGS[k][1]: v for k, v in given.items()
                     if CONFIG_FLAGS.get(k, ("",))[0] == "autoencoder" and k != "image_shape"}
-    config = pipeline_preset(source, given.get("preset"), data, image_shape=shape,
+    config = pipeline_preset(source.label, given.get("preset"), data, image_shape=shape,
                              autoencoder_overrides=architecture)
     how = "--preset" if given.get("preset") else "chosen from the shape; --preset overrides"
     print(f"[ovqvae] {'x'.join(map(str, shape))} images: preset {config.preset} ({how})",
@@ -113,12 +114,13 @@ def resolve(workdir: Optional[str], given: dict) -> PipelineConfig:
         config = PipelineConfig.from_dict(record["config"])
         for flag, recorded in (("dataset", config.data.source), ("preset", config.preset)):
             value = given.get(flag)
-            if flag in given and (_source(value) if flag == "dataset" else value) != recorded:
+            if flag in given and (_source(value).label if flag == "dataset"
+                                  else value) != recorded:
                 raise UsageError(f"--{flag}={value}, but workdir {workdir!r} records {flag} "
                                  f"{recorded!r}; use a new --workdir for another {flag}")
         return _changed(config, given)
     except (ValueError, TypeError) as e:  # A config field out of range.
-        from ordered_vqvae.data import DataError
+        from pipeline.sources import DataError
 
         if isinstance(e, DataError):  # Bad data: a runtime error (exit 1).
             raise

@@ -14,8 +14,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ordered_vqvae import configs, data, training  # noqa: E402
+from ordered_vqvae import configs, training  # noqa: E402
 from ordered_vqvae.configs import prior_preset  # noqa: E402
+from pipeline import sources  # noqa: E402
 
 CHECKPOINT_EVERY = 3
 
@@ -28,7 +29,7 @@ class Throttle(keras.callbacks.Callback):
 
 
 def main(kind, workdir, out):
-    images = data.to_numpy(data.load("digits", "train")[0])[0]
+    images = sources.to_numpy(sources.load("digits", "train")[0])[0]
     original_fit = keras.Model.fit
 
     def fit(self, *args, callbacks=(), **kwargs):

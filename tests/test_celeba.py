@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ordered_vqvae import data
-from pipeline import stages
+from pipeline import sources, stages
 from pipeline.config import DataConfig, pipeline_preset
+from pipeline.sources import celeba as celeba_source
 
 # Image number -> partition (0 train, 1 validation, 2 test), inside the official ranges.
 NUMBERS = {**{n: 0 for n in range(1, 13)}, 162771: 1, 162772: 1,
@@ -29,38 +29,38 @@ def _frame(number: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def celeba(tmp_path_factory):
     root = tmp_path_factory.mktemp("celeba")
-    os.makedirs(root / data.CELEBA_FOLDER)
+    os.makedirs(root / celeba_source.FOLDER)
     for n in NUMBERS:
-        Image.fromarray(_frame(n)).save(root / data.CELEBA_FOLDER / f"{n:06d}.jpg", quality=95)
-    (root / data.CELEBA_PARTITION).write_text(
+        Image.fromarray(_frame(n)).save(root / celeba_source.FOLDER / f"{n:06d}.jpg", quality=95)
+    (root / celeba_source.PARTITION).write_text(
         "".join(f"{n:06d}.jpg {p}\n" for n, p in sorted(NUMBERS.items())))
     return str(root)
 
 
 def test_splits_follow_the_partition_file_or_the_official_ranges(celeba, tmp_path):
-    train, _ = data.celeba_files(celeba, "train")
-    test, _ = data.celeba_files(celeba, "test")
+    train = celeba_source.celeba_files(celeba, "train")
+    test = celeba_source.celeba_files(celeba, "test")
     assert train == [f"img_align_celeba/{n:06d}.jpg" for n in range(1, 13)]
     assert test == [f"img_align_celeba/{n:06d}.jpg" for n in range(182638, 182644)]
     # Without the file: the same split from the numbers; a moved image follows the file.
-    os.symlink(os.path.join(celeba, data.CELEBA_FOLDER), tmp_path / data.CELEBA_FOLDER)
-    assert data.celeba_files(str(tmp_path), "train")[0] == train
-    (tmp_path / data.CELEBA_PARTITION).write_text(
+    os.symlink(os.path.join(celeba, celeba_source.FOLDER), tmp_path / celeba_source.FOLDER)
+    assert celeba_source.celeba_files(str(tmp_path), "train") == train
+    (tmp_path / celeba_source.PARTITION).write_text(
         "".join(f"{n:06d}.jpg {2 if n == 3 else p}\n" for n, p in sorted(NUMBERS.items())))
-    assert "img_align_celeba/000003.jpg" in data.celeba_files(str(tmp_path), "test")[0]
-    (tmp_path / data.CELEBA_PARTITION).write_text("000001.jpg train\n")
-    with pytest.raises(data.DataError, match=r"line 1 is '000001.jpg train', expected"):
-        data.celeba_files(str(tmp_path), "train")
+    assert "img_align_celeba/000003.jpg" in celeba_source.celeba_files(str(tmp_path), "test")
+    (tmp_path / celeba_source.PARTITION).write_text("000001.jpg train\n")
+    with pytest.raises(sources.DataError, match=r"line 1 is '000001.jpg train', expected"):
+        celeba_source.celeba_files(str(tmp_path), "train")
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(data.DataError, match="empty' holds no img_align_celeba/"):
-        data.celeba_files(str(tmp_path / "empty"), "train")
-    with pytest.raises(data.DataError, match="nowhere' does not exist"):
-        data.celeba_files(str(tmp_path / "nowhere"), "train")
+    with pytest.raises(sources.DataError, match="empty' holds no img_align_celeba/"):
+        celeba_source.celeba_files(str(tmp_path / "empty"), "train")
+    with pytest.raises(sources.DataError, match="nowhere' does not exist"):
+        celeba_source.celeba_files(str(tmp_path / "nowhere"), "train")
 
 
 def test_images_are_the_center_140_crop_resized_and_a_tarball_reads_the_same(celeba, tmp_path):
-    ds, info = data.load("celeba", "test", path=celeba)
-    x, y, ids = data.to_numpy(ds)
+    ds, info = sources.load("celeba", "test", path=celeba)
+    x, y, ids = sources.to_numpy(ds)
     assert info.image_shape == (64, 64, 3) and x.shape == (6, 64, 64, 3)
     assert (y == -1).all() and ids[0] == "img_align_celeba/182638.jpg"
     raw = open(os.path.join(celeba, ids[0]), "rb").read()
@@ -71,13 +71,13 @@ def test_images_are_the_center_140_crop_resized_and_a_tarball_reads_the_same(cel
     tarball = str(tmp_path / "celeba.tar.gz")
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(celeba, arcname=".")
-    x2, _, ids2 = data.to_numpy(data.load("celeba", "test", path=tarball)[0])
+    x2, _, ids2 = sources.to_numpy(sources.load("celeba", "test", path=tarball)[0])
     assert ids2 == [i.replace("img_align_celeba", "./img_align_celeba") for i in ids]
     np.testing.assert_array_equal(x2, x)
 
 
 def test_the_pipeline_runs_end_to_end_on_celeba_files(celeba, tmp_path):
-    (open(os.path.join(celeba, data.CELEBA_FOLDER, "000012.jpg"), "wb")
+    (open(os.path.join(celeba, celeba_source.FOLDER, "000012.jpg"), "wb")
      .write(b"\xff\xd8 not a jpeg"))  # One corrupt training image: a dead letter.
     config = pipeline_preset(
         "celeba", data=DataConfig("celeba", path=celeba),
@@ -86,10 +86,10 @@ def test_the_pipeline_runs_end_to_end_on_celeba_files(celeba, tmp_path):
         prior_overrides=dict(num_layers=1, width=16, num_heads=2, ffn_width=32, epochs=1,
                              batch_size=4, warmup_steps=2))
     workdir = str(tmp_path / "wd")
-    with pytest.raises(data.DataError, match="cannot decode image 'img_align_celeba/000012.jpg'"):
+    with pytest.raises(sources.DataError, match="cannot decode image 'img_align_celeba/000012.jpg'"):
         stages.run_stage(config, workdir, "autoencoder", verbose=0)
-    os.remove(os.path.join(celeba, data.CELEBA_FOLDER, "000012.jpg"))
-    Image.fromarray(_frame(12)).save(os.path.join(celeba, data.CELEBA_FOLDER, "000012.jpg"))
+    os.remove(os.path.join(celeba, celeba_source.FOLDER, "000012.jpg"))
+    Image.fromarray(_frame(12)).save(os.path.join(celeba, celeba_source.FOLDER, "000012.jpg"))
     manifests = stages.run_pipeline(config, workdir, ["autoencoder", "extract", "prior"],
                                     verbose=0)
     assert manifests["extract"]["result"] == {"counts": {"train": 12, "test": 6},

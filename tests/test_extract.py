@@ -11,9 +11,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from ordered_vqvae import configs, data, models
-from pipeline import extract, schema
+from ordered_vqvae import configs, models
+from pipeline import extract, schema, sources
 from pipeline.config import DataConfig
+from pipeline.sources import beam_reads
 
 CONFIG = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=32)
 
@@ -150,7 +151,7 @@ def test_wrong_image_shape_for_the_encoder_and_failed_runs_leave_nothing(autoenc
                                                                          mnist_dir):
     with pytest.raises(extract.ExtractError, match=r"\(28, 28, 1\), but the encoder expects \(8, 8, 1\)"):
         extract.run(autoencoder_dir, str(tmp_path / "c"), DataConfig("mnist", path=mnist_dir))
-    with pytest.raises(data.DataError, match="does not exist"):
+    with pytest.raises(sources.DataError, match="does not exist"):
         extract.run(autoencoder_dir, str(tmp_path / "c"),
                     DataConfig("mnist", path=str(tmp_path / "none")))
     assert os.listdir(tmp_path) == []
@@ -176,7 +177,7 @@ def _in_ranges(autoencoder_dir, spec, tmp_path, monkeypatch, range_size):
     """Extracts the test split whole, then in ranges of `range_size`; asserts identical
     shards and returns the second run's metadata (its codes are in tmp_path/"ranges")."""
     extract.run(autoencoder_dir, str(tmp_path / "whole"), spec, splits=["test"], num_shards=2)
-    monkeypatch.setattr(extract, "RANGE_SIZE", range_size)
+    monkeypatch.setattr(beam_reads, "RANGE_SIZE", range_size)
     meta = extract.run(autoencoder_dir, str(tmp_path / "ranges"), spec, splits=["test"],
                        num_shards=2)
     assert _shard_bytes(tmp_path / "whole") == _shard_bytes(tmp_path / "ranges")
@@ -193,11 +194,11 @@ def test_reads_in_pieces_give_the_same_shards_whatever_the_piece_size(autoencode
 def test_subsets_are_seeded_choices_and_samples_are_chosen_from_them():
     import dataclasses
 
-    everything = data.to_numpy(data.load("digits", "test")[0])
+    everything = sources.to_numpy(sources.load("digits", "test")[0])
     size = len(everything[2])
     spec = DataConfig("digits", max_test=120, subset_seed=2)
     picked = spec.indices("test", size)
-    np.testing.assert_array_equal(picked, data.random_indices(size, 120, 2))
+    np.testing.assert_array_equal(picked, sources.random_indices(size, 120, 2))
     assert picked.max() > size // 2  # Spread over the split, not its first rows.
     assert spec.arrays("test")[2] == [everything[2][i] for i in picked]
     # A sample: 30 of those 120, sorted, read alike by dataset and image_batches.
@@ -212,14 +213,14 @@ def test_subsets_are_seeded_choices_and_samples_are_chosen_from_them():
     whole = DataConfig("digits")
     assert whole.indices("test", size) is None
     np.testing.assert_array_equal(whole.indices("test", size, sample=30),
-                                  data.random_indices(size, 30, 0))
+                                  sources.random_indices(size, 30, 0))
     # Caches made when max_test kept the first images do not match the seeded choice.
     assert whole.cache_inputs() == dataclasses.asdict(whole)
     assert spec.cache_inputs() == {**dataclasses.asdict(spec), "test_choice": "seeded"}
 
 
 def test_max_train_extracts_the_images_training_reads(autoencoder_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(extract, "RANGE_SIZE", 37)  # 3 pieces, each a range with picks.
+    monkeypatch.setattr(beam_reads, "RANGE_SIZE", 37)  # 3 pieces, each a range with picks.
     spec = DataConfig("digits", max_train=100, subset_seed=5)
     meta = extract.run(autoencoder_dir, str(tmp_path / "codes"), spec, splits=["train"],
                        num_shards=2)
@@ -245,7 +246,7 @@ def test_gzipped_idx_streams_to_the_bytes_that_ranges_of_raw_idx_give(autoencode
             raw = struct.pack(">I" + "I" * array.ndim, magic, *array.shape) + array.tobytes()
             with open(directory / (stem + (".gz" if compress else "")), "wb") as f:
                 f.write(gzip.compress(raw) if compress else raw)
-    monkeypatch.setattr(extract, "RANGE_SIZE", 37)  # Stream chunks and ranges of 37.
+    monkeypatch.setattr(beam_reads, "RANGE_SIZE", 37)  # Stream chunks and ranges of 37.
     for limit in (None, 100):
         out = {}
         for name in ("gz", "raw"):
@@ -277,7 +278,7 @@ def test_a_tarball_and_a_limited_folder_read_like_the_folder(autoencoder_dir, fo
     # 10, which a class-sorted listing would fill with two classes).
     listing = ([f"test/a/{i}.png" for i in range(8)] + [f"test/b/{i}.png" for i in range(8)]
                + ["test/b/corrupt.png"] + [f"test/c/{i}.png" for i in range(8)] + ["test/c/big.png"])
-    chosen = [listing[i] for i in data.random_indices(len(listing), 10, seed=0)]
+    chosen = [listing[i] for i in sources.random_indices(len(listing), 10, seed=0)]
     assert {name.split("/")[1] for name in chosen} == {"a", "b", "c"}
     for name, path in (("dirlim", folder), ("tarlim", tarball)):
         meta = extract.run(autoencoder_dir, str(tmp_path / name),
@@ -335,14 +336,17 @@ def tfds_dir(tmp_path_factory):
 
 
 def test_tfds_splits_are_read_in_index_ranges(autoencoder_dir, tfds_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "TFDS_NAMES", data.TFDS_NAMES + ("ovqvae_tiny_digits",))
+    from pipeline.sources import tfds as tfds_source
+
+    monkeypatch.setattr(tfds_source, "NAMES", tfds_source.NAMES + ("ovqvae_tiny_digits",))
     source = "tfds:ovqvae_tiny_digits"
-    x, y, ids = data.to_numpy(data.load(source, "test", data_dir=tfds_dir)[0])
-    assert data.split_size(source, "test", data_dir=tfds_dir) == len(ids) == 30
-    part = data.load_range(source, "test", 7, 19, data_dir=tfds_dir)
+    x, y, ids = sources.to_numpy(sources.load(source, "test", data_dir=tfds_dir)[0])
+    spec = DataConfig(source, data_dir=tfds_dir)
+    assert sources.get(source).size("test", spec) == len(ids) == 30
+    part = sources.get(source).rows("test", spec, 7, 19)
     np.testing.assert_array_equal(part[0], x[7:19])
     assert part[2] == ids[7:19] and part[2][0] == "ovqvae_tiny_digits/test/7"
-    spec = DataConfig(source, data_dir=tfds_dir)  # Ranges of 8: 4, the last one short.
+    # Ranges of 8: 4, the last one short.
     meta = _in_ranges(autoencoder_dir, spec, tmp_path, monkeypatch, 8)
     assert meta["counts"] == {"test": 30} and meta["beam_counters"]["records_read"] == 30
     records = {r["id"]: r for r in _read_records(str(tmp_path / "ranges"), "test", 8)}

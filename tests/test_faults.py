@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import REPO, SUBPROCESS_ENV
-from ordered_vqvae import configs, data, models
-from pipeline import extract, schema
+
+from ordered_vqvae import configs, models
+from pipeline import extract, schema, sources
 from pipeline.config import DataConfig
 
 WORKER = os.path.join(REPO, "tests", "resume_worker.py")
@@ -87,6 +87,6 @@ def test_kill_9_mid_extraction_then_rerun_writes_every_id_once(tmp_path):
     for split in ("train", "test"):
         ids = [schema.parse_example(r.numpy(), 8)["id"] for r in tf.data.TFRecordDataset(
             sorted(tf.io.gfile.glob(str(out / f"{split}-*.tfrecord"))))]
-        expected = data.to_numpy(data.load("digits", split)[0])[2]
+        expected = sources.to_numpy(sources.load("digits", split)[0])[2]
         assert len(ids) == len(set(ids)) == meta["counts"][split]
         assert set(ids) == {i.decode() if isinstance(i, bytes) else i for i in expected}

@@ -16,13 +16,15 @@ PACKAGES = ("ordered_vqvae", "pipeline")
 
 
 def _modules():
-    """{dotted name: path} of every module of the two packages."""
+    """{dotted name: path} of every module of the two packages, subpackages included."""
     out = {}
     for package in PACKAGES:
-        for name in sorted(os.listdir(os.path.join(REPO, package))):
-            if name.endswith(".py"):
-                module = package if name == "__init__.py" else f"{package}.{name[:-3]}"
-                out[module] = os.path.join(REPO, package, name)
+        for directory, subdirs, names in os.walk(os.path.join(REPO, package)):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith(("_", ".")))
+            dotted = os.path.relpath(directory, REPO).replace(os.sep, ".")
+            for name in sorted(n for n in names if n.endswith(".py")):
+                module = dotted if name == "__init__.py" else f"{dotted}.{name[:-3]}"
+                out[module] = os.path.join(directory, name)
     return out
 
 
@@ -33,11 +35,30 @@ def _imports(path, modules):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            # `from package import module` imports the module (a package's own submodules
+            # re-exported by its __init__ are no cycle); `from module import name`, the module.
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
+                     else node.module for alias in node.names]
         else:
             continue
         found |= {n for n in names if n in modules and n not in PACKAGES}
     return found
+
+
+def test_the_library_knows_nothing_of_its_pipeline_and_models_nothing_of_training(graph):
+    library = [m for m in graph if m.startswith("ordered_vqvae")]
+    assert len(library) >= 20
+    assert {m: sorted(i for i in graph[m] if i.startswith("pipeline"))
+            for m in library if any(i.startswith("pipeline") for i in graph[m])} == {}
+    for module in ("ordered_vqvae.models", "ordered_vqvae.prior"):
+        reach = _reachable(graph, module)
+        assert not reach & {"ordered_vqvae.fit", "ordered_vqvae.training"}, (module, reach)
+
+
+def test_no_module_is_longer_than_500_lines():
+    lengths = {m: sum(1 for _ in open(path)) for m, path in _modules().items()}
+    assert "pipeline.sources.mnist" in lengths and "pipeline.serving.engine" in lengths
+    assert {m: n for m, n in lengths.items() if n > 500} == {}
 
 
 @pytest.fixture(scope="module")

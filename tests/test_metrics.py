@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from ordered_vqvae import data, metrics
+from ordered_vqvae import metrics
+from pipeline import sources
 
 
 def test_identical_sets_have_zero_distance():
@@ -58,8 +59,8 @@ def test_bad_statistics_are_rejected():
 
 
 def test_domain_classifier_separates_real_digits_from_noise(tmp_path):
-    train, ytr, _ = data.to_numpy(data.load("digits", "train")[0])
-    test, yte, _ = data.to_numpy(data.load("digits", "test")[0])
+    train, ytr, _ = sources.to_numpy(sources.load("digits", "train")[0])
+    test, yte, _ = sources.to_numpy(sources.load("digits", "test")[0])
     clf = metrics.DomainClassifier((8, 8, 1), 10)
     accuracy = clf.fit(train, ytr, test, yte, epochs=15)
     assert accuracy > 0.9

@@ -5,13 +5,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ordered_vqvae import configs, data, models, training
+from ordered_vqvae import configs, models, training
 from ordered_vqvae import sampler as sampler_module
 from ordered_vqvae.configs import PriorConfig, prior_preset
 from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.prior import CodePrior, load_prior, save_prior
-from ordered_vqvae.sampler import (CACHE_SEGMENTS, FILL_CODE, AnytimeSampler, LogitFilter,
-                                   prefix_ends)
+from ordered_vqvae.sampler import (
+    CACHE_SEGMENTS,
+    FILL_CODE,
+    AnytimeSampler,
+    LogitFilter,
+    prefix_ends,
+)
+from pipeline import sources
 from pipeline.config import DataConfig
 
 K, V = 8, 32
@@ -421,7 +427,7 @@ def test_prior_config_round_trip():
 @pytest.mark.slow
 def test_prior_learns_real_mnist_codes_below_uniform(tmp_path, mnist_dir):
     train = DataConfig("mnist", path=mnist_dir, max_train=8000).arrays("train")[0]
-    test = data.to_numpy(data.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
+    test = sources.to_numpy(sources.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
     ae = training.train_autoencoder(configs.preset("mnist", epochs=1), train, None,
                                     str(tmp_path / "ae"), verbose=0)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ordered_vqvae import configs, data, fit, models, training
+from ordered_vqvae import configs, fit, models, training
+from pipeline import sources
 from pipeline.config import DataConfig
 
 SMALL = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=32,
@@ -16,8 +17,8 @@ SMALL = configs.preset("digits", hidden=(16,), latent_channels=8, codebook_size=
 
 @pytest.fixture(scope="module")
 def digits():
-    train = data.to_numpy(data.load("digits", "train")[0])[0]
-    test = data.to_numpy(data.load("digits", "test")[0])[0]
+    train = sources.to_numpy(sources.load("digits", "train")[0])[0]
+    test = sources.to_numpy(sources.load("digits", "test")[0])[0]
     return train, test
 
 
@@ -127,7 +128,7 @@ def test_bad_training_images_are_rejected(tmp_path, digits):
 def test_ordered_beats_unordered_at_short_codes_on_real_mnist(tmp_path, mnist_dir):
     """About 2 CPU minutes: the paper's central claim at small scale."""
     train = DataConfig("mnist", path=mnist_dir, max_train=30000).arrays("train")[0]
-    test = data.to_numpy(data.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
+    test = sources.to_numpy(sources.load("mnist", "test", path=mnist_dir)[0], limit=2000)[0]
     lengths = sorted(configs.fraction_lengths(64).values())
     results = {}
     for truncation in ("uniform_per_example", "none"):

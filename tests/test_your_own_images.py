@@ -174,7 +174,7 @@ def test_sample_draws_a_row_per_k_into_the_workdir(run):
 
 
 def test_the_report_says_when_samples_are_no_better_than_the_mean_image():
-    from ordered_vqvae.data import load_digits_arrays
+    from pipeline.sources.digits import arrays as load_digits_arrays
     from pipeline import evaluate
 
     train = load_digits_arrays("train")[0].astype(np.float32) / 255
