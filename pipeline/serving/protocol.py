@@ -100,20 +100,30 @@ def anytime_fields(body, max_samples: int, code_length: int) -> dict:
 
 
 def predict_inputs(body, specs: Dict[str, Dict[str, tuple]], max_samples: int,
-                   code_length: int, codebook_size: int) -> Tuple[str, Dict[str, np.ndarray]]:
-    """Checks a :predict body (TF Serving's columnar format) against the signatures' input
-    `specs` ({signature: {input: (dtype, shape)}}, `Model.input_specs`): every input
-    present, numbers of the right rank, dims and dtype, each within its range (the same
-    ranges as :anytime for the scalars), at most `max_samples` samples or rows (413).
-    Returns (signature name, {input: NumPy array})."""
-    body = _object(body, ("signature_name", "inputs"))
+                   code_length: int, codebook_size: int
+                   ) -> Tuple[str, Dict[str, np.ndarray], bool]:
+    """Checks a :predict body against the signatures' input `specs` ({signature: {input:
+    (dtype, shape)}}, `Model.input_specs`), in TF Serving's columnar format ("inputs") or
+    row format ("instances", for signatures whose inputs all have a batch dimension):
+    every input present, numbers of the right rank, dims and dtype, each within its range
+    (the same ranges as :anytime for the scalars), at most `max_samples` samples or rows
+    (413). Returns (signature name, {input: NumPy array}, whether the body used rows)."""
+    body = _object(body, ("signature_name", "inputs", "instances"))
     signature = body.get("signature_name", "sample")
     if not isinstance(signature, str) or signature not in specs:
         raise RequestError(f"signature_name={json.dumps(signature)}, expected one of "
                            f"{sorted(specs)}")
-    if "inputs" not in body:
-        raise RequestError('missing field "inputs"')
-    inputs, wanted = body["inputs"], specs[signature]
+    wanted = specs[signature]
+    if "inputs" in body and "instances" in body:  # TF Serving's words.
+        raise RequestError("Not formatted correctly expecting only one of 'inputs' or "
+                           "'instances' keys to exist")
+    rows = "instances" in body
+    if rows:
+        inputs = _columns(body["instances"], signature, wanted)
+    elif "inputs" in body:
+        inputs = body["inputs"]
+    else:
+        raise RequestError("Missing 'inputs' or 'instances' key")
     if not isinstance(inputs, dict):
         raise RequestError(f'"inputs" is {type(inputs).__name__}, expected an object with '
                            f"{sorted(wanted)} (the columnar format)")
@@ -134,7 +144,33 @@ def predict_inputs(body, specs: Dict[str, Dict[str, tuple]], max_samples: int,
                                           status), dtype)
         else:
             out[name] = _array(name, inputs[name], dtype, shape, ranges[name], max_samples)
-    return signature, out
+    return signature, out, rows
+
+
+def _columns(instances, signature: str, wanted: dict) -> dict:
+    """TF Serving's row format ("instances": one value per row, or one object of named
+    inputs per row) as columns {input: list of rows}."""
+    scalars = sorted(name for name, (_, shape) in wanted.items() if not shape)
+    if scalars:
+        raise RequestError(f"signature {signature!r} has scalar input(s) {scalars}, which the "
+                           "row format cannot carry; send them in the columnar format "
+                           '("inputs")')
+    if not isinstance(instances, list) or not instances:
+        raise RequestError("Excepting 'instances' to be a non-empty list/array"
+                           if isinstance(instances, list) or instances is None else
+                           f"'instances' is {type(instances).__name__}, expected a list")
+    names = sorted(wanted)
+    if not all(isinstance(row, dict) for row in instances):
+        if len(names) > 1 or any(isinstance(row, dict) for row in instances):
+            raise RequestError(f"'instances' must be a list of objects with keys {names}"
+                               if len(names) > 1 else
+                               "'instances' mixes objects and plain values")
+        return {names[0]: instances}
+    for i, row in enumerate(instances):
+        if sorted(row) != names:
+            raise RequestError(f"Failed to process element: {i} of 'instances' list: it has "
+                               f"keys {sorted(row)}, expected only {names}")
+    return {name: [row[name] for row in instances] for name in names}
 
 
 def _array(name, value, dtype, shape, value_range, max_samples) -> np.ndarray:
@@ -169,7 +205,7 @@ def _array(name, value, dtype, shape, value_range, max_samples) -> np.ndarray:
 
 def parse_predict(raw: bytes, specs, max_samples: int, code_length: int, codebook_size: int):
     """`parse_json` and `predict_inputs` in one call that never raises, for a worker process:
-    ("ok", signature, inputs) or ("error", message, status)."""
+    ("ok", signature, inputs, rows) or ("error", message, status)."""
     try:
         return ("ok",) + predict_inputs(parse_json(raw), specs, max_samples, code_length,
                                         codebook_size)
@@ -211,6 +247,17 @@ def render_outputs(outputs: Dict[str, np.ndarray]) -> bytes:
                       ).encode()
 
 
+def render_predictions(outputs: Dict[str, np.ndarray]) -> bytes:
+    """TF Serving's row answer: {"predictions": [row, ...]}, each row the one output's
+    value or, with several outputs, {name: value}."""
+    columns = {k: np.asarray(v).tolist() for k, v in outputs.items()}
+    if len(columns) == 1:
+        return json.dumps({"predictions": next(iter(columns.values()))}).encode()
+    rows = len(next(iter(columns.values())))
+    return json.dumps({"predictions": [{k: v[i] for k, v in columns.items()}
+                                       for i in range(rows)]}).encode()
+
+
 # ----------------------------------------------------------------------------- TF Serving
 
 _DTYPES = {"int32": "DT_INT32", "float32": "DT_FLOAT", "bool": "DT_BOOL"}
@@ -229,12 +276,3 @@ def signature_metadata(signatures, names) -> dict:
                                signatures[name].structured_outputs.items()},
                    "method_name": "tensorflow/serving/predict"}
             for name in names}
-
-
-def model_status(state: str) -> dict:
-    """GET /v1/models/{name}: AVAILABLE while serving, UNLOADING while draining."""
-    ok = state == "AVAILABLE"
-    return {"model_version_status": [{
-        "version": "1", "state": state,
-        "status": {"error_code": "OK" if ok else "UNAVAILABLE",
-                   "error_message": "" if ok else "the server is draining"}}]}
