@@ -25,6 +25,8 @@ setup(
         "pillow",
         "aiohttp",
         "prometheus-client",
+        "grpcio",
+        "tensorflow-serving-api",
     ],
     extras_require={"test": ["pytest", "hypothesis", "selenium"]},
     entry_points={"console_scripts": ["ovqvae = pipeline.cli:run"]},

@@ -97,6 +97,32 @@ def publish_directory(staging: str, output: str) -> None:
     tf.io.gfile.rmtree(staging)
 
 
+def publish_version(source: str, base_path: str) -> int:
+    """Copies the directory `source` into `base_path` as the next version, `<n>/` with n one
+    more than the highest integer-named entry, and returns n. The copy is made under a
+    temporary name and renamed, so a server polling the base path never sees a partial
+    version; two publishers racing for one number both succeed, with different numbers."""
+    if is_url(base_path):
+        raise ValueError(f"model_base_path={base_path!r}: versions are published by rename, "
+                         "which object stores lack; publish to a local or mounted directory")
+    os.makedirs(base_path, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-version-", dir=base_path)
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        while True:
+            taken = [int(n) for n in os.listdir(base_path) if n.isdigit()]
+            version = max(taken, default=0) + 1
+            try:
+                os.rename(tmp, os.path.join(base_path, str(version)))  # Never replaces.
+                return version
+            except OSError:
+                if not os.path.exists(os.path.join(base_path, str(version))):
+                    raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def check_writable_directory(path: str, what: str = "directory") -> None:
     """Creates `path` if needed and proves it writable by creating and removing a file:
     permission bits say nothing for root or on read-only mounts. Raises OSError naming it."""

@@ -25,7 +25,7 @@ from absl import app, flags
 
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
 from ordered_vqvae.validation import op_error_text
-from pipeline import run_config
+from pipeline import run_config, serve_flags
 from pipeline.config import EXPORT_DTYPES
 from pipeline.experiments import EXPERIMENTS
 from pipeline.run_config import CONFIG_FLAGS, UsageError, config_values
@@ -79,24 +79,6 @@ flags.DEFINE_integer("classifier_epochs", None, "Epochs of the domain classifier
                      "(unset: 3 for its CNN on grayscale, 15 for its ResNet on colour images).")
 flags.DEFINE_integer("ablation_max_train_images", None, "Training images of each ablation variant.")
 flags.DEFINE_integer("ablation_epochs", None, "Autoencoder epochs of each ablation variant.")
-flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (serve).")
-flags.DEFINE_integer("port", 8501, "Port to listen on (serve; TF Serving's REST port).")
-flags.DEFINE_string("model_name", "ovqvae", "The {name} in /v1/models/{name} (serve).")
-flags.DEFINE_integer("max_batch", 128, "Rows (samples) sampled together at most (serve).")
-flags.DEFINE_integer("max_samples", None, "num_samples of one request at most (serve; "
-                     "unset: 64, or --max_batch if smaller).")
-flags.DEFINE_integer("max_queue", 256, "Anytime requests waiting at most; more get 503 (serve).")
-flags.DEFINE_integer("max_chunk", 8, "Codes per compiled call at most (serve).")
-flags.DEFINE_float("deadline_margin_ms", 5.0, "Milliseconds every :anytime deadline keeps free "
-                   "for sending the answer, at least; the server adds what it learns (serve).")
-flags.DEFINE_float("drain_seconds", 30.0, "After SIGTERM, seconds requests in flight may take "
-                   "before their connections are closed (serve).")
-flags.DEFINE_float("header_timeout_s", 10.0, "Seconds a connection may take to send a "
-                   "request's headers, or stay idle between requests (serve).")
-flags.DEFINE_float("body_timeout_s", 10.0, "Seconds a request may take to send its body; "
-                   "then 408 (serve).")
-flags.DEFINE_enum("log_format", "text", ["text", "json"], "Server logs: '[serve] ...' lines "
-                  "or one JSON object per line (serve).")
 flags.DEFINE_string("output", None, "PNG grid to write (sample; default WORKDIR/samples/"
                     "samples_k<k,...>_seed<seed>.png); codes and images go beside it as .npz.")
 
@@ -111,13 +93,15 @@ GROUPS = {
     "training": ["strategy", "checkpoint_every"],
     "extract": ["num_shards"],
     "report": ["report_samples"],
-    "export": ["export_dtype"],
+    "export": ["export_dtype", "model_base_path"],
     "autoencoder": [],
     "prior": [],
     "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",
                "output"],
     "status": ["workdir"],
-    "serve": ["saved_model", "workdir", "host", "port", "model_name", "max_batch",
+    "serve": ["saved_model", "model_base_path", "model_version_policy", "version_labels",
+              "file_system_poll_wait_seconds", "workdir", "host", "port", "grpc_port",
+              "model_name", "max_batch",
               "max_samples", "max_queue", "max_chunk", "deadline_margin_ms", "drain_seconds",
               "header_timeout_s", "body_timeout_s", "log_format"],
     "experiments": ["experiments", "eval_samples", "inception_weights", "classifier_epochs",
@@ -254,15 +238,12 @@ def _sample():
 def _serve():
     from pipeline import serving
 
-    path = _saved_model_path("serve")
-    max_samples = min(64, FLAGS.max_batch) if FLAGS.max_samples is None else FLAGS.max_samples
+    if FLAGS.model_base_path and (FLAGS.saved_model or FLAGS.workdir):
+        raise UsageError("--model_base_path serves its versions; it takes no --saved_model "
+                         "or --workdir")
+    path = None if FLAGS.model_base_path else _saved_model_path("serve")
     try:
-        config = serving.ServeConfig(
-            saved_model=path, model_name=FLAGS.model_name, host=FLAGS.host, port=FLAGS.port,
-            max_batch=FLAGS.max_batch, max_samples=max_samples, max_queue=FLAGS.max_queue,
-            max_chunk=FLAGS.max_chunk, deadline_margin_ms=FLAGS.deadline_margin_ms,
-            drain_seconds=FLAGS.drain_seconds, header_timeout_s=FLAGS.header_timeout_s,
-            body_timeout_s=FLAGS.body_timeout_s, log_format=FLAGS.log_format)
+        config = serve_flags.config(path)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
     serving.serve(config)
@@ -378,6 +359,12 @@ def _workdir_command(command: str, workdir: str, beam_args: list) -> None:
     else:
         stages.run_stage(config, workdir, BY_COMMAND[command].name, force=FLAGS.force,
                          verbose=verbose)
+        if command == "export" and FLAGS.model_base_path:
+            from ordered_vqvae.atomic import publish_version
+
+            version = publish_version(artifact_path(workdir, "export"), FLAGS.model_base_path)
+            print(f"[export] version {version} published in {FLAGS.model_base_path}",
+                  flush=True)
 
 
 def _status(workdir: str) -> None:

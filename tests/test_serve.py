@@ -30,9 +30,12 @@ K = 8  # The tiny pipeline's code length.
 
 class Server:
     def __init__(self, saved_model, *flags):
+        """`saved_model` None: the flags name the model (--model_base_path)."""
+        model = [f"--saved_model={saved_model}"] if saved_model else []
+        port = [] if any(f.startswith("--port=") for f in flags) else ["--port=0"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", f"--saved_model={saved_model}",
-             "--port=0", "--max_batch=16", "--max_chunk=2", *flags],
+            [sys.executable, "-m", "pipeline.cli", "serve", *model, *port, "--max_batch=16",
+             "--max_chunk=2", *flags],
             cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         self.lines = []
@@ -164,7 +167,8 @@ def test_predict_answers_what_the_saved_model_computes(server, finished_run):
      "beyond float32's range"),
     ({"signature_name": "encode", "inputs": {"images": [[[[2.0]] * 8] * 8]}}, 400,
      "input 'images' holds 2, expected values in [0.0, 1.0]"),
-    ({"instances": [1]}, 400, "unknown field(s) ['instances']"),
+    ({"instances": [1]}, 400, "signature 'sample' has scalar input(s)"),
+    ({"signature_name": "encode", "rows": [1]}, 400, "unknown field(s) ['rows']"),
 ])
 def test_predict_errors_name_the_field(server, body, status, message):
     got, answer, _ = call(f"{server.url}/v1/models/ovqvae:predict", body)
@@ -302,7 +306,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_rows(finished_run):
     assert "Traceback" not in log and "never retrieved" not in log, log
     gone = re.findall(r"POST /v1/models/ovqvae:anytime 499 .* k=(\d+) \(the client left\)", log)
     assert len(gone) == 1 and int(gone[0]) < K, log  # Dropped before its last code.
-    assert re.search(r"POST /v1/models/ovqvae:anytime 200 [\d.]+ ms deadline_ms=5000 k=8", log)
+    assert re.search(r"POST /v1/models/ovqvae:anytime 200 [\d.]+ ms version=1 deadline_ms=5000 k=8", log)
 
 
 def test_sigterm_drains_requests_in_flight(finished_run):

@@ -93,20 +93,22 @@ def test_a_large_predict_body_is_parsed_off_the_event_loop(served):
     assert status == 400 and "nested too deeply" in answer["error"]
 
 
-def test_a_bug_is_a_500_logged_once_with_its_traceback_and_counted(finished_run, caplog):
+def test_a_bug_is_a_500_logged_once_with_its_traceback_and_counted(finished_run, caplog,
+                                                                    monkeypatch):
     from aiohttp.test_utils import TestClient, TestServer
 
     from pipeline.serving import ServeConfig
     from pipeline.serving.app import Server as App
+    from pipeline.serving.model import Model
 
     config = ServeConfig(saved_model=os.path.join(finished_run, "saved_model"), max_batch=2,
                          max_samples=2)
     app = App(config)
 
-    def broken(signature, inputs):
+    def broken(self, signature, inputs):
         raise RuntimeError("a bug")
 
-    app.model.call = broken
+    monkeypatch.setattr(Model, "call", broken)
 
     async def main():
         async with TestClient(TestServer(app.app())) as client:

@@ -35,6 +35,7 @@ from pipeline.serving.engine import CallJob, ClientGone, Engine, Overloaded, Sam
 from pipeline.serving.metrics import Metrics
 from pipeline.serving.model import PREDICT_SIGNATURES, Model
 from pipeline.serving.protocol import RequestError
+from pipeline.serving.versions import Versions
 
 INLINE_PARSE_BYTES = 64 << 10  # Bodies up to this size are parsed on the event loop.
 CLIENT_GONE = 499  # nginx's status for "the client closed the request", in logs and metrics.
@@ -119,28 +120,29 @@ def _gone(request):
 
 
 class Server:
-    def __init__(self, config: ServeConfig, model: Optional[Model] = None):
+    def __init__(self, config: ServeConfig):
         self.config = config
-        self.model = model or Model(config.saved_model)
         self.metrics = Metrics()
-        self.engine: Optional[Engine] = None   # Made on start-up, inside the event loop.
         self.parsers: Optional[ProcessPoolExecutor] = None
         self.draining = False
         self.in_flight = 0
-        self.specs = self.model.input_specs()
-        self.metadata = protocol.signature_metadata(self.model.signatures, PREDICT_SIGNATURES)
-        self.page = page(config.model_name, self.model.code_length)
+        self.versions = Versions(config.model_base_path, config.saved_model,
+                                 config.model_version_policy, config.labels,
+                                 self._load_version, self._unload_version, log.info)
+        self.page: Optional[str] = None
+        self.poller: Optional[asyncio.Task] = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes,
                               middlewares=[self._middleware])
-        name = self.config.model_name
+        base = f"/v1/models/{self.config.model_name}"
         app.router.add_get("/", self.index)
         app.router.add_get("/metrics", self.prometheus)
-        app.router.add_get(f"/v1/models/{name}", self.status)
-        app.router.add_get(f"/v1/models/{name}/metadata", self.model_metadata)
-        app.router.add_post(f"/v1/models/{name}:predict", self.predict)
-        app.router.add_post(f"/v1/models/{name}:anytime", self.anytime)
+        for prefix in (base, base + r"/versions/{version:\d+}", base + "/labels/{label:[^/:]+}"):
+            app.router.add_get(prefix, self.status)
+            app.router.add_get(prefix + "/metadata", self.model_metadata)
+            app.router.add_post(prefix + ":predict", self.predict)
+            app.router.add_post(prefix + ":anytime", self.anytime)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -155,20 +157,48 @@ class Server:
                        shutdown_timeout=1.0)
 
     async def _start(self, app):
-        self.engine = Engine(self.model, self.config, self.metrics)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.engine.pool, self.engine.warm_up,
-                                   self._render_anytime, log.info)
         # Spawned, not forked: the parent has TensorFlow's threads.
         self.parsers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         await loop.run_in_executor(self.parsers, protocol.parse_json, b"{}")  # Starts it.
-        self.engine.start()
+        await self.versions.refresh()
+        if self.config.model_base_path:
+            self.poller = loop.create_task(
+                self.versions.poll(self.config.file_system_poll_wait_seconds))
 
     async def _stop(self, app):
-        if self.engine is not None:
-            await self.engine.stop()
+        if self.poller is not None:
+            self.poller.cancel()
+        for version in self.versions.versions.values():
+            if version.engine is not None:
+                await version.engine.stop()
         if self.parsers is not None:
             self.parsers.shutdown(wait=False, cancel_futures=True)
+
+    async def _load_version(self, version) -> None:
+        """Loads a version's SavedModel and compiles and times its programs (its engine's
+        warm-up) before it takes traffic."""
+        model = await asyncio.to_thread(Model, version.path)
+        engine = Engine(model, self.config, self.metrics)
+        await asyncio.get_running_loop().run_in_executor(
+            engine.pool, engine.warm_up, self._render_anytime,
+            lambda message: log.info("version %d: %s", version.number, message))
+        engine.start()
+        version.specs = model.input_specs()
+        version.metadata = protocol.signature_metadata(model.signatures, PREDICT_SIGNATURES)
+        version.signature_defs = await asyncio.to_thread(model.signature_defs,
+                                                         PREDICT_SIGNATURES)
+        version.model, version.engine = model, engine
+        if self.page is None:
+            self.page = page(self.config.model_name, model.code_length)
+
+    @staticmethod
+    async def _unload_version(version) -> None:
+        await version.engine.stop()
+
+    def busy(self) -> bool:
+        return any(v.engine is not None and v.engine.busy()
+                   for v in self.versions.versions.values())
 
     # -- every request
 
@@ -253,21 +283,39 @@ class Server:
     # -- routes
 
     async def index(self, request):
+        if self.page is None:
+            raise RequestError("no version of the model is available yet", 503,
+                               {"Retry-After": "1"})
         return web.Response(text=self.page, content_type="text/html")
 
     async def prometheus(self, request):
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    def _version(self, request):
+        """The version a request's URL names (the highest available when it names none)."""
+        version = self.versions.resolve(request.match_info.get("version"),
+                                        request.match_info.get("label"))
+        request["log"]["version"] = version.number
+        return version
+
     async def status(self, request):
-        state = "UNLOADING" if self.draining else "AVAILABLE"
-        return web.json_response(protocol.model_status(state),
-                                 status=503 if self.draining else 200)
+        statuses = self.versions.statuses(request.match_info.get("version"),
+                                          request.match_info.get("label"))
+        if self.draining:
+            statuses = [{**s, "state": "UNLOADING", "status": {
+                "error_code": "UNAVAILABLE", "error_message": "the server is draining"}}
+                for s in statuses]
+        ready = not self.draining and any(s["state"] == "AVAILABLE" for s in statuses)
+        return web.json_response({"model_version_status": statuses},
+                                 status=200 if ready else 503)
 
     async def model_metadata(self, request):
+        version = self._version(request)
         return web.json_response({
-            "model_spec": {"name": self.config.model_name, "signature_name": "", "version": "1"},
-            "metadata": {"signature_def": {"signature_def": self.metadata}}})
+            "model_spec": {"name": self.config.model_name, "signature_name": "",
+                           "version": str(version.number)},
+            "metadata": {"signature_def": {"signature_def": version.metadata}}})
 
     @staticmethod
     def _render_anytime(job, codes, images, final):
@@ -280,8 +328,10 @@ class Server:
 
     async def predict(self, request):
         raw = await self._body(request, self.config.max_body_bytes)
-        args = (raw, self.specs, self.config.max_samples, self.model.code_length,
-                self.model.codebook_size)
+        version = self._version(request)
+        model = version.model
+        args = (raw, version.specs, self.config.max_samples, model.code_length,
+                model.codebook_size)
         if len(raw) <= INLINE_PARSE_BYTES:
             parsed = protocol.parse_predict(*args)
         else:
@@ -289,47 +339,66 @@ class Server:
                 self.parsers, protocol.parse_predict, *args)
         if parsed[0] == "error":
             raise RequestError(parsed[1], parsed[2])
-        _, signature, inputs = parsed
+        _, signature, inputs, rows = parsed
         request["log"]["signature"] = signature
-        if signature == "sample":
+        if signature == "sample":  # Scalar inputs only: never rows.
             k = int(inputs["num_codes"])
             request["log"]["k"] = k
             job = SampleJob(int(inputs["num_samples"]), int(inputs["seed"]),
                             float(inputs["temperature"]), k, k, render=self._render_sample,
                             gone=_gone(request))
         else:
+            render = protocol.render_predictions if rows else protocol.render_outputs
             job = CallJob(signature, len(next(v for v in inputs.values() if v.ndim)),
-                          run=lambda: self._call(signature, inputs), gone=_gone(request))
-        self.engine.submit(job)
-        result = await job.done
+                          run=lambda: self._call(model, signature, inputs, render),
+                          gone=_gone(request))
+        return await self._answer(version, job, request)
+
+    async def _answer(self, version, job, request):
+        """Submits a job to the version's engine and waits for its body; the version is
+        not unloaded while the job is in flight."""
+        version.in_flight += 1
+        try:
+            version.engine.submit(job)
+            result = await job.done
+        finally:
+            version.in_flight -= 1
         if isinstance(result, Exception):
             raise result
         return web.Response(body=result, content_type="application/json")
 
-    def _call(self, signature, inputs) -> bytes:
+    @staticmethod
+    def _call(model, signature, inputs, render) -> bytes:
         try:
-            return protocol.render_outputs(self.model.call(signature, inputs))
-        except self.model.tf.errors.InvalidArgumentError as e:
+            return render(model.call(signature, inputs))
+        except model.tf.errors.InvalidArgumentError as e:
             raise RequestError(op_error_text(e)) from None
 
     async def anytime(self, request):
         now = time.monotonic()
         body = protocol.parse_json(await self._body(request,
                                                     self.config.max_anytime_body_bytes))
-        fields = protocol.anytime_fields(body, self.config.max_samples, self.model.code_length)
+        version = self._version(request)
+        fields = protocol.anytime_fields(body, self.config.max_samples,
+                                         version.model.code_length)
         request["log"]["deadline_ms"] = fields["deadline_ms"]
         job = SampleJob(fields["num_samples"], fields["seed"], fields["temperature"],
                         fields["min_codes"], fields["max_codes"], render=self._render_anytime,
                         deadline=now + fields["deadline_ms"] / 1e3, stream=fields["stream"],
                         gone=_gone(request), arrived=now)
-        self.engine.submit(job)
         if not job.stream:
-            result = await job.done
-            if isinstance(result, Exception):
-                raise result
-            self.engine.sent(job)
+            response = await self._answer(version, job, request)
+            version.engine.sent(job)
             request["log"]["k"] = job.k
-            return web.Response(body=result, content_type="application/json")
+            return response
+        version.in_flight += 1
+        try:
+            return await self._stream(version, job, request)
+        finally:
+            version.in_flight -= 1
+
+    async def _stream(self, version, job, request):
+        version.engine.submit(job)
         started = await job.started  # A refusal before the first code is still a 503.
         if isinstance(started, Exception):
             raise started
@@ -348,7 +417,7 @@ class Server:
         elif isinstance(result, Exception):  # After a 200: the error goes in the stream.
             await response.write(f"data: {json.dumps({'error': str(result)})}\n\n".encode())
         else:
-            self.engine.sent(job)
+            version.engine.sent(job)
         request["log"]["k"] = job.k
         return response
 
@@ -361,9 +430,9 @@ class Server:
         log.info("draining: requests in flight finish (up to %g s), new ones get 503",
                  self.config.drain_seconds)
         give_up = time.monotonic() + self.config.drain_seconds
-        while (self.in_flight or self.engine.busy()) and time.monotonic() < give_up:
+        while (self.in_flight or self.busy()) and time.monotonic() < give_up:
             await asyncio.sleep(0.02)
-        if self.in_flight or self.engine.busy():
+        if self.in_flight or self.busy():
             log.info("drain time over: closing %d request(s) still in flight", self.in_flight)
         await runner.cleanup()
 
@@ -383,10 +452,20 @@ async def _serve(config: ServeConfig):
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    grpc_server = None
+    if config.grpc_port:
+        from pipeline.serving import grpc_service
+
+        grpc_server, grpc_port = await grpc_service.start(server, config.host, config.grpc_port)
+        log.info("gRPC (TF Serving's PredictionService, ModelService) on %s:%d", config.host,
+                 grpc_port)
     port = runner.addresses[0][1]  # The bound port, also when asked for port 0.
-    log.info("%s as model %r on http://%s:%d/ (K=%d)", config.saved_model, config.model_name,
-             config.host, port, server.model.code_length)
+    log.info("%s as model %r on http://%s:%d/ (versions %s)",
+             config.saved_model or config.model_base_path, config.model_name, config.host,
+             port, [v.number for v in server.versions.available()])
     await stopped.wait()
+    if grpc_server is not None:
+        await grpc_server.stop(1.0)
     log.info("drained and stopped")
 
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 LOG_FORMATS = ("text", "json")
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    saved_model: str
+    saved_model: Optional[str] = None      # One SavedModel, served as version 1; or
+    model_base_path: Optional[str] = None  # DIR/<version>/ SavedModels, polled.
+    model_version_policy: str = "latest"   # "latest", "all" or "specific:N,M".
+    version_labels: str = ""               # "stable=3,canary=4".
+    file_system_poll_wait_seconds: float = 1.0
     model_name: str = "ovqvae"
     host: str = "127.0.0.1"
     port: int = 8501
+    grpc_port: int = 0                     # TF Serving's gRPC API there (0: off).
     max_batch: int = 128         # Rows (samples) sampled together at most.
     max_samples: int = 64        # num_samples of one request at most.
     max_queue: int = 256         # Requests waiting for the model at most.
@@ -41,8 +47,17 @@ class ServeConfig:
                   "an integer >= 1")
         check("max_samples", self.max_samples <= self.max_batch,
               f"at most max_batch={self.max_batch}")
-        check("port", isinstance(self.port, int) and 0 <= self.port <= 65535,
-              "0 <= port <= 65535")
+        check("saved_model", bool(self.saved_model) != bool(self.model_base_path),
+              "exactly one of saved_model and model_base_path")
+        for name in ("port", "grpc_port"):
+            value = getattr(self, name)
+            check(name, isinstance(value, int) and 0 <= value <= 65535, "0 <= port <= 65535")
+        check("file_system_poll_wait_seconds", 0 < self.file_system_poll_wait_seconds <= 3600,
+              "a number in (0, 3600]")
+        from pipeline.serving.versions import parse_labels, parse_policy
+
+        parse_policy(self.model_version_policy)
+        parse_labels(self.version_labels)
         check("model_name", bool(self.model_name) and "/" not in self.model_name
               and ":" not in self.model_name, "a non-empty name without '/' or ':'")
         check("deadline_margin_ms", 0 <= self.deadline_margin_ms <= 10_000,
@@ -53,6 +68,12 @@ class ServeConfig:
         for name in ("drain_seconds", "header_timeout_s", "body_timeout_s"):
             check(name, 0 < getattr(self, name) <= 3600, "a number in (0, 3600]")
         check("log_format", self.log_format in LOG_FORMATS, f"one of {list(LOG_FORMATS)}")
+
+    @property
+    def labels(self) -> dict:
+        from pipeline.serving.versions import parse_labels
+
+        return parse_labels(self.version_labels)
 
     @property
     def fixed_rows(self) -> int:

@@ -25,6 +25,7 @@ class Model:
         from ordered_vqvae.export import check_saved_model_dir
 
         check_saved_model_dir(path)
+        self.path = path
         self.tf = tf
         self.module = tf.saved_model.load(path)
         self.signatures = self.module.signatures
@@ -37,6 +38,16 @@ class Model:
         return {name: {k: (v.dtype.name, tuple(v.shape.as_list()))
                        for k, v in self.signatures[name].structured_input_signature[1].items()}
                 for name in PREDICT_SIGNATURES}
+
+    def signature_defs(self, names) -> dict:
+        """{signature: SignatureDef proto} of the signatures `names`, read from
+        saved_model.pb as TF Serving reads them."""
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        saved = saved_model_pb2.SavedModel()
+        with self.tf.io.gfile.GFile(f"{self.path}/saved_model.pb", "rb") as f:
+            saved.ParseFromString(f.read())
+        return {name: saved.meta_graphs[0].signature_def[name] for name in names}
 
     def begin(self, num_samples: int, seed: int) -> dict:
         tf = self.tf
