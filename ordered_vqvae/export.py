@@ -24,6 +24,15 @@ Interruptible sampling, for a server that batches requests and stops each at its
   decode_at(codes: int32 [N,K], num_codes: int32 [N]) -> {"images": float32 [N,H,W,C]}
       row n decoded from its first num_codes[n] codes
 
+Adaptive-length codes:
+
+  encode_to_quality(images: float32 [N,H,W,C] in [0,1], max_mse: float32 scalar > 0)
+      -> {"codes": int32 [N,K] (0 beyond num_codes), "num_codes": int32 [N],
+          "mse": float32 [N]}
+      each image's smallest k whose reconstruction has MSE <= max_mse (K when none has),
+      found by decoding the prefixes k = 1, 2, ... until every image has met it; "mse" is
+      its reconstruction's MSE at num_codes. A PSNR target p is max_mse = 10^(-p/10).
+
 A row's codes depend only on (seed, row): `begin` + `extend` to k give the codes `sample`
 gives for k.
 
@@ -43,7 +52,8 @@ from ordered_vqvae.generator import ImageGenerator
 from ordered_vqvae.sampler import SamplingState, row_seeds
 from ordered_vqvae.validation import check_num_codes
 
-SIGNATURES = ("encode", "decode", "sample", "begin", "extend", "decode_at")
+SIGNATURES = ("encode", "decode", "sample", "begin", "extend", "decode_at",
+              "encode_to_quality")
 
 
 def _stacked(cache):
@@ -94,9 +104,34 @@ class AnytimeModel(tf.Module):
         self.decode_at = tf.function(self._decode, input_signature=[  # One k per row.
             tf.TensorSpec([None, K], tf.int32, name="codes"),
             tf.TensorSpec([None], tf.int32, name="num_codes")])
+        self.encode_to_quality = tf.function(self._encode_to_quality, input_signature=[
+            tf.TensorSpec([None, h, w, c], tf.float32, name="images"),
+            tf.TensorSpec([], tf.float32, name="max_mse")])
 
     def _encode(self, images):
         return {"codes": self.autoencoder.encode(images)}
+
+    def _encode_to_quality(self, images, max_mse):
+        K = self._K
+        with tf.control_dependencies([tf.debugging.Assert(
+                max_mse > 0.0, ["max_mse=", max_mse, "must be > 0"])]):
+            codes = self.autoencoder.encode(images)
+        n = tf.shape(codes)[0]
+
+        def more(k, found, mse):
+            return (k <= K) & tf.reduce_any(found == 0)
+
+        def prefix(k, found, mse):
+            error = tf.reduce_mean(tf.square(self.autoencoder.decode(codes, k) - images),
+                                   axis=[1, 2, 3])
+            settle = (found == 0) & ((error <= max_mse) | (k == K))
+            return k + 1, tf.where(settle, k, found), tf.where(settle, error, mse)
+
+        _, found, mse = tf.while_loop(more, prefix, (tf.constant(1), tf.zeros([n], tf.int32),
+                                                     tf.zeros([n], tf.float32)))
+        kept = tf.sequence_mask(found, K)
+        return {"codes": tf.where(kept, codes, tf.zeros_like(codes)), "num_codes": found,
+                "mse": mse}
 
     def _decode(self, codes, num_codes):
         return {"images": self.autoencoder.decode(codes, num_codes)}
