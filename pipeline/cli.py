@@ -80,7 +80,13 @@ flags.DEFINE_integer("classifier_epochs", None, "Epochs of the domain classifier
 flags.DEFINE_integer("ablation_max_train_images", None, "Training images of each ablation variant.")
 flags.DEFINE_integer("ablation_epochs", None, "Autoencoder epochs of each ablation variant.")
 flags.DEFINE_string("output", None, "PNG grid to write (sample; default WORKDIR/samples/"
-                    "samples_k<k,...>_seed<seed>.png); codes and images go beside it as .npz.")
+                    "samples_k<k,...>_seed<seed>.png); codes and images go beside it as .npz. "
+                    "encode: the codes .npz; decode: a new folder of PNGs.")
+flags.DEFINE_float("min_psnr", None, "encode: each image keeps the fewest codes whose "
+                   "reconstruction reaches this PSNR (dB).")
+flags.DEFINE_float("max_mse", None, "encode: each image keeps the fewest codes whose "
+                   "reconstruction has at most this MSE.")
+flags.DEFINE_string("codes", None, "decode: the .npz that ovqvae encode wrote.")
 
 
 
@@ -99,6 +105,8 @@ GROUPS = {
     "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",
                "output"],
     "status": ["workdir"],
+    "encode": ["saved_model", "data_path", "min_psnr", "max_mse", "num_codes", "output"],
+    "decode": ["saved_model", "codes", "output"],
     "serve": ["saved_model", "model_base_path", "model_version_policy", "version_labels",
               "file_system_poll_wait_seconds", "workdir", "host", "port", "grpc_port",
               "model_name", "max_batch",
@@ -126,6 +134,10 @@ COMMANDS = {c.name: c for c in (
             ALL_STAGE_GROUPS, beam_options=True),
     Command("sample", "draw samples from a SavedModel at one or several k: a PNG grid (a row "
             "per k) and an .npz", ("sample",)),
+    Command("encode", "a folder of images to adaptive-length codes (.npz): each image keeps the "
+            "fewest codes that meet --min_psnr or --max_mse", ("encode",)),
+    Command("decode", "codes from ovqvae encode back to a folder of PNGs, each from its own "
+            "number of codes", ("decode",)),
     Command("status", "the workdir's recorded run and which stages are up to date",
             ("status",)),
     Command("serve", "serve a SavedModel: TF Serving's REST API, :anytime with deadlines, "
@@ -249,6 +261,12 @@ def _serve():
     serving.serve(config)
 
 
+def _codec(command: str):
+    from pipeline import codec
+
+    codec.command(command, FLAGS)
+
+
 # Commands that run stages in a workdir, from its recorded run.
 WORKDIR_COMMANDS = ("demo", "run", "experiments") + tuple(s.command for s in STAGES)
 # absl's own flags, which every command takes.
@@ -328,6 +346,8 @@ def main(argv):
         return _sample()
     if command == "serve":
         return _serve()
+    if command in ("encode", "decode"):
+        return _codec(command)
     workdir = FLAGS.workdir or ("workdir/digits" if command == "demo" else None)
     if not workdir:
         raise UsageError("--workdir is required")
@@ -368,24 +388,13 @@ def _workdir_command(command: str, workdir: str, beam_args: list) -> None:
 
 
 def _status(workdir: str) -> None:
-    from pipeline import stages, workdir as wd
-    from pipeline.config import PipelineConfig
+    from pipeline import stages
 
-    record = wd.read_run(workdir)
-    if record is None:
-        raise UsageError(f"workdir {workdir!r} has no recorded run ({wd.RUN_RECORD}); "
-                         "'ovqvae run --workdir=...' starts one")
-    config = PipelineConfig.from_dict(record["config"])
-    data = config.data
-    print(f"workdir {workdir}: recorded {record['recorded']}\n  data: {data.source}"
-          f"{' at ' + data.path if data.path else ''}, "
-          f"{'x'.join(map(str, config.autoencoder.image_shape))} images, preset {config.preset}"
-          f"\n  autoencoder: K={config.autoencoder.code_length} codes of "
-          f"{config.autoencoder.codebook_size} codewords, {config.autoencoder.epochs} epochs; "
-          f"prior: {config.prior.num_layers} layers, width {config.prior.width}, "
-          f"{config.prior.epochs} epochs")
-    for name, state in stages.stage_states(config, workdir).items():
-        print(f"  {name:<12} {state}")
+    lines = stages.status_lines(workdir)
+    if lines is None:
+        raise UsageError(f"workdir {workdir!r} has no recorded run; 'ovqvae run "
+                         "--workdir=...' starts one")
+    print("\n".join(lines))
 
 
 def _parse(argv):

@@ -330,3 +330,20 @@ def stage_states(config: PipelineConfig, workdir: str) -> Dict[str, str]:
             states[spec.name] = ("up to date" if current else
                                  "to redo (a stage it reads, or its artifact, changed)")
     return states
+
+
+def status_lines(workdir: str):
+    """What `ovqvae status` prints: the workdir's recorded run and each stage's state, or
+    None when the workdir records no run."""
+    record = wd.read_run(workdir)
+    if record is None:
+        return None
+    config = PipelineConfig.from_dict(record["config"])
+    data, ae, prior = config.data, config.autoencoder, config.prior
+    return [f"workdir {workdir}: recorded {record['recorded']}",
+            f"  data: {data.source}{' at ' + data.path if data.path else ''}, "
+            f"{'x'.join(map(str, ae.image_shape))} images, preset {config.preset}",
+            f"  autoencoder: K={ae.code_length} codes of {ae.codebook_size} codewords, "
+            f"{ae.epochs} epochs; prior: {prior.num_layers} layers, width {prior.width}, "
+            f"{prior.epochs} epochs",
+            *(f"  {name:<12} {state}" for name, state in stage_states(config, workdir).items())]

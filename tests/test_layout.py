@@ -106,10 +106,10 @@ def test_help_lists_every_command_with_a_summary_and_no_tensorflow_lines():
     proc = ovqvae("--help", check_rc=0, env=_clean_env())
     assert proc.stderr == ""
     listed = re.findall(r"^  (\w+)  +(\S.*)$", proc.stdout, re.M)
-    expected = ["demo", "run", "sample", "status", "serve", "experiments", "train_autoencoder",
-                "extract", "train_prior", "export", "report"]
+    expected = ["demo", "run", "sample", "encode", "decode", "status", "serve", "experiments",
+                "train_autoencoder", "extract", "train_prior", "export", "report"]
     assert [name for name, _ in listed] == expected
-    assert [s.command for s in stages.STAGES] == expected[6:]  # Derived from the stages.
+    assert [s.command for s in stages.STAGES] == expected[8:]  # Derived from the stages.
     assert all(len(summary) > 20 for _, summary in listed)
 
 

@@ -1,0 +1,115 @@
+"""Adaptive-length codes: the SavedModel's encode_to_quality signature against a NumPy
+search over every prefix, and `ovqvae encode` then `ovqvae decode` as a round trip."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ovqvae
+from pipeline import sources
+
+
+@pytest.fixture(scope="module")
+def model(finished_run):
+    import tensorflow as tf
+
+    path = os.path.join(finished_run, "saved_model")
+    return path, tf.saved_model.load(path)
+
+
+def _prefix_errors(module, images):
+    """MSE [N, K] of each image decoded from its first k codes, k = 1..K."""
+    import tensorflow as tf
+
+    codes = module.signatures["encode"](images=tf.constant(images))["codes"]
+    K = codes.shape[1]
+    return np.stack([((module.signatures["decode_at"](
+        codes=codes, num_codes=tf.fill([len(images)], k))["images"].numpy() - images) ** 2)
+        .mean(axis=(1, 2, 3)) for k in range(1, K + 1)], axis=1)
+
+
+def test_encode_to_quality_gives_each_image_its_smallest_k(model):
+    import tensorflow as tf
+
+    _, module = model
+    images = sources.to_numpy(sources.load("digits", "test")[0])[0][:48]
+    errors = _prefix_errors(module, images)
+    K = errors.shape[1]
+    for target in np.quantile(errors[:, K // 2 - 1], [0.1, 0.5, 0.9]):
+        out = {k: v.numpy() for k, v in module.signatures["encode_to_quality"](
+            images=tf.constant(images), max_mse=tf.constant(target, tf.float32)).items()}
+        meets = errors <= np.float32(target)
+        want = np.where(meets.any(axis=1), meets.argmax(axis=1) + 1, K)
+        np.testing.assert_array_equal(out["num_codes"], want)
+        np.testing.assert_allclose(out["mse"], errors[np.arange(len(images)), want - 1],
+                                   rtol=1e-5, atol=1e-7)
+        assert 1 < len(set(want.tolist()))  # Images differ in what they need.
+        beyond = np.arange(K)[None] >= want[:, None]
+        assert (out["codes"][beyond] == 0).all()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_mse="):
+        module.signatures["encode_to_quality"](images=tf.constant(images),
+                                               max_mse=tf.constant(0.0))
+
+
+def test_encode_then_decode_reproduces_the_signatures_reconstructions(model, tmp_path):
+    import tensorflow as tf
+
+    path, module = model
+    images = sources.to_numpy(sources.load("digits", "test")[0])[0][:30]
+    pixels = np.round(images * 255).astype(np.uint8)
+    for i, image in enumerate(pixels):  # Class folders and a flat file.
+        folder = tmp_path / "photos" / (f"c{i % 3}" if i else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0]).save(folder / f"img{i:02d}.png")
+    stored = pixels.astype(np.float32) / 255
+    psnr_at_k = 10 * np.log10(1 / np.maximum(_prefix_errors(module, stored), 1e-12))
+    target = float(psnr_at_k[:, -1].min()) - 0.5  # Reachable by every image.
+    out = ovqvae("encode", f"--saved_model={path}", f"--data_path={tmp_path / 'photos'}",
+                 f"--min_psnr={target}", f"--output={tmp_path / 'codes.npz'}", check_rc=0)
+    assert "bits per pixel" in out.stdout and "5th percentile" in out.stdout
+    npz = np.load(tmp_path / "codes.npz")
+    order = [int(i[3:]) for i in npz["ids"]]
+    assert sorted(order) == list(range(30)) and npz["codes"].shape == (30, psnr_at_k.shape[1])
+    want = np.where((psnr_at_k >= target).any(axis=1), (psnr_at_k >= target).argmax(axis=1) + 1,
+                    psnr_at_k.shape[1])
+    np.testing.assert_array_equal(npz["num_codes"], want[order])
+    ovqvae("decode", f"--saved_model={path}", f"--codes={tmp_path / 'codes.npz'}",
+           f"--output={tmp_path / 'decoded'}", check_rc=0)
+    expected = module.signatures["decode_at"](codes=tf.constant(npz["codes"]),
+                                              num_codes=tf.constant(npz["num_codes"]))
+    expected = expected["images"].numpy()
+    for image_id, want_image, original in zip(npz["ids"], expected, stored[order]):
+        got = np.asarray(Image.open(tmp_path / "decoded" / f"{image_id}.png"))
+        np.testing.assert_array_equal(got, np.round(np.clip(want_image[..., 0], 0, 1) * 255))
+        assert 10 * np.log10(1 / ((want_image - original) ** 2).mean()) >= target - 1e-4
+
+
+def test_bad_codec_inputs_name_what_is_wrong(model, tmp_path):
+    path, _ = model
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "photos" / "odd.png")
+    cases = [
+        (("encode", f"--data_path={tmp_path / 'photos'}", f"--output={tmp_path / 'c.npz'}"),
+         2, "one target of --min_psnr, --max_mse and --num_codes; got none"),
+        (("encode", f"--data_path={tmp_path / 'photos'}", f"--output={tmp_path / 'c.npz'}",
+          "--min_psnr=20", "--max_mse=0.1"), 2, r"got \['min_psnr', 'max_mse'\]"),
+        (("encode", f"--data_path={tmp_path / 'photos'}", f"--output={tmp_path / 'c.npz'}",
+          "--max_mse=0.1"), 1, "odd.png is 9x9, the model takes 8x8"),
+        (("encode", f"--data_path={tmp_path / 'none'}", f"--output={tmp_path / 'c.npz'}",
+          "--max_mse=0.1"), 2, "is not a directory of images"),
+        (("decode", f"--codes={tmp_path / 'photos' / 'odd.png'}",
+          f"--output={tmp_path / 'out'}"), 2, "is not a codes .npz"),
+        (("decode", f"--codes={tmp_path / 'c.npz'}", f"--output={tmp_path / 'photos'}"), 2,
+         "exists and is not an empty directory"),
+    ]
+    np.savez(tmp_path / "wrong.npz", ids=np.array(["a"]), codes=np.zeros((1, 3), np.int32),
+             num_codes=np.ones(1, np.int32))
+    cases.append((("decode", f"--codes={tmp_path / 'wrong.npz'}", f"--output={tmp_path / 'o'}"),
+                  2, r"codes \[1, 3\] and num_codes \[1\] for 1 ids; the model takes \[N, 8\]"))
+    for args, rc, message in cases:
+        proc = ovqvae(*args, f"--saved_model={path}", check_rc=rc)
+        assert re.search(message, proc.stderr), (message, proc.stderr)
+    assert not (tmp_path / "c.npz").exists() and not (tmp_path / "o").exists()
