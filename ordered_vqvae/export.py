@@ -36,13 +36,16 @@ Adaptive-length codes:
 A row's codes depend only on (seed, row): `begin` + `extend` to k give the codes `sample`
 gives for k.
 
-and attributes `code_length`, `codebook_size` and `image_shape` (int32 variables).
+and attributes `code_length`, `codebook_size` and `image_shape` (int32 variables), and
+`quality_profile`, a JSON string variable: what quality and time each k gives, as
+measured at export (`{}` when the exporter measured none).
 Out-of-range arguments fail inside the signature with a message naming the value.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import tensorflow as tf
@@ -179,15 +182,19 @@ class AnytimeModel(tf.Module):
                 "position": state.position, "finite": state.finite}
 
 
-def export(autoencoder, prior, path: str) -> str:
+def export(autoencoder, prior, path: str, profile=None) -> str:
     """Writes the SavedModel to `path` atomically (temp dir beside it, then rename). The
     prior computes in float32 (its projection kernels may be bfloat16: `load_prior(dtype=
-    "bfloat16_weights")`), as the signatures' float32 key/value cache needs."""
+    "bfloat16_weights")`), as the signatures' float32 key/value cache needs. `profile`:
+    a function of the built module returning a JSON-able dict, stored as its
+    `quality_profile`."""
     if prior.compute_dtype != "float32":
         raise ValueError(f"the prior computes in {prior.compute_dtype}; the SavedModel's "
                          "key/value cache is float32: export a prior loaded with dtype "
                          "'float32' or 'bfloat16_weights'")
     module = AnytimeModel(autoencoder, prior)
+    module.quality_profile = tf.Variable(json.dumps(profile(module) if profile else {}),
+                                         trainable=False, name="quality_profile")
     signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
     with atomic_directory(path) as tmp:
         tf.saved_model.save(module, tmp, signatures=signatures)

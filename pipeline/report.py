@@ -10,7 +10,7 @@ from ordered_vqvae import figures
 from ordered_vqvae.atomic import atomic_directory, write_json
 from ordered_vqvae.configs import fraction_lengths
 from ordered_vqvae.generator import ImageGenerator
-from pipeline import evaluate
+from pipeline import evaluate, profile
 from pipeline.config import PipelineConfig
 
 
@@ -60,6 +60,7 @@ def build(config: PipelineConfig, autoencoder, prior, results: dict, shown_image
         figures.save_curves({"ordered VQ-VAE": mse}, os.path.join(tmp, "mse_vs_codes.png"),
                             "codes kept (k)", "test MSE ([0,1] scale)",
                             f"Reconstruction error against code length (K={K})", logy=True)
+        profile.plot(results["export"]["profile"], os.path.join(tmp, "quality_profile.png"))
         seconds = evaluate.sampling_seconds(generator, n, sorted(mse))
         figures.save_curves({f"batch of {n}": seconds}, os.path.join(tmp, "time_vs_codes.png"),
                             "codes generated (k)", "seconds (sample + decode)",
@@ -119,7 +120,12 @@ def _markdown(config: PipelineConfig, m: dict) -> str:
               "## Sampling time against code length", "",
               f"Wall time for a batch of {config.report_samples} samples (codes and decoding), "
               "best of 3, one compiled program for every k.", "",
-              "![time against code length](time_vs_codes.png)", ""]
+              "![time against code length](time_vs_codes.png)", "",
+              "## The SavedModel's quality profile", "",
+              "What the exported model stores and serves (`quality_profile`, `GET "
+              "/v1/models/{name}/profile`): reconstruction PSNR of test images and the "
+              "samples' pixel FD per k, and sampling time per k on the exporting machine.", "",
+              "![quality and time against code length](quality_profile.png)", ""]
     return "\n".join(lines)
 
 

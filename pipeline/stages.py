@@ -143,14 +143,27 @@ def _train_prior(config: PipelineConfig, ctx: Context) -> dict:
 
 
 def _export(config: PipelineConfig, ctx: Context) -> dict:
+    import numpy as np
+
     from ordered_vqvae import export, models
     from ordered_vqvae.prior import load_prior
+    from pipeline import profile
+
+    test = np.concatenate(list(config.data.image_batches("test", sample=profile.TEST_IMAGES)))
+    measured = {}
+
+    def measure(module):
+        measured.update(profile.measure(module, test, seed=config.seed))
+        return measured
 
     path = export.export(models.load_autoencoder(ctx.artifact("autoencoder")),
                          load_prior(ctx.artifact("prior"), config.export_dtype),
-                         ctx.artifact("export"))
-    print(f"[export] SavedModel at {path}", flush=True)
-    return {"saved_model": path}
+                         ctx.artifact("export"), profile=measure)
+    K = measured["code_length"]
+    print(f"[export] SavedModel at {path}; quality profile on {len(test)} test images: PSNR "
+          f"{measured['psnr_mean'][0]:.1f} dB at k=1, {measured['psnr_mean'][-1]:.1f} dB at "
+          f"k={K}", flush=True)
+    return {"saved_model": path, "profile": measured}
 
 
 def _report(config: PipelineConfig, ctx: Context) -> dict:
@@ -161,7 +174,7 @@ def _report(config: PipelineConfig, ctx: Context) -> dict:
     from pipeline import report
 
     results = {name: wd.read_manifest(ctx.workdir, name)["result"]
-               for name in ("autoencoder", "extract", "prior")}
+               for name in ("autoencoder", "extract", "prior", "export")}
     total, count = 0.0, 0
     for batch in config.data.image_batches("train", sample=report.BASELINE_TRAIN_IMAGES):
         total, count = total + batch.astype(np.float64).sum(axis=0), count + len(batch)
@@ -198,7 +211,7 @@ STAGES: Tuple[Stage, ...] = (
           lambda c: {} if c.export_dtype == "float32" else {"dtype": c.export_dtype},
           _export, "write the SavedModel with encode, decode and sample signatures",
           ("export",)),
-    Stage("report", "report", "report", ("autoencoder", "extract", "prior"),
+    Stage("report", "report", "report", ("autoencoder", "extract", "prior", "export"),
           lambda c: {"data": c.data.cache_inputs(), "report_samples": c.report_samples,
                      "seed": c.seed},
           _report, "write report.md, metrics.json and figures (samples at 25-100% of K)",

@@ -113,3 +113,31 @@ def test_bad_codec_inputs_name_what_is_wrong(model, tmp_path):
         proc = ovqvae(*args, f"--saved_model={path}", check_rc=rc)
         assert re.search(message, proc.stderr), (message, proc.stderr)
     assert not (tmp_path / "c.npz").exists() and not (tmp_path / "o").exists()
+
+
+def test_every_saved_model_carries_its_measured_quality_profile(model, finished_run):
+    import json
+
+    import tensorflow as tf
+
+    from pipeline import stages
+    from pipeline.config import PipelineConfig
+
+    path, module = model
+    profile = json.loads(tf.saved_model.load(path).quality_profile.numpy())
+    K = profile["code_length"]
+    assert profile["k"] == list(range(1, K + 1)) and K == int(module.code_length)
+    assert len(profile["psnr_mean"]) == len(profile["pixel_fd"]) == K
+    config = PipelineConfig.from_dict(json.load(open(os.path.join(finished_run, "run.json")))
+                                      ["config"])
+    test = np.concatenate(list(config.data.image_batches("test", sample=512)))
+    assert profile["test_images"] == len(test)
+    errors = _prefix_errors(module, test)
+    np.testing.assert_allclose(profile["mse_mean"], errors.mean(axis=0), rtol=1e-4, atol=1e-7)
+    psnr = 10 * np.log10(1 / errors)
+    np.testing.assert_allclose(profile["psnr_p5"], np.percentile(psnr, 5, axis=0), atol=2e-3)
+    assert profile["pixel_fd_floor"] > 0 and set(profile["seconds"]) == {"1", "16"}
+    assert all(s > 0 for curve in profile["seconds"].values() for s in curve["seconds"])
+    report = stages.artifact_path(finished_run, "report")
+    assert os.path.getsize(os.path.join(report, "quality_profile.png")) > 5000
+    assert "quality_profile.png" in open(os.path.join(report, "report.md")).read()
