@@ -132,6 +132,12 @@ def test_tf_serving_python_grpc_client_works_unchanged(versioned):
         stub.Predict(request)  # No deadline: nothing to fit the sample to.
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "call with a timeout" in error.value.details()
+    request.inputs["min_psnr"].CopyFrom(tf.make_tensor_proto(150.0, dtype=tf.float32))
+    with pytest.raises(grpc.RpcError) as error:  # Beyond the model's profile.
+        stub.Predict(request, timeout=1.0)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "beyond what this model reaches" in error.value.details()
+    del request.inputs["min_psnr"]
     request.model_spec.ClearField("version_label")
     request.model_spec.version.value = 9
     with pytest.raises(grpc.RpcError) as error:

@@ -399,3 +399,33 @@ def test_the_page_shows_samples_refining(server, tmp_path):
             shutil.copy(tmp_path / "page.png", os.environ["OVQVAE_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+def test_quality_floors_are_planned_with_the_served_profile(server, finished_run):
+    import tensorflow as tf
+
+    profile = json.loads(tf.saved_model.load(os.path.join(finished_run, "saved_model"))
+                         .quality_profile.numpy())
+    status, body, _ = call(server.url + "/v1/models/ovqvae/profile")
+    assert status == 200 and body["quality_profile"] == profile
+    status, body, _ = call(server.url + "/v1/models/ovqvae/metadata")
+    assert body["metadata"]["quality_profile"] == profile
+    psnr = profile["psnr_mean"]
+    k_needed = next(k for k in range(2, K + 1) if psnr[k - 1] > psnr[0])
+    floor = psnr[k_needed - 1]
+    want = min(k for k in range(1, K + 1) if psnr[k - 1] >= floor)
+    for seed in range(3):
+        status, body, _ = call(server.url + "/v1/models/ovqvae:anytime", {
+            "num_samples": 2, "deadline_ms": 2000, "seed": seed, "min_quality": {"psnr": floor}})
+        assert status == 200 and body["num_codes"] >= want
+    status, body, _ = call(server.url + "/v1/models/ovqvae:anytime", {
+        "num_samples": 1, "deadline_ms": 2000, "min_quality": {"psnr": max(psnr) + 1}})
+    assert status == 400 and "beyond what this model reaches" in body["error"]
+    start = time.monotonic()
+    status, body, headers = call(server.url + "/v1/models/ovqvae:anytime", {
+        "num_samples": 16, "deadline_ms": 0.5, "min_quality": {"psnr": psnr[-1]}})
+    assert status == 503 and "reachable in time" in body["error"] and headers["Retry-After"]
+    assert time.monotonic() - start < 0.5  # Refused at once.
+    status, body, _ = call(server.url + "/v1/models/ovqvae:anytime", {
+        "num_samples": 1, "deadline_ms": 100, "min_quality": {"ssim": 0.9}})
+    assert status == 400 and 'expected one of {"psnr": dB} or {"fd_ratio": r}' in body["error"]

@@ -30,6 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ordered_vqvae.validation import op_error_text
 from pipeline.page import page
 from pipeline.serving import protocol
+from pipeline.serving import quality as floors
 from pipeline.serving.config import ServeConfig
 from pipeline.serving.engine import CallJob, ClientGone, Engine, Overloaded, SampleJob
 from pipeline.serving.metrics import Metrics
@@ -141,6 +142,7 @@ class Server:
         for prefix in (base, base + r"/versions/{version:\d+}", base + "/labels/{label:[^/:]+}"):
             app.router.add_get(prefix, self.status)
             app.router.add_get(prefix + "/metadata", self.model_metadata)
+            app.router.add_get(prefix + "/profile", self.quality_profile)
             app.router.add_post(prefix + ":predict", self.predict)
             app.router.add_post(prefix + ":anytime", self.anytime)
         app.on_startup.append(self._start)
@@ -315,7 +317,14 @@ class Server:
         return web.json_response({
             "model_spec": {"name": self.config.model_name, "signature_name": "",
                            "version": str(version.number)},
-            "metadata": {"signature_def": {"signature_def": version.metadata}}})
+            "metadata": {"signature_def": {"signature_def": version.metadata},
+                         "quality_profile": version.model.profile}})
+
+    async def quality_profile(self, request):
+        version = self._version(request)
+        return web.json_response({"model_spec": {"name": self.config.model_name,
+                                                 "version": str(version.number)},
+                                  "quality_profile": version.model.profile})
 
     @staticmethod
     def _render_anytime(job, codes, images, final):
@@ -354,12 +363,12 @@ class Server:
                           gone=_gone(request))
         return await self._answer(version, job, request)
 
-    async def _answer(self, version, job, request):
+    async def _answer(self, version, job, request, quality=None):
         """Submits a job to the version's engine and waits for its body; the version is
         not unloaded while the job is in flight."""
         version.in_flight += 1
         try:
-            version.engine.submit(job)
+            floors.submit(version.engine, job, version.model.profile, quality)
             result = await job.done
         finally:
             version.in_flight -= 1
@@ -382,23 +391,28 @@ class Server:
         fields = protocol.anytime_fields(body, self.config.max_samples,
                                          version.model.code_length)
         request["log"]["deadline_ms"] = fields["deadline_ms"]
+        quality, min_codes = fields["min_quality"], fields["min_codes"]
+        if quality is not None:
+            min_codes = max(min_codes, floors.floor_codes(version.model.profile, quality,
+                                                          fields["max_codes"]))
+            request["log"]["min_codes"] = min_codes
         job = SampleJob(fields["num_samples"], fields["seed"], fields["temperature"],
-                        fields["min_codes"], fields["max_codes"], render=self._render_anytime,
+                        min_codes, fields["max_codes"], render=self._render_anytime,
                         deadline=now + fields["deadline_ms"] / 1e3, stream=fields["stream"],
                         gone=_gone(request), arrived=now)
         if not job.stream:
-            response = await self._answer(version, job, request)
+            response = await self._answer(version, job, request, quality)
             version.engine.sent(job)
             request["log"]["k"] = job.k
             return response
         version.in_flight += 1
         try:
-            return await self._stream(version, job, request)
+            return await self._stream(version, job, request, quality)
         finally:
             version.in_flight -= 1
 
-    async def _stream(self, version, job, request):
-        version.engine.submit(job)
+    async def _stream(self, version, job, request, quality):
+        floors.submit(version.engine, job, version.model.profile, quality)
         started = await job.started  # A refusal before the first code is still a 503.
         if isinstance(started, Exception):
             raise started

@@ -4,7 +4,8 @@ as `TensorProto`. It runs on the server's event loop (`grpc.aio`).
 
 `Predict` takes the SavedModel's signatures (`sample`, `decode`, `encode`) and one more,
 `anytime`: inputs `num_samples` and optionally `seed`, `temperature`, `min_codes`,
-`max_codes` (scalars), and the call's own deadline as the anytime deadline: a call made
+`max_codes`, `min_psnr`, `min_fd_ratio` (scalars; the last two a quality floor planned with
+the model's profile), and the call's own deadline as the anytime deadline: a call made
 with `stub.Predict(request, timeout=0.05)` gets the best sample that fits 50 ms (the
 server keeps its sending margin free). Outputs: `codes` int32 [n, K], `num_codes` int32,
 `images` float32 [n, H, W, C].
@@ -21,12 +22,14 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      prediction_service_pb2_grpc)
 
 from pipeline.serving import protocol
+from pipeline.serving import quality as floors
 from pipeline.serving.jobs import CallJob, ClientGone, Overloaded, SampleJob
 from pipeline.serving.protocol import RequestError
 
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
-ANYTIME_INPUTS = ("num_samples", "seed", "temperature", "min_codes", "max_codes")
+ANYTIME_INPUTS = ("num_samples", "seed", "temperature", "min_codes", "max_codes",
+                  "min_psnr", "min_fd_ratio")
 
 
 def _tensor(value):
@@ -89,8 +92,9 @@ class PredictionService(_Calls, prediction_service_pb2_grpc.PredictionServiceSer
         signature = request.model_spec.signature_name or "sample"
         values = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
         model, server = version.model, self.server
+        quality = None
         if signature == "anytime":
-            job = self._anytime_job(values, context, now, model.code_length)
+            job, quality = self._anytime_job(values, context, now, model)
         else:
             body = {"signature_name": signature, "inputs": {k: v.tolist()
                                                             for k, v in values.items()}}
@@ -106,13 +110,13 @@ class PredictionService(_Calls, prediction_service_pb2_grpc.PredictionServiceSer
                 job = CallJob(signature, len(next(v for v in inputs.values() if v.ndim)),
                               run=lambda: server._call(model, signature, inputs, _outputs),
                               gone=context.cancelled)
-        response = await self._answer(version, job)
+        response = await self._answer(version, job, quality)
         response.model_spec.name = server.config.model_name
         response.model_spec.signature_name = signature
         response.model_spec.version.value = version.number
         return response
 
-    def _anytime_job(self, values, context, now, code_length):
+    def _anytime_job(self, values, context, now, model):
         remaining = context.time_remaining()
         if remaining is None:
             raise RequestError("the anytime signature takes the call's deadline as its own: "
@@ -121,17 +125,27 @@ class PredictionService(_Calls, prediction_service_pb2_grpc.PredictionServiceSer
         if unknown:
             raise RequestError(f"unknown input(s) {unknown} of signature 'anytime', expected "
                                f"some of {list(ANYTIME_INPUTS)}")
-        fields = protocol.anytime_fields(
-            {**{k: v.item() for k, v in values.items()}, "deadline_ms": remaining * 1e3},
-            self.server.config.max_samples, code_length)
-        return SampleJob(fields["num_samples"], fields["seed"], fields["temperature"],
-                         fields["min_codes"], fields["max_codes"], render=_render_anytime,
-                         deadline=now + remaining, gone=context.cancelled, arrived=now)
+        body = {k: v.item() for k, v in values.items()}
+        floor = {name: body.pop(key) for key, name in (("min_psnr", "psnr"),
+                                                        ("min_fd_ratio", "fd_ratio"))
+                 if key in body}
+        if floor:
+            body["min_quality"] = floor
+        fields = protocol.anytime_fields({**body, "deadline_ms": remaining * 1e3},
+                                         self.server.config.max_samples, model.code_length)
+        quality, min_codes = fields["min_quality"], fields["min_codes"]
+        if quality is not None:
+            min_codes = max(min_codes, floors.floor_codes(model.profile, quality,
+                                                          fields["max_codes"]))
+        job = SampleJob(fields["num_samples"], fields["seed"], fields["temperature"],
+                        min_codes, fields["max_codes"], render=_render_anytime,
+                        deadline=now + remaining, gone=context.cancelled, arrived=now)
+        return job, quality
 
-    async def _answer(self, version, job):
+    async def _answer(self, version, job, quality=None):
         version.in_flight += 1
         try:
-            version.engine.submit(job)
+            floors.submit(version.engine, job, version.model.profile, quality)
             result = await job.done
         finally:
             version.in_flight -= 1

@@ -3,6 +3,7 @@ engine's one worker thread."""
 
 from __future__ import annotations
 
+import json
 from typing import Dict, List
 
 import numpy as np
@@ -31,6 +32,9 @@ class Model:
         self.signatures = self.module.signatures
         self.code_length = int(self.module.code_length)
         self.codebook_size = int(self.module.codebook_size)
+        # What each k is worth and costs, measured at export ({} for older exports).
+        profile = getattr(self.module, "quality_profile", None)
+        self.profile = json.loads(profile.numpy()) if profile is not None else {}
 
     def input_specs(self) -> Dict[str, Dict[str, tuple]]:
         """{signature: {input: (dtype name, shape with None for any size)}}, plain data that

@@ -18,7 +18,8 @@ import numpy as np
 INT32_MAX = 2**31 - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 ANYTIME_FIELDS = ("num_samples", "deadline_ms", "seed", "temperature", "min_codes",
-                  "max_codes", "stream")
+                  "max_codes", "stream", "min_quality")
+QUALITY_RANGES = {"psnr": (0, 200), "fd_ratio": (1, 1e6)}
 
 
 class RequestError(Exception):
@@ -80,14 +81,22 @@ def _object(body, fields) -> dict:
 
 def anytime_fields(body, max_samples: int, code_length: int) -> dict:
     """The checked fields of an :anytime body: num_samples, deadline_ms, seed, temperature,
-    min_codes, max_codes, stream."""
+    min_codes, max_codes, stream, min_quality (None or {"psnr": dB} or {"fd_ratio": r})."""
     body = _object(body, ANYTIME_FIELDS)
     max_codes = number("max_codes", body.get("max_codes", code_length), 1, code_length,
                        integer=True)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream={json.dumps(stream)}, expected true or false")
-    return dict(
+    quality = body.get("min_quality")
+    if quality is not None:
+        if not isinstance(quality, dict) or len(quality) != 1 or \
+                next(iter(quality)) not in QUALITY_RANGES:
+            raise RequestError(f"min_quality={json.dumps(quality)}, expected one of "
+                               '{"psnr": dB} or {"fd_ratio": r}')
+        (name, value), = quality.items()
+        quality = {name: number(f"min_quality.{name}", value, *QUALITY_RANGES[name])}
+    return dict(min_quality=quality,
         num_samples=number("num_samples", body.get("num_samples"), 1, max_samples, integer=True),
         deadline_ms=number("deadline_ms", body.get("deadline_ms"), 0, 600_000, low_open=True),
         seed=number("seed", body.get("seed", 0), 0, INT32_MAX, integer=True),
