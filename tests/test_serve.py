@@ -393,6 +393,25 @@ def test_the_page_shows_samples_refining(server, tmp_path):
             "return [...document.querySelectorAll('#grid img')].map(i => i.naturalWidth)")
         assert shown == [8] * 8  # Eight decoded 8x8 samples on the page.
         assert "k = 8 of 8 codes" in driver.find_element(By.ID, "status").text
+        # A quality floor: the answer's k is at least the profile's for it, marked on the
+        # profile drawn beside the samples.
+        profile = call(server.url + "/v1/models/ovqvae/profile")[1]["quality_profile"]
+        floor = sorted(profile["psnr_mean"])[len(profile["psnr_mean"]) // 2]
+        wanted = min(k for k, p in zip(profile["k"], profile["psnr_mean"]) if p >= floor)
+        driver.find_element(By.CSS_SELECTOR, "input[value=quality]").click()
+        for field, value in (("psnr", floor), ("deadline", 5000)):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(str(value))
+        driver.find_element(By.ID, "sample").click()
+        give_up = time.monotonic() + 30
+        while time.monotonic() < give_up:
+            state = driver.execute_script("return window.ovqvae")
+            if state["done"] or state["error"]:
+                break
+            time.sleep(0.1)
+        assert state["error"] is None and state["done"], state
+        assert len(state["marked"]) == 2 and state["marked"][0] == 8
+        assert state["marked"][1] >= wanted
         driver.save_screenshot(str(tmp_path / "page.png"))
         assert os.path.getsize(tmp_path / "page.png") > 1000
         if os.environ.get("OVQVAE_SCREENSHOT"):
