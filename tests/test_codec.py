@@ -2,7 +2,6 @@
 search over every prefix, and `ovqvae encode` then `ovqvae decode` as a round trip."""
 
 import os
-import re
 
 import numpy as np
 import pytest
@@ -88,31 +87,42 @@ def test_encode_then_decode_reproduces_the_signatures_reconstructions(model, tmp
 
 
 def test_bad_codec_inputs_name_what_is_wrong(model, tmp_path):
+    from pipeline import codec
+    from pipeline.run_config import UsageError
+
     path, _ = model
     (tmp_path / "photos").mkdir()
     Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "photos" / "odd.png")
-    cases = [
-        (("encode", f"--data_path={tmp_path / 'photos'}", f"--output={tmp_path / 'c.npz'}"),
-         2, "one target of --min_psnr, --max_mse and --num_codes; got none"),
-        (("encode", f"--data_path={tmp_path / 'photos'}", f"--output={tmp_path / 'c.npz'}",
-          "--min_psnr=20", "--max_mse=0.1"), 2, r"got \['min_psnr', 'max_mse'\]"),
-        (("encode", f"--data_path={tmp_path / 'photos'}", f"--output={tmp_path / 'c.npz'}",
-          "--max_mse=0.1"), 1, "odd.png is 9x9, the model takes 8x8"),
-        (("encode", f"--data_path={tmp_path / 'none'}", f"--output={tmp_path / 'c.npz'}",
-          "--max_mse=0.1"), 2, "is not a directory of images"),
-        (("decode", f"--codes={tmp_path / 'photos' / 'odd.png'}",
-          f"--output={tmp_path / 'out'}"), 2, "is not a codes .npz"),
-        (("decode", f"--codes={tmp_path / 'c.npz'}", f"--output={tmp_path / 'photos'}"), 2,
-         "exists and is not an empty directory"),
-    ]
+    photos, npz = str(tmp_path / "photos"), str(tmp_path / "c.npz")
     np.savez(tmp_path / "wrong.npz", ids=np.array(["a"]), codes=np.zeros((1, 3), np.int32),
              num_codes=np.ones(1, np.int32))
-    cases.append((("decode", f"--codes={tmp_path / 'wrong.npz'}", f"--output={tmp_path / 'o'}"),
-                  2, r"codes \[1, 3\] and num_codes \[1\] for 1 ids; the model takes \[N, 8\]"))
-    for args, rc, message in cases:
-        proc = ovqvae(*args, f"--saved_model={path}", check_rc=rc)
-        assert re.search(message, proc.stderr), (message, proc.stderr)
+    cases = [
+        (lambda: codec.encode(path, photos, npz), UsageError,
+         "one target of --min_psnr, --max_mse and --num_codes; got none"),
+        (lambda: codec.encode(path, photos, npz, min_psnr=20, max_mse=0.1), UsageError,
+         r"got \['min_psnr', 'max_mse'\]"),
+        (lambda: codec.encode(path, photos, npz, max_mse=-1), UsageError, "--max_mse=-1"),
+        (lambda: codec.encode(path, photos, npz, max_mse=0.1), ValueError,
+         "odd.png is 9x9, the model takes 8x8"),
+        (lambda: codec.encode(path, str(tmp_path / "none"), npz, max_mse=0.1), UsageError,
+         "is not a directory of images"),
+        (lambda: codec.decode(path, str(tmp_path / "photos" / "odd.png"),
+                              str(tmp_path / "out")), UsageError, "is not a codes .npz"),
+        (lambda: codec.decode(path, npz, photos), UsageError,
+         "exists and is not an empty directory"),
+        (lambda: codec.decode(path, str(tmp_path / "wrong.npz"), str(tmp_path / "o")),
+         UsageError, r"codes \[1, 3\] and num_codes \[1\] for 1 ids; the model takes \[N, 8\]"),
+    ]
+    for call_it, error, message in cases:
+        with pytest.raises(error, match=message):
+            call_it()
     assert not (tmp_path / "c.npz").exists() and not (tmp_path / "o").exists()
+    # On the command line: a usage error exits 2, a bad image 1.
+    assert "got none" in ovqvae("encode", f"--saved_model={path}", f"--data_path={photos}",
+                                f"--output={npz}", check_rc=2).stderr
+    assert "odd.png is 9x9" in ovqvae("encode", f"--saved_model={path}",
+                                      f"--data_path={photos}", f"--output={npz}",
+                                      "--max_mse=0.1", check_rc=1).stderr
 
 
 def test_every_saved_model_carries_its_measured_quality_profile(model, finished_run):

@@ -358,6 +358,18 @@ def test_sigterm_drains_requests_in_flight(finished_run):
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromedriver")  # Debian's packages.
 
 
+def _page_answer(driver) -> dict:
+    """window.ovqvae once the page's request has ended (within 30 s), without error."""
+    give_up = time.monotonic() + 30
+    while time.monotonic() < give_up:
+        state = driver.execute_script("return window.ovqvae")
+        if state["done"] or state["error"]:
+            break
+        time.sleep(0.1)
+    assert state["error"] is None and state["done"], state
+    return state
+
+
 def test_the_page_shows_samples_refining(server, tmp_path):
     found = CHROMIUM
     if not all(os.path.exists(path) for path in found):
@@ -381,13 +393,7 @@ def test_the_page_shows_samples_refining(server, tmp_path):
         driver.find_element(By.ID, "n").clear()
         driver.find_element(By.ID, "n").send_keys("8")
         driver.find_element(By.ID, "sample").click()
-        give_up = time.monotonic() + 30
-        while time.monotonic() < give_up:
-            state = driver.execute_script("return window.ovqvae")
-            if state["done"] or state["error"]:
-                break
-            time.sleep(0.1)
-        assert state["error"] is None and state["done"], state
+        state = _page_answer(driver)
         assert state["ks"] == [2, 4, 6, 8]  # k grew, one event per chunk of 2 codes.
         shown = driver.execute_script(
             "return [...document.querySelectorAll('#grid img')].map(i => i.naturalWidth)")
@@ -403,13 +409,7 @@ def test_the_page_shows_samples_refining(server, tmp_path):
             driver.find_element(By.ID, field).clear()
             driver.find_element(By.ID, field).send_keys(str(value))
         driver.find_element(By.ID, "sample").click()
-        give_up = time.monotonic() + 30
-        while time.monotonic() < give_up:
-            state = driver.execute_script("return window.ovqvae")
-            if state["done"] or state["error"]:
-                break
-            time.sleep(0.1)
-        assert state["error"] is None and state["done"], state
+        state = _page_answer(driver)
         assert len(state["marked"]) == 2 and state["marked"][0] == 8
         assert state["marked"][1] >= wanted
         driver.save_screenshot(str(tmp_path / "page.png"))

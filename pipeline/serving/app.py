@@ -363,18 +363,10 @@ class Server:
                           gone=_gone(request))
         return await self._answer(version, job, request)
 
-    async def _answer(self, version, job, request, quality=None):
-        """Submits a job to the version's engine and waits for its body; the version is
-        not unloaded while the job is in flight."""
-        version.in_flight += 1
-        try:
-            floors.submit(version.engine, job, version.model.profile, quality)
-            result = await job.done
-        finally:
-            version.in_flight -= 1
-        if isinstance(result, Exception):
-            raise result
-        return web.Response(body=result, content_type="application/json")
+    @staticmethod
+    async def _answer(version, job, request, quality=None):
+        return web.Response(body=await version.run(job, quality),
+                            content_type="application/json")
 
     @staticmethod
     def _call(model, signature, inputs, render) -> bytes:

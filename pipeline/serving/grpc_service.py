@@ -142,15 +142,9 @@ class PredictionService(_Calls, prediction_service_pb2_grpc.PredictionServiceSer
                         deadline=now + remaining, gone=context.cancelled, arrived=now)
         return job, quality
 
-    async def _answer(self, version, job, quality=None):
-        version.in_flight += 1
-        try:
-            floors.submit(version.engine, job, version.model.profile, quality)
-            result = await job.done
-        finally:
-            version.in_flight -= 1
-        if isinstance(result, Exception):
-            raise result
+    @staticmethod
+    async def _answer(version, job, quality=None):
+        result = await version.run(job, quality)
         if isinstance(job, SampleJob) and job.has_deadline:
             version.engine.sent(job)
         return result

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Callable, Dict, List, Optional
 
+from pipeline.serving import quality as floors
 from pipeline.serving.protocol import RequestError
 
 POLICIES = ("latest", "all", "specific")
@@ -70,6 +71,19 @@ class Version:
     metadata: Optional[dict] = None
     signature_defs: Optional[dict] = None
     in_flight: int = 0
+
+    async def run(self, job, quality=None):
+        """Submits a job to this version's engine and returns its body (raising what it
+        ended with); the version is not unloaded while the job is in flight."""
+        self.in_flight += 1
+        try:
+            floors.submit(self.engine, job, self.model.profile, quality)
+            result = await job.done
+        finally:
+            self.in_flight -= 1
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def status(self) -> dict:
         ok = not self.error
