@@ -121,30 +121,39 @@ def jpeg_curve(images):
 
 
 def plot(results, path):
+    """Two panels: mean PSNR and 5th-percentile PSNR against bits per pixel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, r in results["models"].items():
-        ax.plot([p["bpp"] for p in r["fixed"]], [p["psnr_mean"] for p in r["fixed"]],
-                label=f"{name}: one k for every image")
-        ax.plot([p["bpp"] for p in r["adaptive"]], [p["psnr_mean"] for p in r["adaptive"]],
-                "o--", label=f"{name}: adaptive k per image")
-    jpeg = results["jpeg"]
-    ax.plot([p["bpp"] for p in jpeg], [p["psnr_mean"] for p in jpeg], "s-", color="grey",
-            label="JPEG, whole file")
-    ax.plot([p["payload_bpp"] for p in jpeg], [p["psnr_mean"] for p in jpeg], "s:",
-            color="grey", label="JPEG, entropy-coded payload")
-    ax.set_xscale("log")
-    ax.set_xlabel("bits per pixel")
-    ax.set_ylabel("mean PSNR (dB)")
-    ax.set_title(f"Rate against distortion, {results['test_images']} test images")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
+    for ax, stat, title in zip(axes, ("psnr_mean", "psnr_p5"),
+                               ("mean PSNR", "5th-percentile PSNR (the worst images)")):
+        for name, r in results["models"].items():
+            ax.plot([p["bpp"] for p in r["fixed"]], [p[stat] for p in r["fixed"]],
+                    label=f"{name}: one k for every image")
+            ax.plot([p["bpp"] for p in r["adaptive"]], [p[stat] for p in r["adaptive"]],
+                    "o--", label=f"{name}: adaptive k per image")
+        jpeg = results["jpeg"]
+        ax.plot([p["bpp"] for p in jpeg], [p[stat] for p in jpeg], "s-", color="grey",
+                label="JPEG, whole file")
+        ax.plot([p["payload_bpp"] for p in jpeg], [p[stat] for p in jpeg], "s:",
+                color="grey", label="JPEG, entropy-coded payload")
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per pixel")
+        ax.set_ylabel(f"{title} (dB)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Rate against distortion, {results['test_images']} test images")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(out):
+    """Redraws the figure from a run's rate_distortion.json."""
+    with open(os.path.join(out, "rate_distortion.json")) as f:
+        plot(json.load(f), os.path.join(out, "rate_distortion.png"))
 
 
 def main():
