@@ -128,8 +128,8 @@ def test_saved_model_contract_in_a_fresh_process(workdir, tmp_path):
     script = textwrap.dedent(f"""
         import sys, numpy as np, tensorflow as tf
         m = tf.saved_model.load({os.path.join(workdir, "saved_model")!r})
-        assert sorted(m.signatures) == ["begin", "decode", "decode_at", "encode", "extend",
-                                        "sample"], list(m.signatures)
+        assert sorted(m.signatures) == ["begin", "decode", "decode_at", "encode",
+                                        "encode_to_quality", "extend", "sample"], list(m.signatures)
         K = int(m.code_length)
         assert (K, int(m.codebook_size), m.image_shape.numpy().tolist()) == (8, 32, [8, 8, 1])
         x = np.load({str(tmp_path / "x.npy")!r})

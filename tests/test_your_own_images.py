@@ -101,7 +101,7 @@ def test_a_contradicting_flag_is_refused_or_invalidates_what_it_feeds(run, tmp_p
     proc = ovqvae("train_prior", f"--workdir={workdir}", "--prior_num_layers=2", "--verbose=0",
                   check_rc=0, env=SUBPROCESS_ENV)
     assert ("changes the recorded run: --prior_num_layers 1 -> 2; invalidates: prior (its "
-            "config changed), export (it reads prior), report (it reads prior)") in proc.stdout
+            "config changed), export (it reads prior), report (it reads prior, export)") in proc.stdout
     assert _record(workdir)["prior"]["num_layers"] == 2
     status = ovqvae("status", f"--workdir={workdir}", check_rc=0, env=SUBPROCESS_ENV).stdout
     assert "  prior        up to date" in status and "  export       to redo" in status
