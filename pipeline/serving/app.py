@@ -383,10 +383,9 @@ class Server:
         fields = protocol.anytime_fields(body, self.config.max_samples,
                                          version.model.code_length)
         request["log"]["deadline_ms"] = fields["deadline_ms"]
-        quality, min_codes = fields["min_quality"], fields["min_codes"]
+        quality, min_codes = fields["min_quality"], floors.min_codes(version.model.profile,
+                                                                     fields)
         if quality is not None:
-            min_codes = max(min_codes, floors.floor_codes(version.model.profile, quality,
-                                                          fields["max_codes"]))
             request["log"]["min_codes"] = min_codes
         job = SampleJob(fields["num_samples"], fields["seed"], fields["temperature"],
                         min_codes, fields["max_codes"], render=self._render_anytime,

@@ -133,10 +133,7 @@ class PredictionService(_Calls, prediction_service_pb2_grpc.PredictionServiceSer
             body["min_quality"] = floor
         fields = protocol.anytime_fields({**body, "deadline_ms": remaining * 1e3},
                                          self.server.config.max_samples, model.code_length)
-        quality, min_codes = fields["min_quality"], fields["min_codes"]
-        if quality is not None:
-            min_codes = max(min_codes, floors.floor_codes(model.profile, quality,
-                                                          fields["max_codes"]))
+        quality, min_codes = fields["min_quality"], floors.min_codes(model.profile, fields)
         job = SampleJob(fields["num_samples"], fields["seed"], fields["temperature"],
                         min_codes, fields["max_codes"], render=_render_anytime,
                         deadline=now + remaining, gone=context.cancelled, arrived=now)

@@ -18,6 +18,14 @@ def describe(profile: dict, k: int) -> str:
             f"{profile['pixel_fd'][k - 1] / full:.2f}x the full-length one")
 
 
+def min_codes(profile: dict, fields: dict) -> int:
+    """The min_codes of checked :anytime fields: theirs, raised to what min_quality needs."""
+    quality = fields["min_quality"]
+    if quality is None:
+        return fields["min_codes"]
+    return max(fields["min_codes"], floor_codes(profile, quality, fields["max_codes"]))
+
+
 def floor_codes(profile: dict, quality: dict, max_codes: int) -> int:
     """The k a quality floor needs, or RequestError when no k up to max_codes meets it."""
     if not profile:
