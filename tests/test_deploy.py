@@ -249,7 +249,7 @@ def test_replicas_behind_haproxy_roll_out_without_a_failed_request(finished_run,
 
     base = base_path(finished_run, tmp_path / "base")
     ports = [free_port() for _ in range(3)]
-    replicas = [_replica(base, port) for port in ports[1:]]
+    replicas = []  # Started inside the try, so that a failed start stops the others.
     env = {**os.environ, "OVQVAE_LISTEN": f"127.0.0.1:{ports[0]}",
            "OVQVAE_REPLICA_1": f"127.0.0.1:{ports[1]}", "OVQVAE_REPLICA_2": f"127.0.0.1:{ports[2]}"}
     proxy = subprocess.Popen([HAPROXY, "-f", os.path.join(REPO, "deploy", "haproxy.cfg")],
@@ -260,6 +260,7 @@ def test_replicas_behind_haproxy_roll_out_without_a_failed_request(finished_run,
                                                     DEADLINE_MS)) for _ in range(4)]
     started = []
     try:
+        replicas += [_replica(base, port) for port in ports[1:]]
         assert wait_for(lambda: _healthy(url), 30)
         for client in clients:
             client.start()
