@@ -30,8 +30,9 @@ Adaptive-length codes:
       -> {"codes": int32 [N,K] (0 beyond num_codes), "num_codes": int32 [N],
           "mse": float32 [N]}
       each image's smallest k whose reconstruction has MSE <= max_mse (K when none has),
-      found by decoding the prefixes k = 1, 2, ... until every image has met it; "mse" is
-      its reconstruction's MSE at num_codes. A PSNR target p is max_mse = 10^(-p/10).
+      found by decoding the prefixes k = 1, 2, ... of the images that have not met it yet
+      (each image costs its own num_codes decodes); "mse" is its reconstruction's MSE at
+      num_codes. A PSNR target p is max_mse = 10^(-p/10).
 
 A row's codes depend only on (seed, row): `begin` + `extend` to k give the codes `sample`
 gives for k.
@@ -121,17 +122,26 @@ class AnytimeModel(tf.Module):
             codes = self.autoencoder.encode(images)
         n = tf.shape(codes)[0]
 
-        def more(k, found, mse):
-            return (k <= K) & tf.reduce_any(found == 0)
+        def more(k, pending, found, mse):
+            return (k <= K) & (tf.size(pending) > 0)
 
-        def prefix(k, found, mse):
-            error = tf.reduce_mean(tf.square(self.autoencoder.decode(codes, k) - images),
-                                   axis=[1, 2, 3])
-            settle = (found == 0) & ((error <= max_mse) | (k == K))
-            return k + 1, tf.where(settle, k, found), tf.where(settle, error, mse)
+        def prefix(k, pending, found, mse):
+            # Only the images still searching are decoded, so the cost follows the
+            # images' own k (their sum), not the batch's largest k times the batch.
+            error = tf.reduce_mean(tf.square(
+                self.autoencoder.decode(tf.gather(codes, pending), k)
+                - tf.gather(images, pending)), axis=[1, 2, 3])
+            settle = (error <= max_mse) | (k == K)
+            rows = tf.boolean_mask(pending, settle)[:, None]
+            found = tf.tensor_scatter_nd_update(found, rows, tf.fill([tf.shape(rows)[0]], k))
+            mse = tf.tensor_scatter_nd_update(mse, rows, tf.boolean_mask(error, settle))
+            return k + 1, tf.boolean_mask(pending, ~settle), found, mse
 
-        _, found, mse = tf.while_loop(more, prefix, (tf.constant(1), tf.zeros([n], tf.int32),
-                                                     tf.zeros([n], tf.float32)))
+        _, _, found, mse = tf.while_loop(
+            more, prefix, (tf.constant(1), tf.range(n), tf.zeros([n], tf.int32),
+                           tf.zeros([n], tf.float32)),
+            shape_invariants=(tf.TensorShape([]), tf.TensorShape([None]),
+                              tf.TensorShape([None]), tf.TensorShape([None])))
         kept = tf.sequence_mask(found, K)
         return {"codes": tf.where(kept, codes, tf.zeros_like(codes)), "num_codes": found,
                 "mse": mse}

@@ -48,6 +48,11 @@ def test_encode_to_quality_gives_each_image_its_smallest_k(model):
         assert 1 < len(set(want.tolist()))  # Images differ in what they need.
         beyond = np.arange(K)[None] >= want[:, None]
         assert (out["codes"][beyond] == 0).all()
+    for target, k in ((errors.max() * 2, 1), (errors.min() / 2, K)):  # All at once; none.
+        out = module.signatures["encode_to_quality"](images=tf.constant(images),
+                                                     max_mse=tf.constant(target, tf.float32))
+        np.testing.assert_array_equal(out["num_codes"].numpy(), np.full(len(images), k))
+        np.testing.assert_allclose(out["mse"].numpy(), errors[:, k - 1], rtol=1e-5, atol=1e-7)
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_mse="):
         module.signatures["encode_to_quality"](images=tf.constant(images),
                                                max_mse=tf.constant(0.0))
@@ -151,3 +156,4 @@ def test_every_saved_model_carries_its_measured_quality_profile(model, finished_
     report = stages.artifact_path(finished_run, "report")
     assert os.path.getsize(os.path.join(report, "quality_profile.png")) > 5000
     assert "quality_profile.png" in open(os.path.join(report, "report.md")).read()
+
