@@ -159,7 +159,8 @@ class DomainClassifier:
         self.model.save_weights(os.path.join(directory, "classifier.weights.h5"))
         write_json(os.path.join(directory, CLASSIFIER_JSON),
                    {"architecture": self.architecture, "num_classes": self.num_classes,
-                    "accuracy": self.accuracy})
+                    "accuracy": self.accuracy,
+                    "image_shape": list(self.model.input_shape[1:])})
 
     def evaluate(self, images, labels, batch_size: int = 500) -> Tuple[float, np.ndarray]:
         """(accuracy, features) of labelled images from one pass; the accuracy is kept as
@@ -176,6 +177,11 @@ class DomainClassifier:
         by the width of the logits)."""
         with open(os.path.join(directory, CLASSIFIER_JSON)) as f:
             saved = json.load(f)
+        trained = saved.get("image_shape")  # Absent in classifiers saved before it was kept.
+        if trained is not None and tuple(trained) != tuple(image_shape):
+            raise ValueError(f"the classifier in {directory} takes "
+                             f"{'x'.join(map(str, trained))} images, not "
+                             f"{'x'.join(map(str, image_shape))}")
         weights = os.path.join(directory, "classifier.weights.h5")
         num_classes = saved.get("num_classes") or _logits_width(weights)
         clf = cls(image_shape, num_classes, architecture=saved["architecture"])

@@ -53,6 +53,10 @@ flags.DEFINE_enum("export_dtype", "float32", list(EXPORT_DTYPES), "The SavedMode
                   "prior: float32 (the reference), or bfloat16_weights (its projection kernels "
                   "in bfloat16, activations and cache float32; faster at large batches under "
                   "XLA, a smaller file).")
+flags.DEFINE_string("classifier", "", "A domain classifier directory (the one `ovqvae "
+                    "experiments` keeps in its workdir's classifier/): the quality profile "
+                    "measured at export then has the samples' domain FD, and fd_ratio floors "
+                    "use it.")
 flags.DEFINE_bool("force", False, "Redo stages even when their manifest matches.")
 flags.DEFINE_enum("strategy", "", ["", "mirrored"], "Training under tf.distribute: "
                   "'mirrored' uses every local GPU (one replica each; --batch_size is the "
@@ -99,7 +103,7 @@ GROUPS = {
     "training": ["strategy", "checkpoint_every"],
     "extract": ["num_shards"],
     "report": ["report_samples"],
-    "export": ["export_dtype", "model_base_path"],
+    "export": ["export_dtype", "classifier", "model_base_path"],
     "autoencoder": [],
     "prior": [],
     "sample": ["saved_model", "workdir", "num_codes", "num_samples", "seed", "temperature",

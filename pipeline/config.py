@@ -153,6 +153,7 @@ class PipelineConfig:
     num_shards: int = 4            # TFRecord shards per split.
     report_samples: int = 16       # Samples per row of the report's grids.
     export_dtype: str = "float32"  # The SavedModel's prior: "float32" or "bfloat16_weights".
+    classifier: str = ""           # A domain classifier directory for the profile's domain FD.
     seed: int = 0
     beam_args: tuple = ()          # Beam options for the extract stage (not a cache input).
     checkpoint_every: int = 500    # Training checkpoints every this many batches and at

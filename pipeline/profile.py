@@ -6,6 +6,8 @@ or a reconstruction is worth and what it costs, measured at export on held-out i
   psnr_p5               (PSNR in dB for images in [0, 1]; p5: the 5th percentile)
   pixel_fd              Frechet distance, in pooled pixel space, of samples decoded at k to
   pixel_fd_floor        the test images; the floor: one half of the test images to the other
+  domain_fd,            the same on a domain classifier's features, where the export is
+  domain_fd_floor       given one (`--classifier`, as `ovqvae experiments` trains and keeps)
   seconds               {batch size: {"k": [...], "seconds": [...]}}: `sample` (codes and
                         decoding), best of 3, on the exporting machine (`machine`)
 
@@ -39,9 +41,22 @@ def _best_seconds(call, repeats: int = 3) -> float:
     return best
 
 
+def load_classifier(path: str, image_shape):
+    """The domain classifier saved in `path` for images of `image_shape` (None for "")."""
+    if not path:
+        return None
+    from ordered_vqvae.metrics import CLASSIFIER_JSON, DomainClassifier
+
+    if not os.path.isfile(os.path.join(path, CLASSIFIER_JSON)):
+        raise ValueError(f"--classifier={path} holds no {CLASSIFIER_JSON}; expected a domain "
+                         "classifier directory (ovqvae experiments keeps one in WORKDIR/classifier)")
+    return DomainClassifier.load(path, tuple(image_shape))
+
+
 def measure(module, test_images: np.ndarray, seed: int = 0,
-            batch_sizes: Sequence[int] = BATCH_SIZES) -> dict:
-    """The profile of an `ordered_vqvae.export.AnytimeModel` on test images [N,H,W,C]."""
+            batch_sizes: Sequence[int] = BATCH_SIZES, classifier=None) -> dict:
+    """The profile of an `ordered_vqvae.export.AnytimeModel` on test images [N,H,W,C],
+    with domain FD when given a `metrics.DomainClassifier`."""
     import tensorflow as tf
 
     from ordered_vqvae.metrics import frechet_distance, statistics
@@ -60,8 +75,17 @@ def measure(module, test_images: np.ndarray, seed: int = 0,
     floor = frechet_distance(*statistics(test[:half]), *statistics(test[half:]))
     samples = module.sample(tf.constant(SAMPLES), tf.constant(K), tf.constant(seed),
                             tf.constant(1.0))["codes"]
-    fd = [frechet_distance(*statistics(pooled(module.decode_at(
-        samples, tf.fill([SAMPLES], k))["images"].numpy())), mu, sigma) for k in range(1, K + 1)]
+    decoded = [module.decode_at(samples, tf.fill([SAMPLES], k))["images"].numpy()
+               for k in range(1, K + 1)]
+    fd = [frechet_distance(*statistics(pooled(x)), mu, sigma) for x in decoded]
+    domain = {}
+    if classifier is not None:
+        real = classifier.features(test_images)
+        stats = statistics(real)
+        domain = {"domain_fd": [round(float(frechet_distance(
+                      *statistics(classifier.features(x)), *stats)), 5) for x in decoded],
+                  "domain_fd_floor": round(float(frechet_distance(
+                      *statistics(real[:half]), *statistics(real[half:]))), 5)}
     seconds = {}
     for batch in batch_sizes:
         ks = curve_lengths(K)
@@ -75,19 +99,26 @@ def measure(module, test_images: np.ndarray, seed: int = 0,
             "psnr_mean": [round(float(p.mean()), 3) for p in psnr],
             "psnr_p5": [round(float(np.percentile(p, 5)), 3) for p in psnr],
             "pixel_fd": [round(float(f), 5) for f in fd], "pixel_fd_floor": round(float(floor), 5),
+            **domain,
             "seconds": seconds,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
 
 
+def fd_kind(profile: dict) -> str:
+    """The FD a profile's fd_ratio refers to: "domain" where it was measured, else "pixel"."""
+    return "domain" if "domain_fd" in profile else "pixel"
+
+
 def codes_for(profile: dict, quality: dict) -> Optional[int]:
     """The smallest k whose profiled quality meets `quality` ({"psnr": dB} on the mean
-    PSNR, or {"fd_ratio": r}: pixel FD at most r x the full-length FD), or None."""
+    PSNR, or {"fd_ratio": r}: FD at most r x the full-length FD, the domain FD where the
+    profile has it, else the pixel FD), or None."""
     (name, value), = quality.items()
     if name == "psnr":
         met = [k for k, p in zip(profile["k"], profile["psnr_mean"]) if p >= value]
     else:
-        full = profile["pixel_fd"][-1]
-        met = [k for k, f in zip(profile["k"], profile["pixel_fd"]) if f <= value * full]
+        fd = profile[f"{fd_kind(profile)}_fd"]
+        met = [k for k, f in zip(profile["k"], fd) if f <= value * fd[-1]]
     return min(met) if met else None
 
 
@@ -106,10 +137,11 @@ def plot(profile: dict, path: str) -> None:
     quality.plot(profile["k"], profile["psnr_p5"], "--", label="PSNR, 5th percentile")
     quality.set_xlabel("codes (k)")
     quality.set_ylabel("reconstruction PSNR (dB)")
+    kind = fd_kind(profile)
     fd = quality.twinx()
-    fd.plot(profile["k"], profile["pixel_fd"], color="tab:red", label="samples' pixel FD")
-    fd.axhline(profile["pixel_fd_floor"], color="tab:red", linestyle=":", label="FD floor")
-    fd.set_ylabel("pixel FD (lower is better)")
+    fd.plot(profile["k"], profile[f"{kind}_fd"], color="tab:red", label=f"samples' {kind} FD")
+    fd.axhline(profile[f"{kind}_fd_floor"], color="tab:red", linestyle=":", label="FD floor")
+    fd.set_ylabel(f"{kind} FD (lower is better)")
     fd.set_yscale("log")
     lines = quality.get_legend_handles_labels()
     more = fd.get_legend_handles_labels()

@@ -124,7 +124,8 @@ def _markdown(config: PipelineConfig, m: dict) -> str:
               "## The SavedModel's quality profile", "",
               "What the exported model stores and serves (`quality_profile`, `GET "
               "/v1/models/{name}/profile`): reconstruction PSNR of test images and the "
-              "samples' pixel FD per k, and sampling time per k on the exporting machine.", "",
+              "samples' FD per k (domain FD where the export was given a classifier, else "
+              "pixel FD), and sampling time per k on the exporting machine.", "",
               "![quality and time against code length](quality_profile.png)", ""]
     return "\n".join(lines)
 

@@ -150,10 +150,11 @@ def _export(config: PipelineConfig, ctx: Context) -> dict:
     from pipeline import profile
 
     test = np.concatenate(list(config.data.image_batches("test", sample=profile.TEST_IMAGES)))
+    classifier = profile.load_classifier(config.classifier, test.shape[1:])
     measured = {}
 
     def measure(module):
-        measured.update(profile.measure(module, test, seed=config.seed))
+        measured.update(profile.measure(module, test, seed=config.seed, classifier=classifier))
         return measured
 
     path = export.export(models.load_autoencoder(ctx.artifact("autoencoder")),
@@ -205,10 +206,11 @@ STAGES: Tuple[Stage, ...] = (
           lambda c: {"prior": _asdict(c.prior)},
           _train_prior, "train the Transformer prior on the extracted codes",
           ("prior", "training")),
-    # The dtype is an input only when not float32: a float32 SavedModel's hash stays the
-    # one it has without the field.
+    # The dtype and the classifier are inputs only when set: a float32 SavedModel's hash
+    # stays the one it has without the fields.
     Stage("export", "export", "saved_model", ("autoencoder", "prior"),
-          lambda c: {} if c.export_dtype == "float32" else {"dtype": c.export_dtype},
+          lambda c: {**({} if c.export_dtype == "float32" else {"dtype": c.export_dtype}),
+                     **({"classifier": c.classifier} if c.classifier else {})},
           _export, "write the SavedModel with encode, decode and sample signatures",
           ("export",)),
     Stage("report", "report", "report", ("autoencoder", "extract", "prior", "export"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ovqvae
+from conftest import copy_run, ovqvae
 from pipeline import sources
 
 
@@ -157,3 +157,50 @@ def test_every_saved_model_carries_its_measured_quality_profile(model, finished_
     assert os.path.getsize(os.path.join(report, "quality_profile.png")) > 5000
     assert "quality_profile.png" in open(os.path.join(report, "report.md")).read()
 
+
+def test_a_classifier_gives_the_profile_its_domain_fd(finished_run, tmp_path):
+    import json
+
+    import tensorflow as tf
+
+    from ordered_vqvae import metrics
+    from pipeline import stages
+    from pipeline.config import PipelineConfig
+
+    test_x, test_y, _ = sources.to_numpy(sources.load("digits", "test")[0])
+    shape = test_x.shape[1:]
+    clf = metrics.DomainClassifier(shape, 10)
+    clf.fit(test_x, test_y, test_x, test_y, epochs=1)
+    clf.save(str(tmp_path / "classifier"))
+    metrics.DomainClassifier((16, 16, 3), 10).save(str(tmp_path / "colour"))
+    run = copy_run(finished_run, tmp_path / "wd")
+    for bad, message in (("colour", "takes 16x16x3 images, not 8x8x1"),
+                         ("nothing", "holds no classifier.json")):
+        assert message in ovqvae("export", f"--workdir={run}",
+                                 f"--classifier={tmp_path / bad}", check_rc=1).stderr
+    ovqvae("export", f"--workdir={run}", f"--classifier={tmp_path / 'classifier'}", check_rc=0)
+    path = stages.artifact_path(run, "export")
+    module = tf.saved_model.load(path)
+    profile = json.loads(module.quality_profile.numpy())
+    K = profile["code_length"]
+    assert len(profile["domain_fd"]) == K and profile["domain_fd_floor"] > 0
+    # Against the same FD computed here from the SavedModel's own samples and test images.
+    config = PipelineConfig.from_dict(json.load(open(os.path.join(run, "run.json")))["config"])
+    test = np.concatenate(list(config.data.image_batches("test", sample=512)))
+    codes = module.sample(tf.constant(256), tf.constant(K), tf.constant(config.seed),
+                          tf.constant(1.0))["codes"]
+    for k in (1, K):
+        images = module.decode_at(codes, tf.fill([256], k))["images"].numpy()
+        want = metrics.frechet_distance_of(clf.features(images), clf.features(test))
+        np.testing.assert_allclose(profile["domain_fd"][k - 1], want, rtol=1e-3, atol=1e-4)
+
+
+def test_fd_ratio_floors_use_the_domain_fd_where_the_profile_has_it():
+    from pipeline.profile import codes_for
+
+    pixel = {"k": [1, 2, 3, 4], "psnr_mean": [10, 12, 13, 14], "code_length": 4,
+             "pixel_fd": [4.0, 1.1, 1.0, 1.0]}
+    assert codes_for(pixel, {"fd_ratio": 1.2}) == 2
+    both = dict(pixel, domain_fd=[9.0, 5.0, 2.2, 2.0], domain_fd_floor=0.1)
+    assert codes_for(both, {"fd_ratio": 1.2}) == 3
+    assert codes_for(both, {"fd_ratio": 2.6}) == 2 and codes_for(both, {"psnr": 12.5}) == 3

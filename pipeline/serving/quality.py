@@ -7,15 +7,16 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from pipeline.profile import codes_for
+from pipeline.profile import codes_for, fd_kind
 from pipeline.serving.jobs import Overloaded
 from pipeline.serving.protocol import RequestError
 
 
 def describe(profile: dict, k: int) -> str:
-    full = profile["pixel_fd"][-1]
-    return (f"k={k}: PSNR {profile['psnr_mean'][k - 1]:.2f} dB, pixel FD "
-            f"{profile['pixel_fd'][k - 1] / full:.2f}x the full-length one")
+    kind = fd_kind(profile)
+    fd = profile[f"{kind}_fd"]
+    return (f"k={k}: PSNR {profile['psnr_mean'][k - 1]:.2f} dB, {kind} FD "
+            f"{fd[k - 1] / fd[-1]:.2f}x the full-length one")
 
 
 def min_codes(profile: dict, fields: dict) -> int:
