@@ -69,7 +69,7 @@ def main():
     base = statistics.median(timings(lambda: reconstruct(x).numpy(), args.repeats))
     print(f"{len(images)} test images of {args.workdir}, K={K}: encode + decode at K "
           f"{1e3 * base:.1f} ms (median of {args.repeats})")
-    print(f"{'target':>22s} {'mean k':>7s} {'max k':>6s} {'x reconstruction':>17s} "
+    print(f"{'target':>30s} {'mean k':>7s} {'max k':>6s} {'x reconstruction':>17s} "
           f"{'x whole-batch loop':>19s}")
     targets = [(f"mean PSNR at k={k}", float(psnr[:, k - 1].mean()))
                for k in sorted({max(1, K // 8), max(1, K // 4), max(1, K // 2), K})]
@@ -82,7 +82,7 @@ def main():
         ours = statistics.median(timings(
             lambda: module.encode_to_quality(x, max_mse)["num_codes"].numpy(), args.repeats))
         ref = statistics.median(timings(lambda: whole(x, max_mse).numpy(), args.repeats))
-        print(f"{name + f' ({target:.1f} dB)':>22s} {k.mean():7.2f} {k.max():6d} "
+        print(f"{name + f' ({target:.1f} dB)':>30s} {k.mean():7.2f} {k.max():6d} "
               f"{ours / base:17.2f} {ours / ref:19.2f}", flush=True)
 
 
