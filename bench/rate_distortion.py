@@ -11,7 +11,8 @@ pixel: k x log2(V) over the image's pixels for codes; for JPEG, the whole file's
 over the pixels, and beside it the entropy-coded payload alone (the bytes after the start
 of scan, without the headers and tables that a codec shared across images would not
 resend). PSNR is per image for images in [0, 1] (JPEG from the 8-bit pixels); the tables
-give its mean and 5th percentile.
+give its mean and 5th percentile. Beside each JPEG quality: each model's fixed k whose codes
+take as many bits as that JPEG's payload, and its PSNR (the comparison at matched size).
 
 The claim it checks: for each target every test image reaches at K, the mean rate of
 per-image adaptive k against that of the one fixed k with which 90% of images reach it
@@ -126,6 +127,18 @@ def jpeg_curve(images):
     return rows
 
 
+def at_jpeg_sizes(results, pixels):
+    """For each JPEG quality and model, the fixed k whose codes take as many bits as the
+    JPEG's payload (k = payload bits / log2 V, rounded), with its PSNR; None beyond K."""
+    for row in results["jpeg"]:
+        row["codes_at_payload"] = {}
+        for name, r in results["models"].items():
+            k = round(row["payload_bpp"] * pixels / math.log2(r["V"]))
+            fixed = r["fixed"][k - 1] if 1 <= k <= r["K"] else None
+            row["codes_at_payload"][name] = fixed and {key: fixed[key] for key in
+                                                       ("k", "bpp", "psnr_mean", "psnr_p5")}
+
+
 def plot(results, path):
     """Two panels: mean PSNR and 5th-percentile PSNR against bits per pixel."""
     import matplotlib
@@ -190,10 +203,15 @@ def main():
                   f"{a['psnr_p5']:.2f} | {a['reached']:.1%} | {a['fixed_k90'] or '-'} | "
                   f"{ratio} |")
     results["jpeg"] = jpeg_curve(images)
-    print("\nJPEG (Pillow)\n| quality | bpp (file) | bpp (payload) | PSNR mean | PSNR p5 |")
+    at_jpeg_sizes(results, pixels)
+    print("\nJPEG (Pillow), and each model's fixed k with as many bits as the JPEG payload\n"
+          "| quality | bpp (file) | bpp (payload) | PSNR mean | PSNR p5 | "
+          + " | ".join(f"{name}: k, PSNR mean / p5" for name in results["models"]) + " |")
     for j in results["jpeg"]:
+        codes = [f"{c['k']}, {c['psnr_mean']:.2f} / {c['psnr_p5']:.2f}" if c else "beyond K"
+                 for c in j["codes_at_payload"].values()]
         print(f"| {j['quality']} | {j['bpp']:.3f} | {j['payload_bpp']:.3f} | "
-              f"{j['psnr_mean']:.2f} | {j['psnr_p5']:.2f} |")
+              f"{j['psnr_mean']:.2f} | {j['psnr_p5']:.2f} | " + " | ".join(codes) + " |")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "rate_distortion.json"), "w") as f:
         json.dump(results, f, indent=1)
