@@ -26,7 +26,7 @@ import numpy as np
 
 from ordered_vqvae.configs import curve_lengths
 
-BATCH_SIZES = (1, 16)
+BATCH_SIZES = (1, 16, 64)
 SAMPLES = 256
 TEST_IMAGES = 512
 QUALITIES = ("psnr", "fd_ratio")

@@ -151,7 +151,7 @@ def test_every_saved_model_carries_its_measured_quality_profile(model, finished_
     np.testing.assert_allclose(profile["mse_mean"], errors.mean(axis=0), rtol=1e-4, atol=1e-7)
     psnr = 10 * np.log10(1 / errors)
     np.testing.assert_allclose(profile["psnr_p5"], np.percentile(psnr, 5, axis=0), atol=2e-3)
-    assert profile["pixel_fd_floor"] > 0 and set(profile["seconds"]) == {"1", "16"}
+    assert profile["pixel_fd_floor"] > 0 and set(profile["seconds"]) == {"1", "16", "64"}
     assert all(s > 0 for curve in profile["seconds"].values() for s in curve["seconds"])
     report = stages.artifact_path(finished_run, "report")
     assert os.path.getsize(os.path.join(report, "quality_profile.png")) > 5000
