@@ -49,7 +49,8 @@ def load_classifier(path: str, image_shape):
 
     if not os.path.isfile(os.path.join(path, CLASSIFIER_JSON)):
         raise ValueError(f"--classifier={path} holds no {CLASSIFIER_JSON}; expected a domain "
-                         "classifier directory (ovqvae experiments keeps one in WORKDIR/classifier)")
+                         "classifier directory (ovqvae experiments keeps one in "
+                         "WORKDIR/classifier)")
     return DomainClassifier.load(path, tuple(image_shape))
 
 

@@ -28,8 +28,8 @@ DATA_FIELDS = {"data_path": "path", "data_dir": "data_dir", "image_size": "image
                "max_test_images": "max_test"}
 CONFIG_FLAGS = {
     **{flag: ("data", field) for flag, field in DATA_FIELDS.items()},
-    **{name: ("", name) for name in ("num_shards", "report_samples", "export_dtype", "classifier",
-                                      "checkpoint_every", "strategy", "seed")},
+    **{name: ("", name) for name in ("num_shards", "report_samples", "export_dtype",
+                                      "classifier", "checkpoint_every", "strategy", "seed")},
     **{f.name: ("autoencoder", f.name) for f in dataclasses.fields(AutoencoderConfig)
        if f.name != "seed"},
     **{"prior_" + f.name: ("prior", f.name) for f in dataclasses.fields(PriorConfig)
