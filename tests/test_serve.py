@@ -440,6 +440,7 @@ def test_quality_floors_are_planned_with_the_served_profile(server, finished_run
     status, body, _ = call(server.url + "/v1/models/ovqvae:anytime", {
         "num_samples": 1, "deadline_ms": 2000, "min_quality": {"psnr": max(psnr) + 1}})
     assert status == 400 and "beyond what this model reaches" in body["error"]
+    assert f'min_quality={{"psnr": {max(psnr) + 1}}}' in body["error"]  # As the client wrote it.
     start = time.monotonic()
     status, body, headers = call(server.url + "/v1/models/ovqvae:anytime", {
         "num_samples": 16, "deadline_ms": 0.5, "min_quality": {"psnr": psnr[-1]}})

@@ -5,6 +5,7 @@ afford is refused at once, naming the best quality reachable in time."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 from pipeline.profile import codes_for, fd_kind
@@ -35,7 +36,7 @@ def floor_codes(profile: dict, quality: dict, max_codes: int) -> int:
     k = codes_for(profile, quality)
     if k is None or k > max_codes:
         best = min(max_codes, profile["code_length"])
-        raise RequestError(f"min_quality={quality} is beyond what this model reaches with up "
+        raise RequestError(f"min_quality={json.dumps(quality)} is beyond what this model reaches with up "
                            f"to {max_codes} codes (at best {describe(profile, best)})")
     return k
 
@@ -57,6 +58,6 @@ def submit(engine, job, profile: dict, quality) -> None:
                 best = k
                 break
         reachable = describe(profile, best) if best else "nothing, not even k=1"
-        raise Overloaded(f"min_quality={quality} needs k={job.min_codes} codes, which cannot "
+        raise Overloaded(f"min_quality={json.dumps(quality)} needs k={job.min_codes} codes, which cannot "
                          f"be decoded before the deadline; reachable in time: {reachable}",
                          e.retry_after) from None
