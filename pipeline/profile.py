@@ -76,17 +76,19 @@ def measure(module, test_images: np.ndarray, seed: int = 0,
     floor = frechet_distance(*statistics(test[:half]), *statistics(test[half:]))
     samples = module.sample(tf.constant(SAMPLES), tf.constant(K), tf.constant(seed),
                             tf.constant(1.0))["codes"]
-    decoded = [module.decode_at(samples, tf.fill([SAMPLES], k))["images"].numpy()
-               for k in range(1, K + 1)]
-    fd = [frechet_distance(*statistics(pooled(x)), mu, sigma) for x in decoded]
     domain = {}
     if classifier is not None:
         real = classifier.features(test_images)
-        stats = statistics(real)
-        domain = {"domain_fd": [round(float(frechet_distance(
-                      *statistics(classifier.features(x)), *stats)), 5) for x in decoded],
-                  "domain_fd_floor": round(float(frechet_distance(
-                      *statistics(real[:half]), *statistics(real[half:]))), 5)}
+        real_stats = statistics(real)
+        domain = {"domain_fd": [], "domain_fd_floor": round(float(frechet_distance(
+            *statistics(real[:half]), *statistics(real[half:]))), 5)}
+    fd = []
+    for k in range(1, K + 1):  # One k's samples at a time: memory stays one batch.
+        x = module.decode_at(samples, tf.fill([SAMPLES], k))["images"].numpy()
+        fd.append(frechet_distance(*statistics(pooled(x)), mu, sigma))
+        if domain:
+            domain["domain_fd"].append(round(float(frechet_distance(
+                *statistics(classifier.features(x)), *real_stats)), 5))
     seconds = {}
     for batch in batch_sizes:
         ks = curve_lengths(K)
