@@ -36,8 +36,9 @@ def floor_codes(profile: dict, quality: dict, max_codes: int) -> int:
     k = codes_for(profile, quality)
     if k is None or k > max_codes:
         best = min(max_codes, profile["code_length"])
-        raise RequestError(f"min_quality={json.dumps(quality)} is beyond what this model reaches with up "
-                           f"to {max_codes} codes (at best {describe(profile, best)})")
+        raise RequestError(f"min_quality={json.dumps(quality)} is beyond what this model "
+                           f"reaches with up to {max_codes} codes (at best "
+                           f"{describe(profile, best)})")
     return k
 
 
@@ -58,6 +59,7 @@ def submit(engine, job, profile: dict, quality) -> None:
                 best = k
                 break
         reachable = describe(profile, best) if best else "nothing, not even k=1"
-        raise Overloaded(f"min_quality={json.dumps(quality)} needs k={job.min_codes} codes, which cannot "
-                         f"be decoded before the deadline; reachable in time: {reachable}",
+        raise Overloaded(f"min_quality={json.dumps(quality)} needs k={job.min_codes} codes, "
+                         "which cannot be decoded before the deadline; reachable in time: "
+                         f"{reachable}",
                          e.retry_after) from None
