@@ -17,6 +17,9 @@ from typing import Dict, Sequence, Tuple
 from ordered_vqvae.validation import check_at_least, check_between, check_choice
 
 QUANTIZATIONS = ("channel", "spatial")
+ARCHITECTURES = ("plain", "residual")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("constant", "cosine")
 DISTRIBUTIONS = ("none", "uniform", "uniform_per_example", "geometric", "all")
 FILLS = ("zeros", "learned")
 EXPERIMENT_FRACTIONS = (0.1, 0.25, 0.5, 0.6, 0.75, 1.0)  # 0.6: the paper's 60% criterion.
@@ -59,6 +62,14 @@ class AutoencoderConfig:
 
     image_shape: Tuple[int, int, int] = (28, 28, 1)
     hidden: Tuple[int, ...] = (16, 32)
+    # "plain": the reference's stack (strided convolutions, batch norm, ReLU); "residual":
+    # strided convolutions without normalisation and `residual_blocks` residual blocks at
+    # the latent resolution on both sides, as in the VQ-VAE paper.
+    architecture: str = "plain"
+    residual_blocks: int = 2
+    # The encoder's and decoder's arithmetic: "bfloat16" computes their convolutions in
+    # bfloat16 (weights, the quantizer, the losses, inputs and outputs stay float32).
+    compute_dtype: str = "float32"
     latent_channels: int = 64
     codebook_size: int = 256
     quantization: str = "channel"
@@ -75,6 +86,10 @@ class AutoencoderConfig:
     prefix_chunk: int = 16
     learning_rate: float = 2e-3
     finetune_learning_rate: float = 1e-3
+    # "constant", or "cosine": linear warm-up over `warmup_steps`, then a cosine decay to 0
+    # over the training's progress (its steps, or its time budget when that ends first).
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     batch_size: int = 128
     pretrain_epochs: int = 0
     epochs: int = 10
@@ -89,12 +104,15 @@ class AutoencoderConfig:
         if c not in (1, 3):
             raise ValueError(f"image_shape={self.image_shape} has {c} channels, expected 1 or 3")
         check_choice("quantization", self.quantization, QUANTIZATIONS)
+        check_choice("architecture", self.architecture, ARCHITECTURES)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check_choice("truncation", self.truncation, DISTRIBUTIONS)
         check_choice("fill", self.fill, FILLS)
         check_at_least("codebook_size", self.codebook_size, 2, "a codebook of >= 2 codewords")
         for name in ("latent_channels", "batch_size", "prefix_chunk"):
             check_at_least(name, getattr(self, name), 1)
-        for name in ("epochs", "pretrain_epochs"):
+        for name in ("epochs", "pretrain_epochs", "residual_blocks", "warmup_steps"):
             check_at_least(name, getattr(self, name), 0)
         check_between("min_codes", self.min_codes, 1, self.code_length)
         check_between("geometric_p", self.geometric_p, 0.0, 1.0, low_open=True, high_open=True)
@@ -127,7 +145,8 @@ class AutoencoderConfig:
     def cache_inputs(self) -> dict:
         """The fields a pipeline's cache hashes. Fields added after workdirs existed are left
         out at the value that trains as before, so those workdirs keep their cached stages."""
-        later = {"length_power": 0.0}
+        later = {"length_power": 0.0, "architecture": "plain", "residual_blocks": 2,
+                 "lr_schedule": "constant", "warmup_steps": 0, "compute_dtype": "float32"}
         return {k: v for k, v in self.to_dict().items() if not (k in later and v == later[k])}
 
     @classmethod
@@ -143,7 +162,10 @@ class AutoencoderConfig:
 
 
 # Reference sizes: MNIST C x 7 x 7 (codeword dim 49); CIFAR-10 C=100 and 500 codewords
-# (C x 4 x 4); CelebA 64x64 (C x 8 x 8). `digits` is the small embedded default.
+# (C x 4 x 4); CelebA 64x64 (C x 8 x 8). `digits` is the small embedded default. The `_cpu`
+# presets keep the reference's code (K, V and the codeword shape) with an autoencoder and a
+# prior sized to train on a few CPU cores (docs/experiments.md, the screen of changes at
+# equal minutes); the grey presets are small enough already.
 PRESETS = {
     "digits": AutoencoderConfig(image_shape=(8, 8, 1), hidden=(64,), latent_channels=16,
                                 codebook_size=64, batch_size=64, epochs=30),
@@ -153,6 +175,14 @@ PRESETS = {
                                  latent_channels=100, codebook_size=500, epochs=20),
     "celeb_a": AutoencoderConfig(image_shape=(64, 64, 3), hidden=(128, 256, 512),
                                  latent_channels=100, codebook_size=500, epochs=20),
+    "cifar10_cpu": AutoencoderConfig(image_shape=(32, 32, 3), hidden=(64, 128, 256),
+                                     architecture="residual", latent_channels=100,
+                                     codebook_size=500, lr_schedule="cosine", warmup_steps=200,
+                                     epochs=30),
+    "celeb_a_cpu": AutoencoderConfig(image_shape=(64, 64, 3), hidden=(32, 64, 128, 256),
+                                     architecture="residual", latent_channels=100,
+                                     codebook_size=500, lr_schedule="cosine", warmup_steps=200,
+                                     epochs=30),
 }
 
 
@@ -203,6 +233,10 @@ PRIOR_PRESETS = {
     "mnist": PriorConfig(num_layers=4, num_heads=8, width=256, ffn_width=1024, epochs=10),
     "cifar10": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048, epochs=20),
     "celeb_a": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048, epochs=20),
+    "cifar10_cpu": PriorConfig(num_layers=2, num_heads=4, width=128, ffn_width=512, epochs=10,
+                               warmup_steps=200),
+    "celeb_a_cpu": PriorConfig(num_layers=2, num_heads=4, width=128, ffn_width=512, epochs=10,
+                               warmup_steps=200),
     "reference": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048),
 }
 

@@ -167,7 +167,8 @@ class _Position(keras.callbacks.Callback):
                  every: int, first_batch: int = 0):
         super().__init__()
         self.save, self.record, self.every, self.first_batch = save, record, every, first_batch
-        self.epoch = self.batch = self.done = 0
+        self.epoch = self.batch = self.done = self.end = 0
+        self.steps_per_epoch = 0  # Set by the stage; an epoch stopped short of it is partial.
 
     def on_train_begin(self, logs=None):
         self.done = int(self.model.optimizer.iterations.numpy())
@@ -181,7 +182,8 @@ class _Position(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         end = self.first_batch + batch + 1  # Batches of this epoch done.
         self.done += end - self.batch
-        if self.every and end % self.every == 0:
+        self.end = end
+        if (self.every and end % self.every == 0) or self.model.stop_training:
             self.save(self.epoch, end)
 
     def batch_of(self, step: int) -> int:
@@ -189,6 +191,11 @@ class _Position(keras.callbacks.Callback):
         return self.batch + step - 1 - self.done
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training and self.end < self.steps_per_epoch:
+            # Stopped between steps: the position saved at the last batch is where a
+            # resumed run continues, and the epoch's logs cover the batches run.
+            self.record(epoch, {**(logs or {}), "batches": self.end})
+            return
         self.record(epoch, logs or {})
         self.save(epoch + 1, 0)
         self.first_batch = 0
@@ -224,15 +231,38 @@ class _KeepBest(keras.callbacks.Callback):
                              **{f"w{i}": w for i, w in enumerate(weights)})
 
 
+class _Deadline(keras.callbacks.Callback):
+    """Advances the stage's time progress after each compiled call and stops training
+    (between steps) once the stage's deadline has passed. Progress restored from a
+    checkpoint carries on: p = p0 + (1 - p0) * elapsed / (deadline - start); a stage that
+    had spent a whole budget (p0 = 1) starts a new cycle from 0."""
+
+    def __init__(self, progress: tf.Variable, deadline: float):
+        super().__init__()
+        self.progress, self.deadline = progress, deadline
+        self.start = time.time()
+        p0 = float(progress.numpy())
+        self.p0 = 0.0 if p0 >= 1.0 else p0
+        self.stopped = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        span = max(self.deadline - self.start, 1e-6)
+        elapsed = time.time() - self.start
+        self.progress.assign(min(1.0, self.p0 + (1.0 - self.p0) * elapsed / span))
+        if time.time() >= self.deadline:
+            self.model.stop_training = self.stopped = True
+
+
 @dataclasses.dataclass
 class Stage:
     """A run of epochs with one fresh optimizer: epochs up to `end` (counted from the
-    start of training); `prepare(model, optimizer, steps_per_execution)` sets the model up
-    and compiles it."""
+    start of training); `make_optimizer(progress)` gets the stage's progress variable (see
+    `fit_stages`) for a learning-rate schedule that follows it; `prepare(model, optimizer,
+    steps_per_execution)` sets the model up and compiles it."""
 
     name: str
     end: int
-    make_optimizer: Callable[[], keras.optimizers.Optimizer]
+    make_optimizer: Callable[[tf.Variable], keras.optimizers.Optimizer]
     prepare: Callable[[keras.Model, keras.optimizers.Optimizer, int], None]
     description: str = ""
     data: Optional["TrainingData"] = None  # This stage's stream (default: fit_stages's).
@@ -261,7 +291,7 @@ def _seed_states(model: keras.Model) -> list:
 def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, workdir: str,
                what: str, resume: bool = False, verbose: int = 1, callbacks: Sequence = (),
                validation_data=None, checkpoint_every: int = 0,
-               keep_best: Optional[str] = None) -> list:
+               keep_best: Optional[str] = None, deadline: Optional[float] = None) -> list:
     """Runs `stages` with `model.fit` on `data`, checkpointing model, optimizer and position
     under `workdir/checkpoints` at every epoch end and every `checkpoint_every` batches (0:
     epoch ends only); with `resume` it continues from the latest checkpoint, mid-epoch
@@ -274,6 +304,12 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
     epoch where that log was lowest, not the last epoch's (best.npz beside the checkpoints
     keeps them across a resume). Returns the history (also in workdir/history.json); after
     a resume mid-epoch, that epoch's logged training means cover only the batches run since.
+
+    `deadline` (a `time.time()` value) is a time budget: training stops between steps once
+    it has passed, leaving a checkpoint at that step (a resumed run continues from it), and
+    the last history entry says `budget_stop` (with `batches`, the steps of a partial
+    epoch). Each stage gets the remaining time in proportion to its remaining epochs, and
+    its `progress` variable (what `WarmupCosine` reads) follows the time it has used.
     """
     _check_fresh_or_resume(workdir, resume)
     run = _Run(model, data, workdir, what, resume, verbose, checkpoint_every, keep_best,
@@ -281,8 +317,16 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
     first = 0
     try:
         for stage in stages:
-            run.stage(stage, first, callbacks, validation_data)
+            stage_deadline = None
+            if deadline is not None:
+                left = max(stage.end - max(first, run.epochs_done()), 0)
+                later = stages[-1].end - max(stage.end, run.epochs_done())
+                now = time.time()
+                stage_deadline = now + (deadline - now) * left / max(left + later, 1)
+            run.stage(stage, first, callbacks, validation_data, stage_deadline)
             first = stage.end
+            if run.budget_stop:
+                break
         run.keep_best_weights()
     finally:
         run.close()
@@ -305,6 +349,9 @@ class _Run:
         with self.strategy.scope():
             self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
             self.batch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # The running stage's progress in [0, 1] by its time budget (see _Deadline).
+            self.progress = tf.Variable(0.0, dtype=tf.float32, trainable=False)
+        self.budget_stop = False
         self.history = []
         self.history_path = os.path.join(workdir, "history.json")
         if resume and tf.io.gfile.exists(self.history_path):
@@ -315,6 +362,15 @@ class _Run:
             self.keep = _KeepBest(keep_best, os.path.join(self.save_dir, "best.npz"), self.chief)
             if resume:
                 self.keep.load()
+
+    def epochs_done(self) -> int:
+        if not self.resume:
+            return 0
+        latest = tf.train.latest_checkpoint(self.ckpt_dir)
+        if latest is None:
+            return 0
+        reader = tf.train.load_checkpoint(latest)
+        return int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
 
     def record(self, epoch, logs, stage: str) -> None:
         self.history.append({"epoch": epoch + 1, "stage": stage,
@@ -328,12 +384,14 @@ class _Run:
         since a new stage starts with a fresh optimizer, as an uninterrupted run does."""
         model = self.model
         with self.strategy.scope():
-            optimizer = stage.make_optimizer()
+            optimizer = stage.make_optimizer(self.progress)
             optimizer.build(model.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=self.epoch_var,
-                                         batch=self.batch_var, seeds=_seed_states(model))
+                                         batch=self.batch_var, seeds=_seed_states(model),
+                                         progress=self.progress)
         manager = tf.train.CheckpointManager(checkpoint, self.save_dir, max_to_keep=3)
         latest = tf.train.latest_checkpoint(self.ckpt_dir) if self.resume else None
+        self.progress.assign(0.0)
         if latest:
             tf.train.Checkpoint(model=model, epoch=self.epoch_var, batch=self.batch_var,
                                 seeds=_seed_states(model)).restore(latest).expect_partial()
@@ -341,8 +399,10 @@ class _Run:
                 checkpoint.restore(latest).expect_partial()
         return checkpoint, manager, optimizer
 
-    def stage(self, stage, first: int, callbacks, validation_data) -> None:
-        """Runs one stage (epochs first..stage.end), or what a resume leaves of it."""
+    def stage(self, stage, first: int, callbacks, validation_data,
+              deadline: Optional[float] = None) -> None:
+        """Runs one stage (epochs first..stage.end), or what a resume leaves of it, until
+        `deadline` when given."""
         checkpoint, manager, optimizer = self._restore(stage, first)
         done, done_batches = int(self.epoch_var.numpy()), int(self.batch_var.numpy())
         # A kill between logging an epoch and checkpointing it leaves an extra entry.
@@ -371,8 +431,11 @@ class _Run:
 
         position = _Position(save, lambda e, logs: self.record(e, logs, stage.name),
                              self.checkpoint_every, skip)
+        position.steps_per_epoch = spe
+        clock = _Deadline(self.progress, deadline) if deadline is not None else None
         board = os.path.join(self.workdir if self.chief else self.save_dir, "tensorboard")
-        all_callbacks = [*callbacks, keras.callbacks.TensorBoard(board, write_graph=False),
+        all_callbacks = [*([clock] if clock else []), *callbacks,
+                         keras.callbacks.TensorBoard(board, write_graph=False),
                          *([self.keep] if self.keep else []), position,
                          *([_EpochLine(self.what, self.total)] if self.verbose == 2 else [])]
         # A resume mid-epoch first finishes that epoch, then runs whole ones.
@@ -382,6 +445,20 @@ class _Run:
             if begin < end:
                 self._fit(data, begin, end, skip_batches, all_callbacks, validation_data,
                           position)
+            if clock is not None and clock.stopped:
+                self._stopped_on_budget(position)
+                return
+
+    def _stopped_on_budget(self, position) -> None:
+        self.budget_stop = True
+        if self.history:
+            self.history[-1]["budget_stop"] = 1.0
+            if self.chief:
+                write_json(self.history_path, self.history)
+        if self.verbose:
+            print(f"[{self.what}] time budget spent: stopped at epoch {position.epoch + 1}, "
+                  f"batch {position.end} of {position.steps_per_epoch}; the checkpoint there "
+                  "resumes it", flush=True)
 
     def _fit(self, data, begin, end, skip_batches, callbacks, validation_data, position):
         try:

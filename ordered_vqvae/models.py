@@ -236,6 +236,8 @@ class OrderedAutoencoder(_Ordered):
 
 def build_encoder(config: AutoencoderConfig) -> keras.Model:
     """Images in [-1,1] [N,H,W,C] -> latent [N, H/2^L, W/2^L, latent_channels]."""
+    if config.architecture == "residual":
+        return _residual_encoder(config)
     init = keras.initializers.GlorotUniform(seed=config.seed)
     layers = [keras.Input(config.image_shape)]
     for width in config.hidden:
@@ -247,6 +249,8 @@ def build_encoder(config: AutoencoderConfig) -> keras.Model:
 
 def build_decoder(config: AutoencoderConfig) -> keras.Model:
     """Latent [N, h, w, latent_channels] -> images in [-1,1] [N,H,W,C] (tanh)."""
+    if config.architecture == "residual":
+        return _residual_decoder(config)
     init = keras.initializers.GlorotUniform(seed=config.seed + 1)
     h, w = config.latent_hw
     layers = [keras.Input((h, w, config.latent_channels)),
@@ -263,6 +267,55 @@ def build_decoder(config: AutoencoderConfig) -> keras.Model:
     return keras.Sequential(layers, name="decoder")
 
 
+def _residual_blocks(x, config: AutoencoderConfig, init, prefix: str):
+    """`config.residual_blocks` blocks x + conv1x1(relu(conv3x3(relu(x)))) at x's width, the
+    inner convolution half as wide (the VQ-VAE paper's block), then a ReLU."""
+    width = x.shape[-1]
+    for i in range(config.residual_blocks):
+        y = keras.layers.ReLU()(x)
+        y = keras.layers.Conv2D(max(width // 2, 1), 3, 1, "same", kernel_initializer=init,
+                                name=f"{prefix}_block{i}_conv3x3")(y)
+        y = keras.layers.ReLU()(y)
+        y = keras.layers.Conv2D(width, 1, kernel_initializer=init,
+                                name=f"{prefix}_block{i}_conv1x1")(y)
+        x = keras.layers.Add()([x, y])
+    return keras.layers.ReLU()(x)
+
+
+def _residual_encoder(config: AutoencoderConfig) -> keras.Model:
+    init = keras.initializers.HeUniform(seed=config.seed)
+    inputs = keras.Input(config.image_shape)
+    x = inputs
+    for i, width in enumerate(config.hidden):
+        x = keras.layers.Conv2D(width, 4, 2, "same", kernel_initializer=init,
+                                name=f"down{i}")(x)
+        if i < len(config.hidden) - 1:
+            x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(config.hidden[-1], 3, 1, "same", kernel_initializer=init,
+                            name="latent_in")(keras.layers.ReLU()(x))
+    x = _residual_blocks(x, config, init, "encoder")
+    latent = keras.layers.Conv2D(config.latent_channels, 1, kernel_initializer=init,
+                                 name="to_latent")(x)
+    return keras.Model(inputs, latent, name="encoder")
+
+
+def _residual_decoder(config: AutoencoderConfig) -> keras.Model:
+    init = keras.initializers.HeUniform(seed=config.seed + 1)
+    h, w = config.latent_hw
+    inputs = keras.Input((h, w, config.latent_channels))
+    x = keras.layers.Conv2D(config.hidden[-1], 3, 1, "same", kernel_initializer=init,
+                            name="from_latent")(inputs)
+    x = _residual_blocks(x, config, init, "decoder")
+    for i, width in enumerate(reversed(config.hidden[:-1])):
+        x = keras.layers.Conv2DTranspose(width, 4, 2, "same", kernel_initializer=init,
+                                         name=f"up{i}")(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2DTranspose(config.image_shape[-1], 4, 2, "same",
+                                     kernel_initializer=keras.initializers.GlorotUniform(
+                                         seed=config.seed + 1), name="to_image")(x)
+    return keras.Model(inputs, keras.layers.Activation("tanh")(x), name="decoder")
+
+
 @keras.saving.register_keras_serializable(package="ordered_vqvae")
 class OrderedVQVAE(_Ordered):
     """Encoder -> vector quantizer -> nested truncation -> decoder.
@@ -271,9 +324,10 @@ class OrderedVQVAE(_Ordered):
     scaled to [-1,1] (the decoder ends in tanh) and the training reconstruction term is
     the MSE on that scale, as in the reference; reported MSEs are on the [0,1] scale.
 
-    Mixed precision: built under `keras.mixed_precision.set_global_policy("mixed_bfloat16")`,
-    the encoder and decoder compute in bfloat16 (their weights stay float32) while the
-    quantizer, the truncation, the losses and every input and output stay float32.
+    Mixed precision: with `compute_dtype="bfloat16"` (or built under the global policy
+    "mixed_bfloat16"), the encoder and decoder compute in bfloat16 (their weights stay
+    float32) while the quantizer, the truncation, the losses and every input and output
+    stay float32.
     """
 
     def __init__(self, config: AutoencoderConfig, **kwargs):
@@ -287,8 +341,15 @@ class OrderedVQVAE(_Ordered):
                                       length_power=config.length_power, dtype="float32",
                                       name="truncation")
         kwargs.setdefault("dtype", "float32")
-        super().__init__(build_encoder(config), build_decoder(config), truncation,
-                         prefix_chunk=config.prefix_chunk, **kwargs)
+        policy = keras.mixed_precision.global_policy()
+        if config.compute_dtype == "bfloat16":
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")  # Read by each layer.
+        try:
+            encoder, decoder = build_encoder(config), build_decoder(config)
+        finally:
+            keras.mixed_precision.set_global_policy(policy)
+        super().__init__(encoder, decoder, truncation, prefix_chunk=config.prefix_chunk,
+                         **kwargs)
         self.quantizer = VectorQuantizer(config.codebook_size, config.embedding_dim,
                                          beta=config.beta, use_ema=config.use_ema,
                                          ema_decay=config.ema_decay,

@@ -19,6 +19,7 @@ import tensorflow as tf
 from ordered_vqvae.configs import QUARTERS, AutoencoderConfig, fraction_label, fraction_lengths
 from ordered_vqvae.examples import ExampleFile
 from ordered_vqvae.fit import Stage, TrainingData, fit_stages
+from ordered_vqvae.schedules import InverseSqrtSchedule, WarmupCosine
 from ordered_vqvae.models import OrderedVQVAE
 from ordered_vqvae.prior import CodePrior
 from ordered_vqvae.validation import check_codes, check_images
@@ -56,8 +57,19 @@ def _autoencoder_stages(config: AutoencoderConfig, stream: Callable[[str], Train
             model.compile(optimizer=optimizer, truncation=truncation,
                           steps_per_execution=steps_per_execution)
 
-        return Stage(name, end, lambda: keras.optimizers.Adam(lr), prepare,
-                     f"truncation={truncation}, lr={lr:g}", data=stream(truncation))
+        data = stream(truncation)
+        epochs = end - (config.pretrain_epochs if end > config.pretrain_epochs else 0)
+
+        def make_optimizer(progress):
+            if config.lr_schedule == "constant":
+                return keras.optimizers.Adam(lr)
+            return keras.optimizers.Adam(WarmupCosine(lr, config.warmup_steps,
+                                                      epochs * data.steps_per_epoch, progress))
+
+        schedule = ("" if config.lr_schedule == "constant" else
+                    f" ({config.lr_schedule}, warm-up {config.warmup_steps} steps)")
+        return Stage(name, end, make_optimizer, prepare,
+                     f"truncation={truncation}, lr={lr:g}{schedule}", data=data)
 
     if config.pretrain_epochs:
         return [stage("pretrain", config.pretrain_epochs, "none", config.learning_rate),
@@ -81,7 +93,8 @@ def autoencoder_stream(model: OrderedVQVAE, images: np.ndarray,
 def train_autoencoder(config: AutoencoderConfig, train_images: Union[np.ndarray, ExampleFile],
                       val_images: Optional[np.ndarray], workdir: str, resume: bool = False,
                       verbose: int = 1, steps_per_epoch: Optional[int] = None,
-                      checkpoint_every: int = 0, strategy=None) -> OrderedVQVAE:
+                      checkpoint_every: int = 0, strategy=None,
+                      deadline: Optional[float] = None) -> OrderedVQVAE:
     """Trains an ordered VQ-VAE on images [N,H,W,C] in [0,1], in memory or in an
     `ExampleFile` read a batch at a time; checkpoints under workdir.
 
@@ -92,6 +105,8 @@ def train_autoencoder(config: AutoencoderConfig, train_images: Union[np.ndarray,
       checkpoint_every: also checkpoint every this many batches (0: at epoch ends only).
       strategy: a tf.distribute strategy to train under (default: the current one);
         `config.batch_size` is the global batch, split between replicas.
+      deadline: a `time.time()` at which training stops between steps (a time budget;
+        `fit.fit_stages`); the model is then the one at that step, checkpointed.
 
     Returns:
       The trained model. `workdir/history.json` holds the per-epoch logs.
@@ -110,38 +125,23 @@ def train_autoencoder(config: AutoencoderConfig, train_images: Union[np.ndarray,
             model, train_images, steps_per_epoch, truncation))
         fit_stages(model, stages, stages[0].data, workdir, "train autoencoder",
                    resume=resume, verbose=verbose, callbacks=[_CodeLengthMSE(val_images)],
-                   checkpoint_every=checkpoint_every)
+                   checkpoint_every=checkpoint_every, deadline=deadline)
     return model
-
-
-@keras.saving.register_keras_serializable(package="ordered_vqvae")
-class InverseSqrtSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak` over `warmup_steps`, then peak * sqrt(warmup / step)."""
-
-    def __init__(self, peak: float, warmup_steps: int):
-        self.peak, self.warmup_steps = float(peak), max(int(warmup_steps), 1)
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32) + 1.0
-        warm = float(self.warmup_steps)
-        return self.peak * tf.minimum(step / warm, tf.sqrt(warm / step))
-
-    def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps}
 
 
 def train_prior(config, code_length: int, codebook_size: int,
                 train_codes: Union[np.ndarray, ExampleFile],
                 val_codes: Optional[tf.data.Dataset], workdir: str, resume: bool = False,
                 verbose: int = 1, steps_per_epoch: Optional[int] = None,
-                checkpoint_every: int = 0, strategy=None):
+                checkpoint_every: int = 0, strategy=None, deadline: Optional[float] = None):
     """Trains a CodePrior (a `prior.PriorConfig`) on codes int32 [N, K], in memory or in an
     `ExampleFile`.
 
     AdamW (0.9, 0.98) with an inverse-square-root warm-up, as in the reference; validation
     negative log-likelihood (batches of codes) is logged as `val_bits_per_code`, and with
     validation codes the model ends with the weights of its best validation epoch.
-    Checkpoints, `resume`, `checkpoint_every` and `strategy` as for the autoencoder.
+    Checkpoints, `resume`, `checkpoint_every`, `strategy` and `deadline` as for the
+    autoencoder.
     """
     if isinstance(train_codes, ExampleFile):
         _check_file(train_codes, (code_length,), "training codes", np.integer)
@@ -150,7 +150,7 @@ def train_prior(config, code_length: int, codebook_size: int,
                                   what="training codes")
     keras.utils.set_random_seed(config.seed)
 
-    def make_optimizer():
+    def make_optimizer(progress):
         return keras.optimizers.AdamW(InverseSqrtSchedule(config.learning_rate, config.warmup_steps),
                                       weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.98,
                                       clipnorm=1.0)
@@ -168,5 +168,6 @@ def train_prior(config, code_length: int, codebook_size: int,
             val_codes = val_codes.map(model.next_code_pairs)
         fit_stages(model, [stage], data, workdir, "train prior", resume=resume, verbose=verbose,
                    validation_data=val_codes, checkpoint_every=checkpoint_every,
-                   keep_best="val_bits_per_code" if val_codes is not None else None)
+                   keep_best="val_bits_per_code" if val_codes is not None else None,
+                   deadline=deadline)
     return model

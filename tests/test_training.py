@@ -159,7 +159,7 @@ def test_keep_best_ends_with_the_best_epochs_weights_also_after_a_resume(tmp_pat
     def run(end, resume):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
-        stage = Stage("s", end, lambda: keras.optimizers.SGD(0.1),
+        stage = Stage("s", end, lambda progress: keras.optimizers.SGD(0.1),
                       lambda m, o, n: m.compile(optimizer=o, loss="mse", steps_per_execution=n))
         data = TrainingData(np.random.default_rng(0).random((32, 3)).astype(np.float32), 8,
                             transform=lambda x: (x, 2 * x))
