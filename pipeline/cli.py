@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import re
 import sys
 import typing
 
@@ -25,7 +24,7 @@ from absl import app, flags
 
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
 from ordered_vqvae.validation import op_error_text
-from pipeline import run_config, serve_flags
+from pipeline import quiet, run_config, serve_flags
 from pipeline.config import EXPORT_DTYPES
 from pipeline.experiments import EXPERIMENTS
 from pipeline.run_config import CONFIG_FLAGS, UsageError, config_values
@@ -44,9 +43,9 @@ flags.DEFINE_integer("image_size", None, "Resize and center-crop folder, CelebA 
                      "to this size; the image shape and the preset follow.")
 flags.DEFINE_integer("max_train_images", None, "Use this many training images, chosen at random (the same in every stage).")
 flags.DEFINE_integer("max_test_images", None, "Use this many test images, chosen at random (the same in every stage).")
-flags.DEFINE_string("preset", None, "Architecture preset: digits (grey, up to 16 px), mnist "
-                    "(grey, larger), cifar10 (colour, up to 48 px), celeb_a (colour, larger); "
-                    "unset: chosen from the images' shape.")
+flags.DEFINE_string("preset", None, "cpu (sized for a few CPU cores) or reference (the "
+                    "paper's sizes), chosen for the images' shape, or a preset's name: digits, "
+                    "mnist, cifar10[_cpu], celeb_a[_cpu]. Unset: reference with a GPU, else cpu.")
 flags.DEFINE_integer("num_shards", 4, "Output TFRecord shards per split (extract).")
 flags.DEFINE_integer("report_samples", 16, "Samples per row of the report's grids.")
 flags.DEFINE_enum("export_dtype", "float32", list(EXPORT_DTYPES), "The SavedModel's "
@@ -61,6 +60,16 @@ flags.DEFINE_bool("force", False, "Redo stages even when their manifest matches.
 flags.DEFINE_enum("strategy", "", ["", "mirrored"], "Training under tf.distribute: "
                   "'mirrored' uses every local GPU (one replica each; --batch_size is the "
                   "global batch).")
+
+
+class _DurationParser(flags.ArgumentParser):
+    parse = staticmethod(run_config.parse_duration)
+
+
+flags.DEFINE(_DurationParser(), "time_budget", None, "Wall-clock budget: '30m', '90s', "
+             "'1h' or seconds (0: none). run splits it among the stages (the training "
+             "stages train until their share is spent, then stop between steps with a "
+             "complete, resumable model); a stage's command gives it the whole budget.")
 flags.DEFINE_integer("checkpoint_every", 500, "Training checkpoints every this many batches "
                      "(and at every epoch end; 0: epoch ends only). An interrupted stage "
                      "resumes from the latest one when rerun.")
@@ -100,7 +109,7 @@ GROUPS = {
     "common": ["workdir", "dataset", "preset", "seed", "force", "verbose"],
     "data": ["data_path", "data_dir", "download", "image_size", "max_train_images",
              "max_test_images"],
-    "training": ["strategy", "checkpoint_every"],
+    "training": ["strategy", "checkpoint_every", "time_budget"],
     "extract": ["num_shards"],
     "report": ["report_samples"],
     "export": ["export_dtype", "classifier", "model_base_path"],
@@ -334,9 +343,9 @@ def _beam_options(args: list):
 def main(argv):
     from absl import logging
 
-    if not _verbosity_given(argv):
+    if not quiet.verbosity_given(argv):
         logging.set_verbosity(logging.WARNING)
-        _quiet_beam()
+        quiet.quiet_beam()
     positional = [a for a in argv[1:] if not a.startswith("-")]
     leftover = [a for a in argv[1:] if a.startswith("-")]
     if not positional or positional[0] not in COMMANDS:
@@ -425,49 +434,17 @@ def _main_with_exit_codes(argv):
         sys.exit(1)
 
 
-def _quiet_beam() -> None:
-    """Hides Beam's warnings (optional Google Cloud clients, platform probes), including
-    those it logs on the root logger while importing; errors still show."""
-    import logging
-
-    logging.getLogger("apache_beam").setLevel(logging.ERROR)
-    logging.getLogger().addFilter(lambda record: record.levelno >= logging.ERROR
-                                  or f"{os.sep}apache_beam{os.sep}" not in record.pathname)
-
-
 def _run_values(command: str, argv: list):
     """{flag: value} of the run `command` would do with `argv` (the workdir's recorded run,
     or the data's preset), or the reason it cannot be known."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         FLAGS(argv, known_only=True)
-        with _quiet_stderr(True), contextlib.redirect_stdout(io.StringIO()):
+        with quiet.quiet_stderr(True), contextlib.redirect_stdout(io.StringIO()):
             return config_values(pipeline_config(
                 FLAGS.workdir or ("workdir/digits" if command == "demo" else None)))
     except Exception as e:  # Help still shows the flags and their defaults.
         return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _verbosity_given(argv) -> bool:
-    return any(re.match(r"--?(v|verbosity)(=|$)", a) for a in argv[1:])
-
-
-@contextlib.contextmanager
-def _quiet_stderr(quiet: bool):
-    """Sends file descriptor 2 to /dev/null: TensorFlow's C++ runtime prints its start-up
-    lines (oneDNN, CUDA probing) before its own log level applies."""
-    if not quiet:
-        yield
-        return
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    sys.stderr.flush()
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(null)
-        os.close(saved)
 
 
 def run(argv=None):
@@ -485,9 +462,9 @@ def run(argv=None):
             values = _run_values(command, [a for a in argv if a not in helps])
         sys.stdout.write(help_text(command, values))
         sys.exit(0)
-    quiet = not _verbosity_given(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if quiet else "0")
-    with _quiet_stderr(quiet):
+    hide = not quiet.verbosity_given(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if hide else "0")
+    with quiet.quiet_stderr(hide):
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # Device probing logs here, once.

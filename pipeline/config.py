@@ -13,13 +13,45 @@ EXPORT_DTYPES = ("float32", "bfloat16_weights")
 
 
 
-def preset_for_shape(shape) -> str:
+# Preset families: `--preset=cpu` or `--preset=reference` picks the family's preset for the
+# images' shape; a preset's own name (`--preset=cifar10`) picks it whatever the shape.
+PRESET_FAMILIES = ("cpu", "reference")
+
+
+def preset_for_shape(shape, family: str = "reference") -> str:
     """The architecture preset for images of `shape` (H, W, C): the one made for the
-    nearest of the reference sizes (8x8 and 28x28 grey, 32x32 and 64x64 colour)."""
+    nearest of the reference sizes (8x8 and 28x28 grey, 32x32 and 64x64 colour), in its
+    `family`: "reference" (the paper's sizes) or "cpu" (sized for a few CPU cores, where
+    the family has one for that size)."""
+    from ordered_vqvae.configs import PRESETS
+
+    check_choice("preset family", family, PRESET_FAMILIES)
     height, width, channels = shape
     if channels == 1:
-        return "digits" if max(height, width) <= 16 else "mnist"
-    return "cifar10" if max(height, width) <= 48 else "celeb_a"
+        name = "digits" if max(height, width) <= 16 else "mnist"
+    else:
+        name = "cifar10" if max(height, width) <= 48 else "celeb_a"
+    return f"{name}_cpu" if family == "cpu" and f"{name}_cpu" in PRESETS else name
+
+
+def default_preset_family() -> str:
+    """"reference" where TensorFlow sees a GPU, else "cpu"."""
+    import tensorflow as tf
+
+    return "reference" if tf.config.list_physical_devices("GPU") else "cpu"
+
+
+def resolve_preset(name: Optional[str], shape) -> str:
+    """The preset a --preset value (a family, a preset's name, or None for the machine's
+    family) gives images of `shape`."""
+    from ordered_vqvae.configs import PRESETS
+
+    if name is None or name in PRESET_FAMILIES:
+        return preset_for_shape(shape, name or default_preset_family())
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}, expected a family ({', '.join(PRESET_FAMILIES)})"
+                         f" or a preset ({', '.join(sorted(PRESETS))})")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +192,14 @@ class PipelineConfig:
                                    # every epoch end (0: epoch ends only; not a cache input).
     strategy: str = ""             # "mirrored": train on all local GPUs (not a cache input).
     preset: str = ""               # The architecture preset the configs started from.
+    time_budget: float = 0.0       # Seconds a run (or one stage's command) may take, split
+                                   # among the stages (pipeline.stages.BUDGET_SHARES); 0: no
+                                   # budget. Not a cache input.
 
     def __post_init__(self):
         check_choice("export_dtype", self.export_dtype, EXPORT_DTYPES)
+        if not self.time_budget >= 0:
+            raise ValueError(f"time_budget={self.time_budget}, expected seconds >= 0 (0: none)")
 
     def distribution(self):
         """The tf.distribute strategy the training stages run under (None: the default)."""
@@ -198,10 +235,11 @@ def pipeline_preset(dataset: str, preset_name: Optional[str] = None,
                     **overrides) -> PipelineConfig:
     """The default pipeline for a dataset: the image shape comes from the data (or
     `image_shape`, when already read), the architecture preset from the shape unless
-    `preset_name` is given; `autoencoder_overrides` and `prior_overrides` replace fields."""
+    `preset_name` (a preset or a family, see `preset_name`) is given; `autoencoder_overrides`
+    and `prior_overrides` replace fields."""
     data = data or DataConfig(source=dataset)
     shape = tuple(image_shape or data.image_shape())
-    name = preset_name or preset_for_shape(shape)
+    name = resolve_preset(preset_name, shape)
     return PipelineConfig(
         data=data, preset=name, prior=prior_preset(name, **(prior_overrides or {})),
         autoencoder=preset(name, **{"image_shape": shape, **(autoencoder_overrides or {})}),

@@ -76,7 +76,10 @@ def build(config: PipelineConfig, autoencoder, prior, results: dict, shown_image
                    "sampling_seconds_by_codes": {str(k): v for k, v in seconds.items()},
                    "prior_val_bits_per_code": prior_eval["val_bits_per_code"],
                    "uniform_bits_per_code": prior_eval["uniform_bits_per_code"],
-                   "records": codes_eval["counts"], "dead_letters": codes_eval["dead_letters"]}
+                   "records": codes_eval["counts"], "dead_letters": codes_eval["dead_letters"],
+                   "training": {stage: results[stage]["training"] for stage in
+                                ("autoencoder", "prior") if "training" in results[stage]},
+                   "time_budget": config.time_budget}
         write_json(os.path.join(tmp, "metrics.json"), metrics)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(_markdown(config, metrics))
@@ -98,6 +101,7 @@ def _markdown(config: PipelineConfig, m: dict) -> str:
         f"(uniform: {m['uniform_bits_per_code']:.3f}).",
         "",
         *_verdict(m["baselines"]),
+        *_training_lines(config, m),
         "## Samples at 25/50/75/100% of the code",
         "",
         "Each column is one sampling pass; row k decodes only its first k codes, the rest "
@@ -128,6 +132,28 @@ def _markdown(config: PipelineConfig, m: dict) -> str:
               "pixel FD), and sampling time per k on the exporting machine.", "",
               "![quality and time against code length](quality_profile.png)", ""]
     return "\n".join(lines)
+
+
+def _training_lines(config: PipelineConfig, m: dict) -> list:
+    """What training got: epochs and minutes per training stage, and under a time budget
+    whether the budget stopped it."""
+    if not m["training"]:
+        return []
+    planned = {"autoencoder": config.autoencoder.pretrain_epochs + config.autoencoder.epochs,
+               "prior": config.prior.epochs}
+    budget = m["time_budget"]
+    lines = ["## Training", ""]
+    if budget:
+        lines += [f"Time budget {budget / 60:.1f} min for the whole run (`--time_budget`); "
+                  "each training stage trains until its share is spent.", ""]
+    lines += ["| stage | epochs trained | of planned | minutes | share of the budget | "
+              "stopped by |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for stage, t in m["training"].items():
+        share = f"{t['budget_seconds'] / 60:.1f} min" if "budget_seconds" in t else ""
+        why = "the time budget" if t["budget_stop"] else "its epochs"
+        lines.append(f"| {stage} | {t['epochs_trained']:.2f} | {planned[stage]} | "
+                     f"{t['seconds'] / 60:.1f} | {share} | {why} |")
+    return lines + [""]
 
 
 def _verdict(b: dict) -> list:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ordered_vqvae.configs import AutoencoderConfig, PriorConfig
 from pipeline import workdir as wd
-from pipeline.config import DataConfig, PipelineConfig, pipeline_preset
+from pipeline.config import DataConfig, PipelineConfig, pipeline_preset, resolve_preset
 
 DEFAULT_DATASET = "digits"
 
@@ -29,12 +29,31 @@ DATA_FIELDS = {"data_path": "path", "data_dir": "data_dir", "image_size": "image
 CONFIG_FLAGS = {
     **{flag: ("data", field) for flag, field in DATA_FIELDS.items()},
     **{name: ("", name) for name in ("num_shards", "report_samples", "export_dtype",
-                                      "classifier", "checkpoint_every", "strategy", "seed")},
+                                      "classifier", "checkpoint_every", "strategy", "seed",
+                                      "time_budget")},
     **{f.name: ("autoencoder", f.name) for f in dataclasses.fields(AutoencoderConfig)
        if f.name != "seed"},
     **{"prior_" + f.name: ("prior", f.name) for f in dataclasses.fields(PriorConfig)
        if f.name != "seed"},
 }
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text) -> float:
+    """'30m', '90s', '1.5h' or plain seconds ('1800') -> seconds >= 0."""
+    value = str(text).strip().lower()
+    unit = _UNITS.get(value[-1:], None)
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration, expected seconds or a number with "
+                         "s, m or h (90s, 30m, 1.5h)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r} is not a duration >= 0")
+    return seconds
 
 
 def config_values(config) -> dict:
@@ -112,10 +131,11 @@ def resolve(workdir: Optional[str], given: dict) -> PipelineConfig:
         if record is None:
             return _changed(_new_config(given), given)
         config = PipelineConfig.from_dict(record["config"])
+        shape = tuple(config.autoencoder.image_shape)
         for flag, recorded in (("dataset", config.data.source), ("preset", config.preset)):
             value = given.get(flag)
             if flag in given and (_source(value).label if flag == "dataset"
-                                  else value) != recorded:
+                                  else resolve_preset(value, shape)) != recorded:
                 raise UsageError(f"--{flag}={value}, but workdir {workdir!r} records {flag} "
                                  f"{recorded!r}; use a new --workdir for another {flag}")
         return _changed(config, given)

@@ -36,6 +36,7 @@ class Context:
     workdir: str
     scratch: str   # The stage's checkpoint area, removed once the stage has finished.
     verbose: int   # Keras verbosity: 0 silent, 1 progress bar, 2 a line per epoch.
+    deadline: Optional[float] = None  # time.time() when a training stage stops training.
 
     def artifact(self, stage: str) -> str:
         return artifact_path(self.workdir, stage)
@@ -71,6 +72,25 @@ def _training_file(ctx: Context, stage: str, name: str, write: Callable):
     return examples
 
 
+def _training_summary(ctx: Context, steps_per_epoch: int, start: float) -> dict:
+    """What a training stage's fit did, from its history: epochs trained (a fraction where
+    the time budget stopped one), seconds, and whether the budget stopped it (then the
+    stage keeps its checkpoints, and a rerun continues training from them)."""
+    import json
+
+    with open(os.path.join(ctx.scratch, "history.json")) as f:
+        history = json.load(f)
+    last = history[-1] if history else {}
+    epochs = last.get("epoch", 0)
+    if "batches" in last:
+        epochs = epochs - 1 + last["batches"] / steps_per_epoch
+    out = {"epochs_trained": round(float(epochs), 3), "seconds": round(time.time() - start, 1),
+           "budget_stop": bool(last.get("budget_stop"))}
+    if ctx.deadline is not None:
+        out["budget_seconds"] = round(ctx.deadline - start, 1)
+    return out
+
+
 def _train_autoencoder(config: PipelineConfig, ctx: Context) -> dict:
     import numpy as np
 
@@ -89,6 +109,7 @@ def _train_autoencoder(config: PipelineConfig, ctx: Context) -> dict:
             seen += len(batch)
             yield batch
 
+    start = time.time()
     print(f"[autoencoder] loading {config.data.source} ...", flush=True)
     train = _training_file(ctx, "autoencoder", "train_images.npy", lambda path: write_examples(
         path, checked(config.data.image_batches("train")), np.float32))
@@ -99,9 +120,11 @@ def _train_autoencoder(config: PipelineConfig, ctx: Context) -> dict:
     model = training.train_autoencoder(ae_config, train, val_x, ctx.scratch,
                                        resume=True, verbose=ctx.verbose,
                                        checkpoint_every=config.checkpoint_every,
-                                       strategy=config.distribution())
+                                       strategy=config.distribution(), deadline=ctx.deadline)
+    trained = _training_summary(ctx, len(train) // ae_config.batch_size, start)
     models.save_autoencoder(model, ctx.artifact("autoencoder"))
-    return evaluate.reconstruction(model, config.data.image_batches("test"))
+    return {**evaluate.reconstruction(model, config.data.image_batches("test")),
+            "training": trained}
 
 
 def _extract(config: PipelineConfig, ctx: Context) -> dict:
@@ -122,6 +145,7 @@ def _train_prior(config: PipelineConfig, ctx: Context) -> dict:
     from ordered_vqvae.prior import save_prior
     from pipeline import schema
 
+    start = time.time()
     codes_dir = ctx.artifact("extract")
     meta = schema.read_metadata(codes_dir)
     K, size = meta["code_length"], meta["codebook_size"]
@@ -134,12 +158,14 @@ def _train_prior(config: PipelineConfig, ctx: Context) -> dict:
           flush=True)
     prior = training.train_prior(cfg, K, size, train, val, ctx.scratch, resume=True,
                                  verbose=ctx.verbose, checkpoint_every=config.checkpoint_every,
-                                 strategy=config.distribution())
+                                 strategy=config.distribution(), deadline=ctx.deadline)
+    trained = _training_summary(ctx, len(train) // cfg.batch_size, start)
     bits = prior.bits_per_code(val)
     save_prior(prior, ctx.artifact("prior"))
     print(f"[prior] validation {bits:.3f} bits per code (uniform: {math.log2(size):.3f})",
           flush=True)
-    return {"val_bits_per_code": bits, "uniform_bits_per_code": math.log2(size)}
+    return {"val_bits_per_code": bits, "uniform_bits_per_code": math.log2(size),
+            "training": trained}
 
 
 def _export(config: PipelineConfig, ctx: Context) -> dict:
@@ -226,6 +252,23 @@ BY_COMMAND: Dict[str, Stage] = {s.command: s for s in STAGES}
 # ----------------------------------------------------------------------------- runner
 
 
+# How `ovqvae run --time_budget` splits its budget: each stage, when it starts, gets this
+# share of the time left, relative to the shares of the stages still to run (itself
+# included). The training stages train until theirs is spent; the others take what they
+# take, and what a stage leaves unused, or a cached stage skips, goes to the later ones.
+BUDGET_SHARES = {"autoencoder": 0.6, "extract": 0.04, "prior": 0.28, "export": 0.04,
+                 "report": 0.04}
+
+
+def stage_deadline(end: float, stage: str, remaining: List[str],
+                   now: Optional[float] = None) -> float:
+    """The `time.time()` at which `stage` should be done, for a budget ending at `end` with
+    the stages `remaining` (`stage` first) still to run."""
+    now = time.time() if now is None else now
+    total = sum(BUDGET_SHARES[s] for s in remaining)
+    return now + max(end - now, 0.0) * BUDGET_SHARES[stage] / total
+
+
 def artifact_path(workdir: str, stage: str) -> str:
     return os.path.join(workdir, BY_NAME[stage].artifact)
 
@@ -244,9 +287,20 @@ def stage_inputs(config: PipelineConfig, workdir: str, stage: Stage) -> dict:
             **{f"{up}_fingerprint": _upstream_fingerprint(workdir, up) for up in stage.upstream}}
 
 
+def _budget_stopped(workdir: str, stage: str, manifest: Optional[dict]) -> bool:
+    """Whether the stage's last run stopped training on its time budget and left the
+    checkpoints a rerun continues from."""
+    if not manifest or not manifest["result"].get("training", {}).get("budget_stop"):
+        return False
+    return os.path.isdir(os.path.join(wd.scratch_area(workdir, stage, manifest["input_hash"]),
+                                      "checkpoints"))
+
+
 def _is_current(workdir: str, stage: Stage, inputs_hash: str) -> bool:
     manifest = wd.read_manifest(workdir, stage.name)
     if manifest is None or manifest.get("input_hash") != inputs_hash:
+        return False
+    if _budget_stopped(workdir, stage.name, manifest):
         return False
     artifact = artifact_path(workdir, stage.name)
     return (os.path.isdir(artifact)
@@ -261,12 +315,14 @@ def record(config: PipelineConfig, workdir: str) -> None:
 
 def run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool = False,
               verbose: int = 1) -> dict:
-    """Runs one stage (by name) unless its manifest says it is current. Returns its manifest."""
-    return _run_stage(config, workdir, stage, force, verbose)[0]
+    """Runs one stage (by name) unless its manifest says it is current, within the whole
+    time budget when the config has one. Returns its manifest."""
+    deadline = time.time() + config.time_budget if config.time_budget else None
+    return _run_stage(config, workdir, stage, force, verbose, deadline)[0]
 
 
 def _run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool,
-               verbose: int) -> Tuple[dict, bool]:
+               verbose: int, deadline: Optional[float] = None) -> Tuple[dict, bool]:
     """(manifest, whether the stage ran)."""
     if stage not in BY_NAME:
         raise PipelineError(f"unknown stage {stage!r}, expected one of {list(BY_NAME)}")
@@ -277,18 +333,24 @@ def _run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool,
     if not force and _is_current(workdir, spec, inputs_hash):
         print(f"[{stage}] up to date (manifest matches), skipped", flush=True)
         return wd.read_manifest(workdir, stage), False
+    if _budget_stopped(workdir, stage, wd.read_manifest(workdir, stage)):
+        print(f"[{stage}] its last run stopped on the time budget: training continues from "
+              "its checkpoint", flush=True)
     # The old manifest stays until the new artifact is in place: a failed rerun loses
     # nothing, and an artifact replaced without its manifest no longer matches it.
     scratch = wd.scratch_area(workdir, stage, inputs_hash)
     os.makedirs(scratch, exist_ok=True)
     start = time.time()
-    result = spec.run(config, Context(workdir, scratch, verbose))
+    if deadline is not None and "training" in spec.flag_groups:
+        print(f"[{stage}] time budget: {max(deadline - start, 0):.0f} s", flush=True)
+    result = spec.run(config, Context(workdir, scratch, verbose, deadline))
     manifest = {"stage": stage, "inputs": inputs, "input_hash": inputs_hash,
                 "config": config.to_dict(), "versions": wd.library_versions(), "result": result,
                 "output_fingerprint": wd.fingerprint_files(artifact_path(workdir, stage)),
                 "seconds": round(time.time() - start, 2), "finished": time.strftime("%FT%T%z")}
     write_json(wd.manifest_path(workdir, stage), manifest)
-    shutil.rmtree(scratch, ignore_errors=True)  # Checkpoints are only needed to resume.
+    if not result.get("training", {}).get("budget_stop"):
+        shutil.rmtree(scratch, ignore_errors=True)  # Checkpoints are only needed to resume.
     print(f"[{stage}] done in {manifest['seconds']:.1f} s", flush=True)
     return manifest, True
 
@@ -298,15 +360,19 @@ def run_pipeline(config: PipelineConfig, workdir: str, stages: Optional[List[str
     """Runs the stages in order (all by default, by name), then prints a table of their wall
     times; returns their manifests."""
     manifests, rows = {}, []
-    for name in stages or [s.name for s in STAGES]:
+    names = list(stages or [s.name for s in STAGES])
+    end = time.time() + config.time_budget if config.time_budget else None
+    for i, name in enumerate(names):
         start = time.time()
-        manifests[name], ran = _run_stage(config, workdir, name, force, verbose)
+        deadline = None if end is None else stage_deadline(end, name, names[i:], start)
+        manifests[name], ran = _run_stage(config, workdir, name, force, verbose, deadline)
         rows.append((name, "ran" if ran else "up to date", time.time() - start))
     width = max(len(name) for name, _, _ in rows)
     print("\n".join([f"{'stage':<{width}}  {'status':<10}  seconds"]
                     + [f"{name:<{width}}  {status:<10}  {seconds:7.1f}"
                        for name, status, seconds in rows]
-                    + [f"{'total':<{width}}  {'':<10}  {sum(r[2] for r in rows):7.1f}"]),
+                    + [f"{'total':<{width}}  {'':<10}  {sum(r[2] for r in rows):7.1f}"]
+                    + ([f"time budget {config.time_budget:.0f} s"] if end else [])),
           flush=True)
     return manifests
 
@@ -336,6 +402,9 @@ def stage_states(config: PipelineConfig, workdir: str) -> Dict[str, str]:
             states[spec.name] = "not run"
         elif spec.name in stale:
             states[spec.name] = f"to redo ({stale[spec.name]})"
+        elif _budget_stopped(workdir, spec.name, wd.read_manifest(workdir, spec.name)):
+            states[spec.name] = ("stopped on its time budget; a rerun continues training "
+                                 "from its checkpoint")
         else:
             try:
                 current = _is_current(workdir, spec,

@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import SUBPROCESS_ENV, ovqvae
 from pipeline import cli
 
-# Shrinks the cifar10 preset that 32x32 colour images get, so that the run takes seconds.
+# Shrinks the cifar10_cpu preset that 32x32 colour images get on a machine without a GPU,
+# so that the run takes seconds.
 TINY = ["--hidden=16,16,16", "--latent_channels=8", "--codebook_size=32", "--epochs=1",
         "--prior_num_layers=1", "--prior_num_heads=2", "--prior_width=32",
         "--prior_ffn_width=64", "--prior_epochs=1", "--batch_size=8", "--prior_batch_size=8",
@@ -53,11 +54,13 @@ def _manifest_config(workdir, stage):
 
 def test_the_preset_follows_the_images_and_the_run_is_recorded(run):
     _, workdir, proc = run
-    assert "32x32x3 images: preset cifar10" in proc.stdout
+    assert "32x32x3 images: preset cifar10_cpu" in proc.stdout
     config = _record(workdir)
-    assert config["preset"] == "cifar10" and config["autoencoder"]["image_shape"] == [32, 32, 3]
+    assert config["preset"] == "cifar10_cpu"
+    assert config["autoencoder"]["image_shape"] == [32, 32, 3]
     assert config["autoencoder"]["latent_channels"] == 8  # The flags given over the preset.
-    assert config["prior"]["warmup_steps"] == 500  # cifar10's prior preset, not digits' 100.
+    assert config["autoencoder"]["architecture"] == "residual"  # cifar10_cpu's, not digits'.
+    assert config["prior"]["warmup_steps"] == 200  # cifar10_cpu's prior, not digits' 100.
     assert "apitools" not in proc.stderr and "Resource module" not in proc.stderr
     # Output to a pipe: one line per epoch, no progress bar redrawn with carriage returns.
     assert "\r" not in proc.stdout
@@ -80,7 +83,7 @@ def test_stages_run_alone_use_the_recorded_run(run):
     for stage in ("extract", "prior", "report"):
         assert _manifest_config(workdir, stage) == recorded, stage
     status = ovqvae("status", f"--workdir={workdir}", check_rc=0, env=SUBPROCESS_ENV).stdout
-    assert "32x32x3 images, preset cifar10" in status
+    assert "32x32x3 images, preset cifar10_cpu" in status
     # Training is deterministic: the rerun prior is the same bytes, so export stays current.
     assert all(f"  {stage:<12} up to date" in status for stage in
                ("autoencoder", "extract", "prior", "export", "report")), status
@@ -97,7 +100,9 @@ def test_a_contradicting_flag_is_refused_or_invalidates_what_it_feeds(run, tmp_p
     assert "--dataset=digits, but workdir" in proc.stderr and "'image_folder'" in proc.stderr
     proc = ovqvae("report", f"--workdir={workdir}", "--preset=mnist", check_rc=2,
                   env=SUBPROCESS_ENV)
-    assert "records preset 'cifar10'" in proc.stderr
+    assert "records preset 'cifar10_cpu'" in proc.stderr
+    # The family that gives the recorded preset for these images is the same preset.
+    ovqvae("report", f"--workdir={workdir}", "--preset=cpu", check_rc=0, env=SUBPROCESS_ENV)
     proc = ovqvae("train_prior", f"--workdir={workdir}", "--prior_num_layers=2", "--verbose=0",
                   check_rc=0, env=SUBPROCESS_ENV)
     assert ("changes the recorded run: --prior_num_layers 1 -> 2; invalidates: prior (its "
@@ -117,7 +122,7 @@ def test_help_shows_the_values_of_the_recorded_run(run):
     assert "  --image_shape  (default: unset; this run: (32, 32, 3))" in out
     out = ovqvae("run", "--help", "--dataset=image_folder", f"--data_path={photos}",
                  "--image_size=64", check_rc=0).stdout
-    assert "  --preset  (default: unset; this run: 'celeb_a')" in out
+    assert "  --preset  (default: unset; this run: 'celeb_a_cpu')" in out
     assert "  --image_shape  (default: unset; this run: (64, 64, 3))" in out
 
 
