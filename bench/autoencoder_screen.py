@@ -8,6 +8,9 @@ it as JSON.
 
   .venv/bin/python bench/autoencoder_screen.py --data_path=../shared/data/cifar10/cifar10-jpeg.tar.gz \\
       --minutes=3 --variants=reference_narrow,residual,residual_cosine --out=screen.json
+
+`--plot=a.json,b.json --png=F` draws PSNR at all codes against minutes for the variants of
+several screens (one curve per variant, a point per screen).
 """
 
 import argparse
@@ -83,15 +86,36 @@ def score(model, images, fractions=(0.1, 0.25, 0.5, 1.0)):
     return out
 
 
+def plot(paths, png):
+    """PSNR from all codes against the screen's minutes, a curve per variant."""
+    from ordered_vqvae import figures
+
+    curves = {}
+    for path in paths:
+        with open(path) as f:
+            screen = json.load(f)
+        for row in screen["rows"]:
+            curves.setdefault(row["variant"], {})[screen["minutes"]] = row["psnr"]["1.0"]
+    figures.save_curves(curves, png, "minutes of training (2 CPU cores)",
+                        "test PSNR from all K codes (dB)",
+                        "Autoencoder changes at equal wall-clock time")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_path", required=True)
+    parser.add_argument("--plot", default="")
+    parser.add_argument("--png", default="")
+    parser.add_argument("--data_path")
     parser.add_argument("--dataset", default="image_folder")
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--test_images", type=int, default=2000)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.plot:
+        return plot(args.plot.split(","), args.png)
+    if not args.data_path:
+        parser.error("--data_path is required (or --plot)")
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

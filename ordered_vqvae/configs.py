@@ -4,9 +4,10 @@ Vocabulary, the same in code, flags, docs and artifacts: `codebook_size` (V, cod
 `code_length` (K, tokens per image), `num_codes` (k, the tokens kept or generated).
 
 Every field can be overridden (`preset("mnist", latent_channels=32)`, or CLI flags).
-The architecture follows the reference design: a stack of 4x4 stride-2 convolutions with
-batch norm and ReLU (`hidden` gives their widths), a 3x3 convolution to C latent channels,
-and a mirrored decoder of transposed convolutions ending in tanh.
+The "plain" architecture follows the reference design: a stack of 4x4 stride-2 convolutions
+with batch norm and ReLU (`hidden` gives their widths), a 3x3 convolution to C latent
+channels, and a mirrored decoder of transposed convolutions ending in tanh; "residual"
+drops the batch norm and adds residual blocks at the latent resolution.
 """
 
 from __future__ import annotations
@@ -175,14 +176,14 @@ PRESETS = {
                                  latent_channels=100, codebook_size=500, epochs=20),
     "celeb_a": AutoencoderConfig(image_shape=(64, 64, 3), hidden=(128, 256, 512),
                                  latent_channels=100, codebook_size=500, epochs=20),
-    "cifar10_cpu": AutoencoderConfig(image_shape=(32, 32, 3), hidden=(64, 128, 256),
-                                     architecture="residual", latent_channels=100,
-                                     codebook_size=500, lr_schedule="cosine", warmup_steps=200,
-                                     epochs=30),
-    "celeb_a_cpu": AutoencoderConfig(image_shape=(64, 64, 3), hidden=(32, 64, 128, 256),
-                                     architecture="residual", latent_channels=100,
-                                     codebook_size=500, lr_schedule="cosine", warmup_steps=200,
-                                     epochs=30),
+    "cifar10_cpu": AutoencoderConfig(image_shape=(32, 32, 3), hidden=(32, 64, 128),
+                                     architecture="residual", compute_dtype="bfloat16",
+                                     latent_channels=100, codebook_size=500,
+                                     lr_schedule="cosine", warmup_steps=200, epochs=40),
+    "celeb_a_cpu": AutoencoderConfig(image_shape=(64, 64, 3), hidden=(32, 64, 128),
+                                     architecture="residual", compute_dtype="bfloat16",
+                                     latent_channels=100, codebook_size=500,
+                                     lr_schedule="cosine", warmup_steps=200, epochs=40),
 }
 
 
@@ -233,9 +234,9 @@ PRIOR_PRESETS = {
     "mnist": PriorConfig(num_layers=4, num_heads=8, width=256, ffn_width=1024, epochs=10),
     "cifar10": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048, epochs=20),
     "celeb_a": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048, epochs=20),
-    "cifar10_cpu": PriorConfig(num_layers=2, num_heads=4, width=128, ffn_width=512, epochs=10,
+    "cifar10_cpu": PriorConfig(num_layers=2, num_heads=4, width=128, ffn_width=512, epochs=8,
                                warmup_steps=200),
-    "celeb_a_cpu": PriorConfig(num_layers=2, num_heads=4, width=128, ffn_width=512, epochs=10,
+    "celeb_a_cpu": PriorConfig(num_layers=2, num_heads=4, width=128, ffn_width=512, epochs=8,
                                warmup_steps=200),
     "reference": PriorConfig(num_layers=6, num_heads=8, width=512, ffn_width=2048),
 }

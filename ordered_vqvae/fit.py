@@ -243,6 +243,7 @@ class _Deadline(keras.callbacks.Callback):
         self.start = time.time()
         p0 = float(progress.numpy())
         self.p0 = 0.0 if p0 >= 1.0 else p0
+        progress.assign(self.p0)
         self.stopped = False
 
     def on_train_batch_end(self, batch, logs=None):
@@ -432,7 +433,11 @@ class _Run:
         position = _Position(save, lambda e, logs: self.record(e, logs, stage.name),
                              self.checkpoint_every, skip)
         position.steps_per_epoch = spe
-        clock = _Deadline(self.progress, deadline) if deadline is not None else None
+        clock = None
+        if deadline is not None:
+            clock = _Deadline(self.progress, deadline)
+        else:  # Without a budget the steps alone set the schedule's progress.
+            self.progress.assign(0.0)
         board = os.path.join(self.workdir if self.chief else self.save_dir, "tensorboard")
         all_callbacks = [*([clock] if clock else []), *callbacks,
                          keras.callbacks.TensorBoard(board, write_graph=False),

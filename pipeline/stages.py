@@ -333,12 +333,17 @@ def _run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool,
     if not force and _is_current(workdir, spec, inputs_hash):
         print(f"[{stage}] up to date (manifest matches), skipped", flush=True)
         return wd.read_manifest(workdir, stage), False
-    if _budget_stopped(workdir, stage, wd.read_manifest(workdir, stage)):
-        print(f"[{stage}] its last run stopped on the time budget: training continues from "
-              "its checkpoint", flush=True)
+    scratch = wd.scratch_area(workdir, stage, inputs_hash)
+    previous = wd.read_manifest(workdir, stage)
+    stopped = _budget_stopped(workdir, stage, previous)
+    if stopped and previous["input_hash"] == inputs_hash:
+        if force:  # Redo means from the start, not from where the budget stopped.
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            print(f"[{stage}] its last run stopped on the time budget: training continues "
+                  "from its checkpoint", flush=True)
     # The old manifest stays until the new artifact is in place: a failed rerun loses
     # nothing, and an artifact replaced without its manifest no longer matches it.
-    scratch = wd.scratch_area(workdir, stage, inputs_hash)
     os.makedirs(scratch, exist_ok=True)
     start = time.time()
     if deadline is not None and "training" in spec.flag_groups:
@@ -351,6 +356,9 @@ def _run_stage(config: PipelineConfig, workdir: str, stage: str, force: bool,
     write_json(wd.manifest_path(workdir, stage), manifest)
     if not result.get("training", {}).get("budget_stop"):
         shutil.rmtree(scratch, ignore_errors=True)  # Checkpoints are only needed to resume.
+    if stopped and previous["input_hash"] != inputs_hash:  # A budget stop of other inputs.
+        shutil.rmtree(wd.scratch_area(workdir, stage, previous["input_hash"]),
+                      ignore_errors=True)
     print(f"[{stage}] done in {manifest['seconds']:.1f} s", flush=True)
     return manifest, True
 
