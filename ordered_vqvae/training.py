@@ -19,9 +19,9 @@ import tensorflow as tf
 from ordered_vqvae.configs import QUARTERS, AutoencoderConfig, fraction_label, fraction_lengths
 from ordered_vqvae.examples import ExampleFile
 from ordered_vqvae.fit import Stage, TrainingData, fit_stages
-from ordered_vqvae.schedules import InverseSqrtSchedule, WarmupCosine
 from ordered_vqvae.models import OrderedVQVAE
 from ordered_vqvae.prior import CodePrior
+from ordered_vqvae.schedules import InverseSqrtSchedule, WarmupCosine
 from ordered_vqvae.validation import check_codes, check_images
 
 

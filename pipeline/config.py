@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from ordered_vqvae.configs import AutoencoderConfig, PriorConfig, preset, prior_preset
+from ordered_vqvae.configs import PRESETS, AutoencoderConfig, PriorConfig, preset, prior_preset
 from ordered_vqvae.validation import check_choice
 
 # The prior precisions a SavedModel can hold (its signatures' key/value cache is float32).
@@ -23,8 +23,6 @@ def preset_for_shape(shape, family: str = "reference") -> str:
     nearest of the reference sizes (8x8 and 28x28 grey, 32x32 and 64x64 colour), in its
     `family`: "reference" (the paper's sizes) or "cpu" (sized for a few CPU cores, where
     the family has one for that size)."""
-    from ordered_vqvae.configs import PRESETS
-
     check_choice("preset family", family, PRESET_FAMILIES)
     height, width, channels = shape
     if channels == 1:
@@ -44,8 +42,6 @@ def default_preset_family() -> str:
 def resolve_preset(name: Optional[str], shape) -> str:
     """The preset a --preset value (a family, a preset's name, or None for the machine's
     family) gives images of `shape`."""
-    from ordered_vqvae.configs import PRESETS
-
     if name is None or name in PRESET_FAMILIES:
         return preset_for_shape(shape, name or default_preset_family())
     if name not in PRESETS:
