@@ -164,11 +164,11 @@ class _Position(keras.callbacks.Callback):
     with that call's first and last batch."""
 
     def __init__(self, save: Callable[[int, int], None], record: Callable[[int, dict], None],
-                 every: int, first_batch: int = 0):
+                 every: int, steps_per_epoch: int, first_batch: int = 0):
         super().__init__()
         self.save, self.record, self.every, self.first_batch = save, record, every, first_batch
+        self.steps_per_epoch = steps_per_epoch  # An epoch stopped short of it is partial.
         self.epoch = self.batch = self.done = self.end = 0
-        self.steps_per_epoch = 0  # Set by the stage; an epoch stopped short of it is partial.
 
     def on_train_begin(self, logs=None):
         self.done = int(self.model.optimizer.iterations.numpy())
@@ -318,13 +318,7 @@ def fit_stages(model: keras.Model, stages: Sequence[Stage], data: TrainingData, 
     first = 0
     try:
         for stage in stages:
-            stage_deadline = None
-            if deadline is not None:
-                left = max(stage.end - max(first, run.epochs_done()), 0)
-                later = stages[-1].end - max(stage.end, run.epochs_done())
-                now = time.time()
-                stage_deadline = now + (deadline - now) * left / max(left + later, 1)
-            run.stage(stage, first, callbacks, validation_data, stage_deadline)
+            run.stage(stage, first, callbacks, validation_data, deadline)
             first = stage.end
             if run.budget_stop:
                 break
@@ -364,15 +358,6 @@ class _Run:
             if resume:
                 self.keep.load()
 
-    def epochs_done(self) -> int:
-        if not self.resume:
-            return 0
-        latest = tf.train.latest_checkpoint(self.ckpt_dir)
-        if latest is None:
-            return 0
-        reader = tf.train.load_checkpoint(latest)
-        return int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
-
     def record(self, epoch, logs, stage: str) -> None:
         self.history.append({"epoch": epoch + 1, "stage": stage,
                              **{k: float(v) for k, v in logs.items()}})
@@ -403,7 +388,7 @@ class _Run:
     def stage(self, stage, first: int, callbacks, validation_data,
               deadline: Optional[float] = None) -> None:
         """Runs one stage (epochs first..stage.end), or what a resume leaves of it, until
-        `deadline` when given."""
+        its share of the time to `deadline` (the whole run's) when given."""
         checkpoint, manager, optimizer = self._restore(stage, first)
         done, done_batches = int(self.epoch_var.numpy()), int(self.batch_var.numpy())
         # A kill between logging an epoch and checkpointing it leaves an extra entry.
@@ -413,6 +398,9 @@ class _Run:
         data = stage.data or self.data
         spe = data.steps_per_epoch
         initial = max(first, done)
+        if deadline is not None:  # This stage's epochs' share of the time left.
+            now, left = time.time(), stage.end - initial
+            deadline = now + (deadline - now) * left / (left + self.total - stage.end)
         skip = done_batches if initial == done else 0
         if self.verbose:
             at = f" (from batch {skip + 1} of {spe})" if skip else ""
@@ -431,8 +419,7 @@ class _Run:
             manager.save(checkpoint_number=epoch * spe + batch)
 
         position = _Position(save, lambda e, logs: self.record(e, logs, stage.name),
-                             self.checkpoint_every, skip)
-        position.steps_per_epoch = spe
+                             self.checkpoint_every, spe, skip)
         clock = None
         if deadline is not None:
             clock = _Deadline(self.progress, deadline)
